@@ -1,0 +1,1 @@
+"""CT volume I/O (SimpleITK) and the offline sample data."""

@@ -1,0 +1,85 @@
+"""Progress reporting and cancellation shared by the CLI (tqdm), Slicer (callbacks) and jobs.
+
+Long-running engine functions accept ``progress: Progress | None``. They call
+``progress.update(done, total, message)`` after each unit of work and
+``progress.check_cancelled()`` between units; a cancelled run raises `Cancelled`
+before it publishes any output.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+from .errors import Cancelled
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+class CancelToken:
+    """A thread-safe flag that a front end sets to stop running work."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+class Progress:
+    """Reports ``(done, total, message)`` to any number of callbacks and carries a cancel token."""
+
+    def __init__(
+        self,
+        callback: Optional[ProgressCallback] = None,
+        cancel_token: Optional[CancelToken] = None,
+    ) -> None:
+        self._callbacks: list[ProgressCallback] = [callback] if callback else []
+        self.cancel_token = cancel_token or CancelToken()
+
+    def add_callback(self, callback: ProgressCallback) -> None:
+        self._callbacks.append(callback)
+
+    def update(self, done: int, total: int, message: str = "") -> None:
+        for callback in self._callbacks:
+            callback(done, total, message)
+
+    def check_cancelled(self) -> None:
+        if self.cancel_token.cancelled:
+            raise Cancelled("cancelled by the user")
+
+
+def ensure_progress(progress: Optional[Progress]) -> Progress:
+    return progress if progress is not None else Progress()
+
+
+class TqdmProgress(Progress):
+    """A `Progress` that drives one tqdm bar (used by the CLI); close it when done."""
+
+    def __init__(self, description: str, unit: str = "it", cancel_token: Optional[CancelToken] = None):
+        super().__init__(cancel_token=cancel_token)
+        from tqdm import tqdm
+
+        self._bar = tqdm(desc=description, unit=unit, total=0, dynamic_ncols=True)
+        self.add_callback(self._update_bar)
+
+    def _update_bar(self, done: int, total: int, message: str) -> None:
+        if total and self._bar.total != total:
+            self._bar.total = total
+        self._bar.n = done
+        if message:
+            self._bar.set_postfix_str(message, refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> "TqdmProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
