@@ -1,0 +1,287 @@
+"""LCTfoundSegmentation: segment lung CT structures with LCTfound features.
+
+Thin Slicer front end. Everything that decides something (model and device lists, whether
+Apply can run and why not, run states, progress texts) lives in the Qt-free
+`lctfound.logic.SegmentationModuleLogic`, which is tested without Slicer.
+"""
+
+import logging
+import os
+import sys
+from typing import Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+
+def _addSourceTreeToPath():
+    """Running from a source checkout: make the `lctfound` package next to this module importable.
+    (An installed extension has it in qt-scripted-modules, which is on sys.path already.)"""
+    sourceRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(sourceRoot, "lctfound", "__init__.py")) and sourceRoot not in sys.path:
+        sys.path.append(sourceRoot)
+
+
+_addSourceTreeToPath()
+
+# Light imports only (no torch): this runs while Slicer starts.
+from lctfound.logic import CHOICE_PROPERTY_NAME, SegmentationModuleLogic  # noqa: E402
+
+CITATION = (
+    '"A lung CT vision foundation model facilitating disease diagnosis and medical imaging", '
+    "Nature Communications 2025, doi:10.1038/s41467-025-66620-z."
+)
+HOMEPAGE = "https://github.com/lctfound/SlicerLCTfound"
+
+
+#
+# LCTfoundSegmentation
+#
+
+
+class LCTfoundSegmentation(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("LCTfound Segmentation")
+        self.parent.categories = ["LCTfound"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SlicerLCTfound developers (SlicerLCTfound project)"]
+        self.parent.helpText = _(
+            "Segment lung CT structures with features of the LCTfound diffusion foundation model. "
+            "Choose the CT volume, a model and the device, then Apply. "
+            'See the <a href="{homepage}">extension documentation</a>.'
+        ).format(homepage=HOMEPAGE)
+        self.parent.acknowledgementText = _(
+            "LCTfound is described in {citation} The official weights have no stated licence "
+            "and are not distributed with this extension."
+        ).format(citation=CITATION)
+
+
+#
+# Parameters
+#
+
+
+@parameterNodeWrapper
+class LCTfoundSegmentationParameterNode:
+    """
+    inputVolume - the CT volume to segment.
+    modelName - the installed LCTfound model (filled from the model registry).
+    device - "auto", "cpu", "cuda", "cuda:N" or "mps".
+    outputSegmentation - the segmentation to update; none creates a new one.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    modelName: str = ""
+    device: str = "auto"
+    outputSegmentation: vtkMRMLSegmentationNode
+
+
+#
+# LCTfoundSegmentationWidget
+#
+
+
+class LCTfoundSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._choiceSelectors = {}
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/LCTfoundSegmentation.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = LCTfoundSegmentationLogic()
+        self.logic.engine.add_status_callback(self._onStatusChanged)
+
+        # Model and device lists are only known at run time, so these combo boxes are synced by
+        # hand instead of by connectGui (see lctfound.logic.CHOICE_PROPERTY_NAME).
+        for combo in uiWidget.findChildren(qt.QComboBox):
+            name = combo.property(CHOICE_PROPERTY_NAME)
+            if name:
+                self._choiceSelectors[name] = combo
+                combo.connect("currentIndexChanged(int)", lambda index, name=name: self._onChoiceSelected(name))
+        self._fillChoiceSelectors()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.onRefreshModels)
+
+        self.initializeParameterNode()
+        self._onStatusChanged(self.logic.engine.status())
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self.logic:
+            self.logic.engine.remove_status_callback(self._onStatusChanged)
+            self.logic.engine.request_cancel()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+        self.logic.engine.fill_defaults(self._parameterNode)
+
+    def setParameterNode(self, inputParameterNode: Optional[LCTfoundSegmentationParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._checkCanApply()
+
+    def _fillChoiceSelectors(self, refresh: bool = False) -> None:
+        for name, combo in self._choiceSelectors.items():
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            for choice in self.logic.engine.choices(name, refresh=refresh):
+                combo.addItem(choice.label, choice.value)
+                combo.setItemData(combo.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
+            combo.blockSignals(wasBlocked)
+
+    def _onChoiceSelected(self, name: str) -> None:
+        combo = self._choiceSelectors[name]
+        if self._parameterNode and combo.currentIndex >= 0:
+            setattr(self._parameterNode, name, combo.itemData(combo.currentIndex) or "")
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        for name, combo in self._choiceSelectors.items():
+            value = getattr(self._parameterNode, name) if self._parameterNode else ""
+            wasBlocked = combo.blockSignals(True)
+            combo.setCurrentIndex(combo.findData(value))
+            combo.blockSignals(wasBlocked)
+        state = self.logic.engine.apply_button_state(self._parameterNode)
+        self.ui.applyButton.text = state.text
+        self.ui.applyButton.enabled = state.enabled
+        self.ui.applyButton.toolTip = state.tooltip
+
+    def _onStatusChanged(self, status) -> None:
+        bar = self.logic.engine.progress_bar_state()
+        self.ui.progressBar.visible = bar.visible
+        self.ui.progressBar.maximum = bar.maximum
+        self.ui.progressBar.value = bar.value
+        self.ui.statusLabel.text = status.summary()
+        self._checkCanApply()
+        if status.busy:
+            # The work runs in this thread for now: repaint and let a Cancel click through.
+            slicer.app.processEvents()
+
+    def onRefreshModels(self) -> None:
+        self.logic.engine.refresh()
+        self._fillChoiceSelectors(refresh=True)
+        if self._parameterNode:
+            self.logic.engine.fill_defaults(self._parameterNode)
+        self._checkCanApply()
+
+    def onApplyButton(self) -> None:
+        if self.logic.engine.status().busy:
+            self.logic.engine.request_cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
+            self.logic.process(self._parameterNode)
+
+
+#
+# LCTfoundSegmentationLogic
+#
+
+
+class LCTfoundSegmentationLogic(ScriptedLoadableModuleLogic):
+    """Slicer side of the module logic; all behaviour is in `self.engine`
+    (`lctfound.logic.SegmentationModuleLogic`). Can be used without the GUI widget."""
+
+    def __init__(self, engine: Optional[SegmentationModuleLogic] = None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.engine = engine or SegmentationModuleLogic()
+
+    def getParameterNode(self):
+        return LCTfoundSegmentationParameterNode(super().getParameterNode())
+
+    def cannotApplyReason(self, parameterNode) -> str:
+        """Why Apply is disabled for these parameters, or an empty string."""
+        return self.engine.cannot_apply_reason(parameterNode)
+
+    def process(self, parameterNode, raiseOnCancel: bool = False):
+        """Run the segmentation for the parameters of ``parameterNode`` (or any object with
+        inputVolume, modelName, device, outputSegmentation). Returns None when cancelled."""
+        logging.info("LCTfoundSegmentation: %s", self.engine.task_name)
+        return self.engine.apply(parameterNode, raise_on_cancel=raiseOnCancel)
+
+
+#
+# LCTfoundSegmentationTest
+#
+
+
+class LCTfoundSegmentationTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (ctest py_LCTfoundSegmentation); the headless tests are in Testing/Python."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ParameterNodeDefaults()
+        self.setUp()
+        self.test_CannotApplyReasons()
+
+    def test_ParameterNodeDefaults(self):
+        logic = LCTfoundSegmentationLogic()
+        parameterNode = logic.getParameterNode()
+        self.assertIsNone(parameterNode.inputVolume)
+        self.assertEqual(parameterNode.device, "auto")
+        self.assertIsNone(parameterNode.outputSegmentation)
+
+    def test_CannotApplyReasons(self):
+        import numpy as np
+
+        self.delayDisplay("Checking why Apply is disabled")
+        logic = LCTfoundSegmentationLogic(
+            SegmentationModuleLogic(list_models=lambda extra_folders=(): [], available_devices=lambda: ["cpu"])
+        )
+        parameterNode = logic.getParameterNode()
+        self.assertIn("input volume", logic.cannotApplyReason(parameterNode))
+        volume = slicer.util.addVolumeFromArray(np.zeros((4, 8, 8), dtype=np.int16), name="LCTfoundTestCT")
+        parameterNode.inputVolume = volume
+        self.assertIn("model", logic.cannotApplyReason(parameterNode))
+        with self.assertRaises(Exception):
+            logic.process(parameterNode)
+        self.delayDisplay("Test passed")
