@@ -191,13 +191,14 @@ def test_condition_prompts_match_official_strings():
     assert condition_prompt("mediastinal", "纵隔肿瘤").endswith("0.this image may related to 纵隔肿瘤")
 
 
-def test_learned_encoder_dropout_and_null():
-    encoder = LearnedConditionEncoder(diseases=["PAP"], dropout=1.0)
-    encoder.train()
-    dropped = encoder.encode([condition_prompt("lung")] * 3)
-    encoder.eval()
+def test_learned_encoder_windows_diseases_and_null():
+    encoder = LearnedConditionEncoder(diseases=["PAP"])
     null = encoder.encode([NULL_PROMPT])
-    assert torch.allclose(dropped, null.expand_as(dropped))
+    assert torch.allclose(null, encoder.encode([""]))
+    assert not torch.allclose(null, encoder.encode([condition_prompt("lung")]))
+    with_disease = encoder.encode([condition_prompt("lung", "PAP")])
+    torch.nn.init.normal_(encoder.disease_embedding.weight)
+    assert not torch.allclose(with_disease, encoder.encode([condition_prompt("lung", "PAP")]))
     lung, mediastinal = encoder.encode([condition_prompt("lung"), "mediastinal"])
     assert not torch.allclose(lung, mediastinal)
     with pytest.raises(LCTfoundError, match="disease labels"):

@@ -124,7 +124,8 @@ class LearnedConditionEncoder(nn.Module):
 
     Index 0 of both tables is "none"; the window table's index 0 doubles as the null
     condition used for dropout, so classifier-free guidance works exactly as with the
-    official ``freedom.`` prompt.
+    official ``freedom.`` prompt. ``dropout`` records the null-prompt probability of training;
+    the training data applies it (seeded per item, so resumed runs stay identical).
     """
 
     FILE = "condition_encoder.safetensors"
@@ -167,10 +168,6 @@ class LearnedConditionEncoder(nn.Module):
         return torch.tensor(window_index, device=device), torch.tensor(disease_index, device=device)
 
     def forward(self, window_index: torch.Tensor, disease_index: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout > 0:
-            drop = torch.rand(window_index.shape, device=window_index.device) < self.dropout
-            window_index = window_index.masked_fill(drop, 0)
-            disease_index = disease_index.masked_fill(drop, 0)
         vectors = self.window_embedding(window_index) + self.disease_embedding(disease_index)
         return vectors.unsqueeze(1)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -91,3 +92,34 @@ def resolve_model(spec: Optional[str | Path] = None) -> Path:
         return locate_unet_folder(str(spec)).parent
     names = ", ".join(entry.name for entry in list_models()) or "none"
     raise LCTfoundError(f"model {spec!r} not found (not a folder; known models: {names})")
+
+
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_new_model_name(name: str) -> None:
+    """A name for a new user model: letters, digits, ``._-``, not already taken."""
+    if not MODEL_NAME_PATTERN.match(name or ""):
+        raise LCTfoundError(f"model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if (user_models_dir() / name).exists() or (EMBEDDED_DIR / name).exists():
+        raise LCTfoundError(f"model name {name!r} is already taken; choose another")
+
+
+def register_model(folder: str | Path, name: str) -> Path:
+    """Copy a model folder into the user model folder as ``name`` (atomically), where every front end finds it."""
+    import shutil
+
+    from ..atomic import atomic_directory
+
+    check_new_model_name(name)
+    source = Path(folder)
+    locate_unet_folder(source)
+    target = user_models_dir() / name
+    with atomic_directory(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        metadata_path = tmp / METADATA_FILE
+        if metadata_path.is_file():
+            metadata = json.loads(metadata_path.read_text())
+            metadata["name"] = name  # lctfound.json is not among the checksummed files
+            metadata_path.write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
+    return target

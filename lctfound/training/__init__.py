@@ -1,0 +1,1 @@
+"""Training: diffusion pretraining, the shared fine-tuning machinery, checkpoints and logs."""
