@@ -39,7 +39,7 @@ def test_fetch_stores_verified_files(sample_data):
     for name, pinned in sd.SAMPLE_FILES.items():
         path = sample_data.files[name]
         assert path.stat().st_size == pinned.size
-        assert sd.sha256_of(path) == pinned.sha256
+        assert sd.sha256_file(path) == pinned.sha256
     readme = (sample_data.folder / "README.txt").read_text()
     assert "pyradiomics" in readme and sd.SDIST_SHA256 in readme and "not document" in readme
     assert "Harvard Medical School" in (sample_data.folder / "pyradiomics-LICENSE.txt").read_text()

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     pretrain.add_argument("--preset", default="cpu-tiny", help="network preset for a new model (default cpu-tiny)")
     pretrain.add_argument("--init-model", help="start from this model folder instead of random weights")
     pretrain.add_argument("--resolution", type=int, default=256, help="training image size (default 256)")
+    pretrain.add_argument("--patch-size", type=int,
+                          help="train on random patches of this size cut from the resized slices (CPU-friendly)")
     pretrain.add_argument("--batch-size", type=int, default=24, help="images per optimizer step per process (default 24)")
     pretrain.add_argument("--micro-batch-size", type=int, help="images per forward pass (gradient accumulation)")
     group = pretrain.add_mutually_exclusive_group()
@@ -57,7 +59,7 @@ def config_from_args(args: argparse.Namespace):
 
     return PretrainConfig(
         data=args.data, output=args.output, preset=args.preset, init_model=args.init_model,
-        resolution=args.resolution, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+        resolution=args.resolution, patch_size=args.patch_size, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         max_steps=args.max_steps, epochs=args.epochs, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         mixed_precision=args.mixed_precision, windows=tuple(w.strip() for w in args.windows.split(",") if w.strip()),
         condition_dropout=args.condition_dropout, augment=not args.no_augment,

@@ -40,6 +40,7 @@ from typing import NamedTuple, Optional
 from .. import paths
 from ..atomic import atomic_file
 from ..errors import InputError, LCTfoundError
+from ..hashing import sha256_file
 from ..progress import Progress, ensure_progress
 from .volume import CTVolume, read_volume
 
@@ -132,21 +133,13 @@ def _info(name: str) -> SampleInfo:
         raise InputError(f"unknown sample {name!r}; choose one of {', '.join(SAMPLE_NAMES)}") from None
 
 
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_ok(path: Path, pinned: _PinnedFile) -> bool:
     try:
         if path.stat().st_size != pinned.size:
             return False
     except OSError:
         return False
-    return sha256_of(path) == pinned.sha256
+    return sha256_file(path) == pinned.sha256
 
 
 def verify_sample(folder: Optional[Path] = None) -> list[str]:
@@ -334,7 +327,7 @@ def download_url(url: str, target: Path, progress: Optional[Progress] = None) ->
 
 
 def _check_sdist(sdist: Path) -> None:
-    digest = sha256_of(sdist)
+    digest = sha256_file(sdist)
     if digest != SDIST_SHA256:
         raise LCTfoundError(
             f"{sdist.name}: sha256 {digest} differs from the pinned {SDIST_SHA256}; "
@@ -395,6 +388,6 @@ __all__ = [
     "find_sdist_link",
     "load_sample",
     "sample_paths",
-    "sha256_of",
+    "sha256_file",
     "verify_sample",
 ]

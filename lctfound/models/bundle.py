@@ -19,7 +19,6 @@ Only safetensors are read: pickled ``.bin``/``.ckpt``/``.pt`` weights are refuse
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import platform
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import torch
 from .. import __version__
 from ..atomic import atomic_directory
 from ..errors import CheckpointError, LCTfoundError
+from ..hashing import fingerprint, sha256_file  # noqa: F401  (re-exported for callers)
 from ..windows import WINDOWS
 from .conditioning import LearnedConditionEncoder, PromptCacheEncoder, condition_prompt
 from .presets import PRESETS, build_unet
@@ -39,22 +39,6 @@ METADATA_FILE = "lctfound.json"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fingerprint(entries: Sequence[tuple[str, str]]) -> str:
-    """A stable sha256 over (name, sha256) pairs, e.g. a training set's files."""
-    digest = hashlib.sha256()
-    for name, checksum in sorted(entries):
-        digest.update(f"{name}\0{checksum}\n".encode())
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- locating

@@ -160,18 +160,25 @@ class AugmentConfig:
     rotate90_prob: float = 0.3
     contrast_prob: float = 0.1
     gamma: tuple[float, float] = (0.97, 1.03)
+    #: Train on random square patches of this size cut from the resized slice (None: whole slice).
+    #: Keeps the pixel scale of full-size inference while cutting CPU cost by (size/patch)².
+    patch_size: int | None = None
 
 
 def build_augmentation(size: int, config: AugmentConfig):
     """MONAI transforms on a (1, H, W) [0, 1] slice, in the official order."""
-    from monai.transforms import (Compose, RandAdjustContrast, RandFlip, RandRotate90, RandScaleCrop, Resize)
+    from monai.transforms import (Compose, RandAdjustContrast, RandFlip, RandRotate90, RandScaleCrop,
+                                  RandSpatialCrop, Resize)
 
     resize = Resize((size, size), mode="bilinear", anti_aliasing=True)
+    patch = ([RandSpatialCrop((config.patch_size, config.patch_size), random_size=False)]
+             if config.patch_size and config.patch_size < size else [])
     if not config.enabled:
-        return Compose([resize])
+        return Compose([resize, *patch])
     return Compose([
         RandScaleCrop(roi_scale=config.roi_scale, max_roi_scale=config.max_roi_scale, random_size=True),
         resize,
+        *patch,
         RandFlip(prob=config.flip_prob, spatial_axis=0),
         RandFlip(prob=config.flip_prob, spatial_axis=1),
         RandRotate90(prob=config.rotate90_prob),
@@ -196,6 +203,7 @@ class CTSliceDataset(Dataset):
         self.augment_config = augment
         self.condition_dropout = float(condition_dropout)
         self.seed = int(seed)
+        self.output_size = augment.patch_size if augment.patch_size and augment.patch_size < self.size else self.size
         self.epoch = 0
         self.cache_bytes = int(cache_bytes)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -250,6 +258,8 @@ class CTSliceDataset(Dataset):
         transform = build_augmentation(self.size, self.augment_config)
         transform.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
         unit = torch.as_tensor(np.asarray(transform(unit)), dtype=torch.float32).clamp(0, 1)
+        if tuple(unit.shape[-2:]) != (self.output_size,) * 2:
+            raise RuntimeError(f"augmentation produced {tuple(unit.shape)}, expected {self.output_size}²")
         prompt = NULL_PROMPT if rng.random() < self.condition_dropout else window.prompt()
         return {"pixel_values": unit_to_model(unit[0]), "prompt": prompt,
                 "window": self.window_names[window_index], "index": item}
@@ -309,7 +319,7 @@ class BlockShuffleSampler(Sampler[int]):
 
 def data_fingerprint(index: SourceIndex) -> str:
     """sha256 over the sources' names, sizes and modification-free content hashes (small files) or sizes."""
-    from ..models.bundle import fingerprint, sha256_file
+    from ..hashing import fingerprint, sha256_file
 
     entries = []
     for source in index.sources:

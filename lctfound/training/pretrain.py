@@ -57,6 +57,7 @@ class PretrainConfig:
     preset: str = "cpu-tiny"
     init_model: Optional[str] = None
     resolution: int = 256
+    patch_size: Optional[int] = None
     batch_size: int = 24
     micro_batch_size: Optional[int] = None
     max_steps: Optional[int] = None
@@ -90,6 +91,8 @@ class PretrainConfig:
                 raise LCTfoundError(f"{key.replace('_', '-')} must be at least 1")
         if self.resolution % 16:
             raise LCTfoundError(f"resolution must be a multiple of 16, got {self.resolution}")
+        if self.patch_size is not None and (self.patch_size % 16 or not 16 <= self.patch_size <= self.resolution):
+            raise LCTfoundError(f"patch size must be a multiple of 16 between 16 and the resolution, got {self.patch_size}")
         if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
             raise LCTfoundError("micro-batch-size must lie between 1 and batch-size")
         if self.max_steps is not None and self.max_steps < 1:
@@ -98,7 +101,7 @@ class PretrainConfig:
             raise LCTfoundError(f"mixed precision {self.mixed_precision!r}: choose auto, no, bf16 or fp16")
 
     # Settings that must not change when a run is resumed.
-    RESUME_KEYS = ("preset", "init_model", "resolution", "batch_size", "windows", "seed", "augment",
+    RESUME_KEYS = ("preset", "init_model", "resolution", "patch_size", "batch_size", "windows", "seed", "augment",
                    "condition_dropout", "exclude")
 
 
@@ -209,7 +212,7 @@ class Pretrainer:
         resume_from = self._broadcast(resume_from)
         index = index_sources(config.data, config.exclude)
         fingerprint = data_fingerprint(index)
-        dataset = CTSliceDataset(index, config.resolution, config.windows, AugmentConfig(enabled=config.augment),
+        dataset = CTSliceDataset(index, config.resolution, config.windows, AugmentConfig(enabled=config.augment, patch_size=config.patch_size),
                                  config.condition_dropout, config.seed, config.cache_bytes)
         sampler = BlockShuffleSampler(dataset.items_per_source(), config.seed, accelerator.process_index,
                                       accelerator.num_processes)
