@@ -20,6 +20,7 @@ import data_factory
 from lctfound.errors import LCTfoundError
 from lctfound.io.volume import write_volume
 from lctfound.models import load_model
+from lctfound.training import loop as loop_module
 from lctfound.training import pretrain as pretrain_module
 from lctfound.training.data import BlockShuffleSampler, CTSliceDataset, index_sources
 from lctfound.training.logs import MetricsLog
@@ -150,20 +151,20 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(ct_folder, tmp_path):
 def test_failed_save_keeps_the_previous_checkpoint(ct_folder, tmp_path, monkeypatch):
     config = PretrainConfig(str(ct_folder), str(tmp_path / "run"), resolution=32, batch_size=2, max_steps=6,
                             checkpoint_every=2, num_samples=0)
-    real_save = pretrain_module.save_state_dict
+    real_save = loop_module.save_state_dict
 
     def disk_full(state, folder, name):
         if "step-0000004" in str(folder.parent.name) or ".step-0000004" in str(folder):
             raise OSError(28, "No space left on device")
         real_save(state, folder, name)
 
-    monkeypatch.setattr(pretrain_module, "save_state_dict", disk_full)
+    monkeypatch.setattr(loop_module, "save_state_dict", disk_full)
     with pytest.raises(OSError, match="No space left"):
         pretrain(config)
     assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [2]
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
     load_model(tmp_path / "run" / "checkpoints" / "step-0000002" / "model")
-    monkeypatch.setattr(pretrain_module, "save_state_dict", real_save)
+    monkeypatch.setattr(loop_module, "save_state_dict", real_save)
     result = pretrain(config, resume=True)
     assert result.steps == 6 and result.resumed_from == 2
 
@@ -172,10 +173,10 @@ def test_out_of_memory_halves_the_micro_batch(ct_folder, tmp_path, monkeypatch):
     events = []
     original = pretrain_module.DiffusionModule.forward
 
-    def forward(self, noisy, timesteps, prompts):
-        if noisy.shape[0] > 1:
+    def forward(self, batch):
+        if batch["pixel_values"].shape[0] > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(self, noisy, timesteps, prompts)
+        return original(self, batch)
 
     monkeypatch.setattr(pretrain_module.DiffusionModule, "forward", forward)
     config = PretrainConfig(str(ct_folder), str(tmp_path / "run"), resolution=32, batch_size=4, max_steps=2,

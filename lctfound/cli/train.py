@@ -97,9 +97,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.register:
         path = register_model(result.model_folder, args.register)
         print(f"registered as {args.register!r} in {path}", file=sys.stderr if args.events else sys.stdout)
-    if result.skipped_sources:
-        print(f"warning: skipped {len(result.skipped_sources)} unreadable source(s), e.g. "
-              f"{result.skipped_sources[0][0]}: {result.skipped_sources[0][1]}", file=sys.stderr)
+    skipped = result.extra.get("skipped_sources", [])
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable source(s), e.g. {skipped[0][0]}: {skipped[0][1]}",
+              file=sys.stderr)
     return 0
 
 
