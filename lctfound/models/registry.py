@@ -106,20 +106,27 @@ def check_new_model_name(name: str) -> None:
 
 
 def register_model(folder: str | Path, name: str) -> Path:
-    """Copy a model folder into the user model folder as ``name`` (atomically), where every front end finds it."""
+    """Copy a model (or task model) folder into the user model folder as ``name``, atomically.
+
+    Every front end lists models from there (`list_models`, `list_task_models`).
+    """
     import shutil
 
     from ..atomic import atomic_directory
 
+    from .task_models import TASK_FILE
+
     check_new_model_name(name)
     source = Path(folder)
-    locate_unet_folder(source)
+    if not (source / TASK_FILE).is_file():
+        locate_unet_folder(source)  # a backbone folder, or a clear error
     target = user_models_dir() / name
     with atomic_directory(target) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
-        metadata_path = tmp / METADATA_FILE
-        if metadata_path.is_file():
+        for metadata_path in (tmp / METADATA_FILE, tmp / TASK_FILE):
+            if not metadata_path.is_file():
+                continue
             metadata = json.loads(metadata_path.read_text())
-            metadata["name"] = name  # lctfound.json is not among the checksummed files
+            metadata["name"] = name  # the metadata file is not among the checksummed files
             metadata_path.write_text(json.dumps(metadata, indent=2, ensure_ascii=False))
     return target

@@ -230,6 +230,7 @@ class TrainingLoop:
                   processes=accelerator.num_processes, device=str(accelerator.device),
                   mixed_precision=accelerator.mixed_precision, warmup_steps=warmup)
 
+        torch.manual_seed(config.seed)  # new heads and layers start the same in every run with this seed
         module = task.build_module()
         module.train()
         optimizer = torch.optim.AdamW(task.parameter_groups(module, config.learning_rate),
