@@ -1,11 +1,12 @@
 """LCTfoundEnhance: enhance lung CT images (e.g. low-dose denoising) with LCTfound.
 
-Thin Slicer front end. Everything that decides something (model and device lists, whether
-Apply can run and why not, run states, progress texts) lives in the Qt-free
-`lctfound.logic.EnhanceModuleLogic`, which is tested without Slicer.
+Thin Slicer front end: choose the CT volume, an installed model and the device; the status line
+says what is selected (model source and preset, device) or what is missing. The enhancement task
+itself comes in a later version of the extension, so the panel has no Apply button yet.
+Everything that decides something lives in the Qt-free `lctfound.logic.EnhanceModuleLogic`, which is
+tested without Slicer.
 """
 
-import logging
 import os
 import sys
 from typing import Optional
@@ -59,9 +60,9 @@ class LCTfoundEnhance(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["SlicerLCTfound developers (SlicerLCTfound project)"]
         self.parent.helpText = _(
-            "Enhance lung CT images (for example low-dose denoising) with the LCTfound diffusion "
-            "foundation model. The result goes to a new volume; the input is never overwritten. "
-            "Choose the CT volume, a model and the device, then Apply. "
+            "Enhance lung CT images (for example low-dose denoising) with the LCTfound diffusion foundation model; the input is never overwritten. "
+            "This version lets you choose the CT volume, the model and the device and shows what "
+            "is selected; the enhancement itself comes in a later version. "
             'See the <a href="{homepage}">extension documentation</a>.'
         ).format(homepage=HOMEPAGE)
         self.parent.acknowledgementText = _(
@@ -78,16 +79,14 @@ class LCTfoundEnhance(ScriptedLoadableModule):
 @parameterNodeWrapper
 class LCTfoundEnhanceParameterNode:
     """
-    inputVolume - the CT volume to enhance.
+    inputVolume - the CT volume to process.
     modelName - the installed LCTfound model (filled from the model registry).
     device - "auto", "cpu", "cuda", "cuda:N" or "mps".
-    outputVolume - the volume that receives the result; none creates a new one.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     modelName: str = ""
     device: str = "auto"
-    outputVolume: vtkMRMLScalarVolumeNode
 
 
 #
@@ -112,7 +111,6 @@ class LCTfoundEnhanceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = LCTfoundEnhanceLogic()
-        self.logic.engine.add_status_callback(self._onStatusChanged)
 
         # Model and device lists are only known at run time, so these combo boxes are synced by
         # hand instead of by connectGui (see lctfound.logic.CHOICE_PROPERTY_NAME).
@@ -125,17 +123,12 @@ class LCTfoundEnhanceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.onRefreshModels)
 
         self.initializeParameterNode()
-        self._onStatusChanged(self.logic.engine.status())
 
     def cleanup(self) -> None:
         self.removeObservers()
-        if self.logic:
-            self.logic.engine.remove_status_callback(self._onStatusChanged)
-            self.logic.engine.request_cancel()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -162,12 +155,12 @@ class LCTfoundEnhanceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateStatus)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-        self._checkCanApply()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateStatus)
+        self._updateStatus()
 
     def _fillChoiceSelectors(self, refresh: bool = False) -> None:
         for name, combo in self._choiceSelectors.items():
@@ -183,41 +176,20 @@ class LCTfoundEnhanceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and combo.currentIndex >= 0:
             setattr(self._parameterNode, name, combo.itemData(combo.currentIndex) or "")
 
-    def _checkCanApply(self, caller=None, event=None) -> None:
+    def _updateStatus(self, caller=None, event=None) -> None:
         for name, combo in self._choiceSelectors.items():
             value = getattr(self._parameterNode, name) if self._parameterNode else ""
             wasBlocked = combo.blockSignals(True)
             combo.setCurrentIndex(combo.findData(value))
             combo.blockSignals(wasBlocked)
-        state = self.logic.engine.apply_button_state(self._parameterNode)
-        self.ui.applyButton.text = state.text
-        self.ui.applyButton.enabled = state.enabled
-        self.ui.applyButton.toolTip = state.tooltip
-
-    def _onStatusChanged(self, status) -> None:
-        bar = self.logic.engine.progress_bar_state()
-        self.ui.progressBar.visible = bar.visible
-        self.ui.progressBar.maximum = bar.maximum
-        self.ui.progressBar.value = bar.value
-        self.ui.statusLabel.text = status.summary()
-        self._checkCanApply()
-        if status.busy:
-            # The work runs in this thread for now: repaint and let a Cancel click through.
-            slicer.app.processEvents()
+        self.ui.statusLabel.text = self.logic.engine.selection_summary(self._parameterNode) if self._parameterNode else ""
 
     def onRefreshModels(self) -> None:
         self.logic.engine.refresh()
         self._fillChoiceSelectors(refresh=True)
         if self._parameterNode:
             self.logic.engine.fill_defaults(self._parameterNode)
-        self._checkCanApply()
-
-    def onApplyButton(self) -> None:
-        if self.logic.engine.status().busy:
-            self.logic.engine.request_cancel()
-            return
-        with slicer.util.tryWithErrorDisplay(_("Enhancement failed."), waitCursor=True):
-            self.logic.process(self._parameterNode)
+        self._updateStatus()
 
 
 #
@@ -236,16 +208,6 @@ class LCTfoundEnhanceLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return LCTfoundEnhanceParameterNode(super().getParameterNode())
 
-    def cannotApplyReason(self, parameterNode) -> str:
-        """Why Apply is disabled for these parameters, or an empty string."""
-        return self.engine.cannot_apply_reason(parameterNode)
-
-    def process(self, parameterNode, raiseOnCancel: bool = False):
-        """Run the enhancement for the parameters of ``parameterNode`` (or any object with
-        inputVolume, modelName, device, outputVolume). Returns None when cancelled."""
-        logging.info("LCTfoundEnhance: %s", self.engine.task_name)
-        return self.engine.apply(parameterNode, raise_on_cancel=raiseOnCancel)
-
 
 #
 # LCTfoundEnhanceTest
@@ -262,29 +224,24 @@ class LCTfoundEnhanceTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_ParameterNodeDefaults()
         self.setUp()
-        self.test_CannotApplyReasons()
+        self.test_StatusLine()
 
     def test_ParameterNodeDefaults(self):
         logic = LCTfoundEnhanceLogic()
         parameterNode = logic.getParameterNode()
         self.assertIsNone(parameterNode.inputVolume)
         self.assertEqual(parameterNode.device, "auto")
-        self.assertIsNone(parameterNode.outputVolume)
 
-    def test_CannotApplyReasons(self):
+    def test_StatusLine(self):
         import numpy as np
 
-        self.delayDisplay("Checking why Apply is disabled")
+        self.delayDisplay("Checking the status line")
         logic = LCTfoundEnhanceLogic(
             EnhanceModuleLogic(list_models=lambda extra_folders=(): [], available_devices=lambda: ["cpu"])
         )
         parameterNode = logic.getParameterNode()
-        self.assertIn("input volume", logic.cannotApplyReason(parameterNode))
+        self.assertIn("input volume", logic.engine.selection_summary(parameterNode))
         volume = slicer.util.addVolumeFromArray(np.zeros((4, 8, 8), dtype=np.int16), name="LCTfoundTestCT")
         parameterNode.inputVolume = volume
-        self.assertIn("model", logic.cannotApplyReason(parameterNode))
-        parameterNode.outputVolume = volume
-        self.assertIn("must differ", " ".join(logic.engine.parameter_problems(parameterNode)))
-        with self.assertRaises(Exception):
-            logic.process(parameterNode)
+        self.assertIn("No LCTfound model is installed", logic.engine.selection_summary(parameterNode))
         self.delayDisplay("Test passed")

@@ -1,11 +1,10 @@
 """Tests of the Qt-free module logic base (`lctfound.logic.base`): choices, parameter checks,
-the run-state machine, status texts and the widget states derived from them."""
+the run-state machine driven by job events, status texts and the widget states derived from them."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from lctfound.errors import Cancelled, LCTfoundError
+from lctfound.errors import LCTfoundError
 from lctfound.logic import (
     AUTO_DEVICE,
     TRANSITIONS,
-    ButtonState,
     Choice,
     EnhanceModuleLogic,
     InvalidTransition,
@@ -28,6 +26,7 @@ from lctfound.logic import (
     RunState,
     SegmentationModuleLogic,
     TrainModuleLogic,
+    device_environment,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,16 +293,6 @@ def test_models_are_cached_until_refresh(models):
     assert len(calls) == 2
 
 
-def test_subclasses_can_filter_models(models):
-    class OnlyUserModels(ModuleLogicBase):
-        def accepts_model(self, entry):
-            return entry.source == "user"
-
-    logic = OnlyUserModels(list_models=lambda **_: models, available_devices=lambda: ["cpu"])
-    assert [choice.value for choice in logic.model_choices()] == ["airway"]
-    assert logic.check_model("lctfound-cpu-tiny") == "Model 'lctfound-cpu-tiny' is not installed here."
-
-
 def test_choices_by_parameter_name(logic):
     assert logic.choices("modelName") == logic.model_choices()
     assert logic.choices("model_name") == logic.model_choices()
@@ -369,26 +358,43 @@ def test_check_input_volume(logic, tmp_path):
     assert logic.check_input_volume(np.zeros((2, 2, 2))) == ""
 
 
-def test_cannot_apply_reasons_come_in_order(logic):
+def test_problems_come_in_order(logic):
     parameters = ModuleParameters(input_volume=None, model_name="", device="tpu")
     assert logic.parameter_problems(parameters) == [
         "Select an input volume.",
         "Select a model.",
         "Unknown device 'tpu'; choose one of: auto, cpu.",
     ]
-    assert logic.cannot_apply_reason(parameters) == "Select an input volume."
+    assert logic.first_problem(parameters) == "Select an input volume."
     parameters.input_volume = FakeVolume()
-    assert logic.cannot_apply_reason(parameters) == "Select a model."
+    assert logic.first_problem(parameters) == "Select a model."
     parameters.model_name = "airway"
-    assert logic.cannot_apply_reason(parameters).startswith("Unknown device")
-    assert not logic.can_apply(parameters)
+    assert logic.first_problem(parameters).startswith("Unknown device")
     parameters.device = "auto"
-    assert logic.cannot_apply_reason(parameters) == ""
-    assert logic.can_apply(parameters)
+    assert logic.first_problem(parameters) == ""
+
+
+def test_selection_summary_names_model_source_preset_and_device(logic):
+    node = SimpleNamespace(inputVolume=None, modelName="airway", device="cpu")
+    assert logic.selection_summary(node) == "Select an input volume."
+    node.inputVolume = FakeVolume()
+    assert logic.selection_summary(node) == "Model airway (user, preset lctfound) on CPU."
+    node.modelName, node.device = "lctfound-cpu-tiny", "auto"
+    assert logic.selection_summary(node) == "Model lctfound-cpu-tiny (built-in, preset lctfound) on Automatic (cpu)."
+    gpu = ModuleLogicBase(list_models=lambda **_: logic.models(), available_devices=lambda: ["cuda", "cpu"])
+    node.device = "cuda"
+    assert gpu.selection_summary(node).endswith("on NVIDIA GPU 0 (cuda).")
+
+
+@pytest.mark.parametrize("device, env", [("cpu", {"CUDA_VISIBLE_DEVICES": "-1"}), (" CPU ", {"CUDA_VISIBLE_DEVICES": "-1"}),
+                                         ("cuda:1", {"CUDA_VISIBLE_DEVICES": "1"}), ("cuda", {}), ("auto", {}),
+                                         ("", {}), (None, {}), ("mps", {})])
+def test_device_environment(device, env):
+    assert device_environment(device) == env
 
 
 @pytest.mark.mrml
-def test_real_mrml_nodes_are_duck_typed(logic):
+def test_real_mrml_nodes_are_duck_typed(logic, tmp_path):
     """The checks work on slicer-core nodes without the logic importing slicer itself."""
     slicer = pytest.importorskip("slicer")
     import numpy as np
@@ -397,21 +403,20 @@ def test_real_mrml_nodes_are_duck_typed(logic):
     scene = slicer.vtkMRMLScene()
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
     assert logic.check_input_volume(volume) == "The input volume has no image data."
+    node = SimpleNamespace(inputVolume=volume, modelName="airway", device="cpu")
+    assert logic.selection_summary(node) == "The input volume has no image data."
     slicer.util.updateVolumeFromArray(volume, np.zeros((3, 4, 5), dtype=np.int16))
     assert logic.check_input_volume(volume) == ""
+    assert logic.selection_summary(node) == "Model airway (user, preset lctfound) on CPU."
 
-    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
-    enhance = EnhanceModuleLogic(list_models=lambda **_: logic.models(), available_devices=lambda: ["cpu"])
-    node = SimpleNamespace(inputVolume=volume, modelName="airway", device="cpu", outputVolume=volume)
-    assert "must differ" in enhance.cannot_apply_reason(node)
-    node.outputVolume = other
-    assert enhance.cannot_apply_reason(node) == ""
-
-    train = TrainModuleLogic(list_models=lambda **_: logic.models(), available_devices=lambda: ["cpu"])
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    node = SimpleNamespace(inputVolume=volume, inputSegmentation=segmentation, modelName="airway", device="cpu",
-                           newModelName="new-head")
-    assert train.cannot_apply_reason(node) == "The training segmentation has no segments."
+    train = TrainModuleLogic(list_models=lambda **_: logic.models(), available_devices=lambda: ["cpu"],
+                             runs_root=tmp_path)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    empty.SetName("empty")
+    parameters = {"dataSource": "volumes", "trainingVolumes": [volume, empty], "newModelName": "x"}
+    assert train.check_data(train.parameters_from(parameters)) == "Volume 'empty' has no image data."
+    parameters["trainingVolumes"] = [volume]
+    assert train.check_data(train.parameters_from(parameters)) == ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,157 +445,109 @@ def test_cannot_end_a_run_that_did_not_start(logic, method):
     assert logic.state is RunState.IDLE
 
 
-def test_successful_run_notifies_every_step(logic, clock):
-    seen: list[ModuleStatus] = []
-    logic.add_status_callback(seen.append)
-    logic.add_status_callback(seen.append)  # registered once
-
-    def work(progress):
-        clock.now += 2
-        progress.update(1, 4, "loading model")
-        clock.now += 2
-        progress.update(4, 4, "writing labels")
-        return 42
-
-    assert logic.run(work, "segmenting", finished_message="3 segments") == 42
-    assert [status.state for status in seen] == [RunState.RUNNING] * 3 + [RunState.FINISHED]
-    assert seen[0].summary() == "Running: segmenting"
-    assert seen[1].summary() == "Running: loading model (1/4, 25%)"
-    assert seen[1].elapsed_s == pytest.approx(2.0)
-    assert seen[-1].summary() == "Finished in 4.0 s: 3 segments"
+def test_successful_run_reports_every_step(logic, clock):
+    status = logic.begin("segmenting")
+    assert status.summary() == "Running: segmenting"
+    clock.now += 2
+    logic.report_progress(1, 4, "loading model")
+    assert logic.status().summary() == "Running: loading model (1/4, 25%)"
+    assert logic.status().elapsed_s == pytest.approx(2.0)
+    clock.now += 2
+    logic.report_progress(4, 4, "writing labels")
+    logic.finish("3 segments")
     assert logic.status_summary() == "Finished in 4.0 s: 3 segments"
     clock.now += 100  # elapsed time stops at the end of the run
     assert logic.status().elapsed_s == pytest.approx(4.0)
 
 
-def test_failure_keeps_the_message_and_reraises(logic, clock):
-    def work(progress):
-        clock.now += 1
-        raise LCTfoundError("model 'x' does not fit\n this volume")
+def test_eta_comes_from_the_rate_since_the_first_report(logic, clock):
+    logic.begin("training")
+    clock.now += 30  # start-up time is not part of the rate
+    logic.report_progress(10, 110)
+    assert logic.status().eta_s is None  # one report: no rate yet
+    clock.now += 20
+    logic.report_progress(20, 110, "step 20")
+    assert logic.status().eta_s == pytest.approx(180.0)  # 10 steps per 20 s, 90 steps left
+    assert logic.status().summary() == "Running: step 20 (20/110, 18%, about 3 min 00 s left)"
+    logic.report_progress(30, 110, at=clock.now + 20)  # an event's own timestamp wins
+    assert logic.status().eta_s == pytest.approx(160.0)
+    assert logic.progress_bar_state() == ProgressBarState(True, 27, 100, "27%, about 2 min 40 s left")
+    logic.request_cancel()
+    assert logic.status().eta_s is None and "left" not in logic.status().summary()
+    logic.mark_cancelled()
+    assert logic.status().eta_s is None
+    logic.begin("again")
+    logic.report_progress(5, 10)
+    assert logic.status().eta_s is None  # a new run starts a new rate
 
-    with pytest.raises(LCTfoundError):
-        logic.run(work)
+
+def test_failure_keeps_the_message_on_one_line(logic, clock):
+    logic.begin()
+    clock.now += 1
+    logic.fail(LCTfoundError("model 'x' does not fit\n this volume"))
     status = logic.status()
     assert status.state is RunState.FAILED
     assert status.error == "model 'x' does not fit this volume"
     assert status.summary() == "Failed after 1.0 s: model 'x' does not fit this volume"
-
-    with pytest.raises(ValueError):
-        logic.run(lambda progress: int("x"))
-    assert logic.status().error.startswith("ValueError: invalid literal")
-
-
-def test_cancel_from_inside_the_work(logic):
-    """As in Slicer, where a Cancel click is handled while the work pumps events."""
-
-    def work(progress):
-        progress.update(1, 10, "step 1")
-        assert logic.request_cancel() is True
-        assert logic.state is RunState.CANCELLING
-        assert logic.apply_button_state(None) == ButtonState("Cancelling…", False, "Waiting for the current step to stop")
-        progress.update(2, 10, "step 2")  # numbers still move, the message stays
-        assert logic.status().message == "stopping after the current step"
-        progress.check_cancelled()
-        pytest.fail("check_cancelled must raise")
-
-    with pytest.raises(Cancelled):
-        logic.run(work)
-    assert logic.state is RunState.CANCELLED
-    assert logic.status().summary().startswith("Cancelled after")
-    assert logic.cancel_token.cancelled
+    logic.begin()
+    logic.fail(ValueError("invalid literal"))
+    assert logic.status().error == "ValueError: invalid literal"
+    logic.begin()
+    logic.fail("the process ended\nwith exit code 1")
+    assert logic.status().error == "the process ended with exit code 1"
 
 
-def test_work_that_finishes_before_noticing_the_cancel(logic):
-    def work(progress):
-        logic.request_cancel()
-        return "done anyway"
+def test_cancel_request_then_cancelled(logic):
+    logic.begin()
+    logic.report_progress(1, 10, "step 1")
+    assert logic.request_cancel("stopping after the current step") is True
+    assert logic.state is RunState.CANCELLING
+    logic.report_progress(2, 10, "step 2")  # numbers still move, the message stays
+    assert logic.status().message == "stopping after the current step" and logic.status().done == 2
+    assert logic.request_cancel() is False  # already cancelling
+    logic.mark_cancelled("checkpoint kept")
+    assert logic.status().summary().startswith("Cancelled after") and logic.status().summary().endswith("checkpoint kept")
 
-    assert logic.run(work) == "done anyway"
+
+def test_work_may_finish_before_the_cancel_reaches_it(logic):
+    logic.begin()
+    logic.request_cancel()
+    logic.finish("done anyway")
     assert logic.state is RunState.FINISHED
 
 
-def test_cancel_from_another_thread(logic):
-    started, may_stop = threading.Event(), threading.Event()
-    outcome = {}
-
-    def work(progress):
-        started.set()
-        while True:
-            may_stop.wait(0.01)
-            progress.check_cancelled()
-
-    def runner():
-        try:
-            logic.run(work)
-        except Cancelled as error:
-            outcome["error"] = error
-
-    thread = threading.Thread(target=runner)
-    thread.start()
-    assert started.wait(5)
-    assert logic.status().busy
-    assert logic.request_cancel()
-    thread.join(5)
-    assert not thread.is_alive()
-    assert isinstance(outcome["error"], Cancelled)
-    assert logic.state is RunState.CANCELLED
-
-
-def test_keyboard_interrupt_counts_as_cancelled(logic):
-    def work(progress):
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        logic.run(work)
-    assert logic.state is RunState.CANCELLED
-    assert logic.status().message == "interrupted"
-
-
 def test_one_run_at_a_time(logic):
-    logic.start("first")
+    logic.begin("first")
     with pytest.raises(LCTfoundError, match="already running"):
-        logic.start("second")
+        logic.begin("second")
     with pytest.raises(InvalidTransition):
         logic.reset()
     logic.finish()
-    logic.start("second")  # a new run after the end
+    logic.begin("second")  # a new run after the end
     assert logic.status().done == 0 and logic.status().message == "second"
 
 
 def test_request_cancel_when_nothing_runs(logic):
     assert logic.request_cancel() is False
+    assert logic.cancel() is False
     assert logic.state is RunState.IDLE
 
 
 def test_late_progress_is_ignored(logic):
-    progress = logic.start()
+    logic.begin()
     logic.finish("ok")
-    progress.update(5, 5, "late")
+    logic.report_progress(5, 5, "late")
     assert logic.status().summary() == "Finished in 0.0 s: ok"
 
 
 def test_reset_goes_back_to_idle(logic, clock):
-    logic.run(lambda progress: None)
+    logic.begin()
+    logic.report_progress(1, 2)
+    logic.finish()
     logic.reset()
     status = logic.status()
-    assert status == ModuleStatus(RunState.IDLE, "", 0, 0, "", None)
+    assert status == ModuleStatus(RunState.IDLE, "", 0, 0, "", None, None)
     assert status.summary() == "Idle"
-
-
-def test_broken_callback_does_not_break_the_run(logic):
-    seen = []
-
-    def broken(status):
-        raise RuntimeError("widget deleted")
-
-    logic.add_status_callback(broken)
-    logic.add_status_callback(seen.append)
-    assert logic.run(lambda progress: "ok") == "ok"
-    assert logic.state is RunState.FINISHED and len(seen) == 2
-    logic.remove_status_callback(seen.append)
-    logic.remove_status_callback(seen.append)  # removing twice is harmless
-    logic.run(lambda progress: None)
-    assert len(seen) == 2
 
 
 @pytest.mark.parametrize(
@@ -609,80 +566,114 @@ def test_status_numbers():
     assert ModuleStatus(RunState.IDLE, "ready").summary() == "Idle: ready"
 
 
-# ---------------------------------------------------------------------------------------------
-# Widget states
-# ---------------------------------------------------------------------------------------------
-
-
-def test_apply_button_state(logic):
-    assert logic.apply_button_state(None) == ButtonState("Apply", False, "Nothing selected yet.")
-    assert logic.apply_button_state(ModuleParameters()) == ButtonState("Apply", False, "Select an input volume.")
-    assert logic.apply_button_state(ready_parameters()) == ButtonState("Apply", True, "Run processing")
-    logic.start()
-    assert logic.apply_button_state(ready_parameters()) == ButtonState("Cancel", True, "Stop the running processing")
-    logic.fail("x")
-    assert logic.apply_button_state(ready_parameters()).text == "Apply"
-
-
-def test_apply_button_state_reads_a_parameter_node(logic):
-    node = SimpleNamespace(inputVolume=FakeVolume(), modelName="airway", device="cpu")
-    assert logic.apply_button_state(node).enabled
-
-
 def test_progress_bar_state(logic):
     assert logic.progress_bar_state() == ProgressBarState(visible=False, text="Idle")
-    progress = logic.start("loading model")
+    logic.begin("loading model")
     assert logic.progress_bar_state() == ProgressBarState(True, 0, 0, "loading model")  # busy, amount unknown
-    progress.update(1, 3, "slice 1")
+    logic.report_progress(1, 3, "slice 1")
     assert logic.progress_bar_state() == ProgressBarState(True, 33, 100, "33%")
     logic.finish()
     assert not logic.progress_bar_state().visible
 
 
 # ---------------------------------------------------------------------------------------------
-# apply() and process()
+# Jobs drive the run state (a scripted stand-in for `lctfound.jobs.Job`; real jobs: test_jobs.py,
+# test_train_logic.py)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_apply_refuses_incomplete_parameters_without_changing_state(logic):
-    with pytest.raises(LCTfoundError, match="Select an input volume"):
-        logic.apply(ModuleParameters())
-    assert logic.state is RunState.IDLE
+class ScriptedJob:
+    """Hands out prepared batches of events, one batch per poll()."""
+
+    def __init__(self, *batches):
+        self.batches = list(batches)
+        self.cancelled = False
+
+    def poll(self):
+        return self.batches.pop(0) if self.batches else []
+
+    def cancel(self, timeout=5.0):
+        self.cancelled = True
+        self.batches.append([{"event": "exit", "state": "cancelled", "returncode": -15, "error": ""}])
+        return True
 
 
-def test_apply_without_a_task_fails_clearly(logic):
-    with pytest.raises(LCTfoundError, match="not available in this version"):
-        logic.apply(ready_parameters())
-    assert logic.state is RunState.FAILED
+class CountingLogic(ModuleLogicBase):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen, self.finish_error = [], None
+
+    def handle_event(self, event):
+        self.seen.append(event["event"])
+        if event["event"] == "progress":
+            self.report_progress(event["done"], event["total"], "working")
+
+    def on_job_finished(self, job):
+        if self.finish_error:
+            raise self.finish_error
+        return "all done"
+
+    def cancelled_message(self, job):
+        return "stopped"
 
 
-def test_apply_returns_none_when_cancelled(models):
-    class Cancelling(SegmentationModuleLogic):
-        def process(self, parameters, progress):
-            self.request_cancel()
-            progress.check_cancelled()
-
-    logic = Cancelling(list_models=lambda **_: models, available_devices=lambda: ["cpu"])
-    assert logic.apply(ready_parameters()) is None
-    assert logic.state is RunState.CANCELLED
-    with pytest.raises(Cancelled):
-        logic.apply(ready_parameters(), raise_on_cancel=True)
+def run_with(logic, job):
+    logic.job = job
+    logic.begin("started")
+    events = []
+    for _ in range(10):
+        events += logic.poll()
+    return events
 
 
-def test_apply_hands_typed_parameters_to_process(models):
-    received = []
+@pytest.fixture
+def counting(models, clock):
+    return CountingLogic(list_models=lambda **_: models, available_devices=lambda: ["cpu"], clock=clock)
 
-    class Recording(SegmentationModuleLogic):
-        def process(self, parameters, progress):
-            received.append(parameters)
-            progress.update(1, 1)
-            return "ok"
 
-    logic = Recording(list_models=lambda **_: models, available_devices=lambda: ["cpu"])
-    node = SimpleNamespace(inputVolume=FakeVolume(), modelName="airway", device="cpu", outputSegmentation="seg")
-    assert logic.apply(node) == "ok"
-    assert type(received[0]).__name__ == "SegmentationParameters"
-    assert received[0].output_segmentation == "seg"
+def test_poll_without_a_job(counting):
+    assert counting.poll() == [] and counting.state is RunState.IDLE
+
+
+def test_job_events_update_progress_and_exit_finishes(counting):
+    job = ScriptedJob([{"event": "start"}, {"event": "progress", "done": 1, "total": 2}],
+                      [{"event": "log", "text": "hello"}, {"event": "exit", "state": "finished", "returncode": 0, "error": ""}])
+    counting.job = job
+    counting.begin("started")
+    assert [e["event"] for e in counting.poll()] == ["start", "progress"]
+    assert counting.status().summary() == "Running: working (1/2, 50%)"
+    assert [e["event"] for e in counting.poll()] == ["log", "exit"]
+    assert counting.seen == ["start", "progress", "log"]  # exit is the logic's own business
+    assert counting.state is RunState.FINISHED and counting.status().message == "all done"
+
+
+def test_failed_job_and_failed_follow_up(counting):
+    run_with(counting, ScriptedJob([{"event": "exit", "state": "failed", "returncode": 2, "error": "bad data folder"}]))
+    assert counting.state is RunState.FAILED and counting.status().error == "bad data folder"
+
+    counting.finish_error = LCTfoundError("model name 'x' is already taken")
+    run_with(counting, ScriptedJob([{"event": "exit", "state": "finished", "returncode": 0, "error": ""}]))
+    assert counting.state is RunState.FAILED and counting.status().error == "model name 'x' is already taken"
+
+
+def test_cancel_goes_through_cancelling_to_cancelled(counting):
+    job = ScriptedJob([{"event": "progress", "done": 1, "total": 5}])
+    counting.job = job
+    counting.begin("started")
+    counting.poll()
+    assert counting.cancel() is True
+    assert counting.state is RunState.CANCELLING
+    counting._cancel_thread.join(5)
+    assert job.cancelled
+    counting.poll()
+    assert counting.state is RunState.CANCELLED and counting.status().summary().endswith(": stopped")
+    assert counting.cancel() is False
+
+
+def test_start_job_refuses_while_busy(counting):
+    counting.begin()
+    with pytest.raises(LCTfoundError, match="already running"):
+        counting.start_job(["--version"])
 
 
 @pytest.mark.parametrize("cls, task", [(SegmentationModuleLogic, "segmentation"), (EnhanceModuleLogic, "enhancement"),
@@ -691,5 +682,5 @@ def test_module_logics_are_module_logic_bases(cls, task):
     logic = cls(list_models=lambda **_: [], available_devices=lambda: ["cpu"])
     assert isinstance(logic, ModuleLogicBase)
     assert logic.task_name == task
-    assert issubclass(logic.parameters_class, ModuleParameters)
     assert logic.status_summary() == "Idle"
+    assert logic.choices("device")[0].value == AUTO_DEVICE

@@ -7,40 +7,40 @@ Slicer starts. MRML may only be imported lazily inside functions.
 from .base import (
     AUTO_DEVICE,
     CHOICE_PROPERTY_NAME,
+    NODE_LIST_PROPERTY_NAME,
     TRANSITIONS,
     ButtonState,
     Choice,
     InvalidTransition,
-    ModelEntryLike,
     ModuleLogicBase,
     ModuleParameters,
     ModuleStatus,
     ProgressBarState,
     RunState,
-    is_valid_model_name,
+    device_environment,
+    format_seconds,
 )
-from .enhance import EnhanceModuleLogic, EnhanceParameters
-from .segmentation import SegmentationModuleLogic, SegmentationParameters
+from .enhance import EnhanceModuleLogic
+from .segmentation import SegmentationModuleLogic
 from .train import TrainModuleLogic, TrainParameters
 
 __all__ = [
     "AUTO_DEVICE",
     "CHOICE_PROPERTY_NAME",
+    "NODE_LIST_PROPERTY_NAME",
     "TRANSITIONS",
     "ButtonState",
     "Choice",
     "EnhanceModuleLogic",
-    "EnhanceParameters",
     "InvalidTransition",
-    "ModelEntryLike",
     "ModuleLogicBase",
     "ModuleParameters",
     "ModuleStatus",
     "ProgressBarState",
     "RunState",
     "SegmentationModuleLogic",
-    "SegmentationParameters",
     "TrainModuleLogic",
     "TrainParameters",
-    "is_valid_model_name",
+    "device_environment",
+    "format_seconds",
 ]

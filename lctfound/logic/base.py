@@ -1,17 +1,16 @@
-"""Qt-free logic shared by the three LCTfound modules (segmentation, enhance, train).
+"""Qt-free logic shared by the LCTfound modules (segmentation, enhance, train).
 
 `ModuleLogicBase` is what a Slicer module Logic, a web panel or a script holds on to. It knows
 
 * which **devices** can run a model (``auto`` plus `lctfound.devices.available_devices()`),
 * which **models** are installed (`lctfound.models.registry.list_models()`),
-* whether the current **parameters** allow Apply, and if not, the one-line reason why,
-* the **run state** of the module's long work: Idle → Running → Finished / Cancelling →
-  Cancelled / Failed, with progress numbers, a status line and callbacks for front ends.
+* what is wrong with the current **parameters** (one line per problem, most important first),
+* the **run state** of the module's long work, which runs as a `lctfound.jobs.Job` (a child
+  process): Idle → Running → Finished / Cancelling → Cancelled / Failed, with progress
+  numbers, an ETA and a status line. Front ends call `poll()` from a timer; nothing blocks.
 
 Nothing here imports Qt, Slicer, VTK or torch at import time. Parameters may hold MRML nodes:
-they are only duck-typed (``GetImageData``, ``GetID``), never imported. Front ends turn the
-state into widgets with `apply_button_state()` and `progress_bar_state()`, so that all
-behaviour (texts, enabling, tooltips) is decided — and tested — here.
+they are only duck-typed (``GetImageData``), never imported here.
 
 Naming: the engine uses snake_case; Slicer parameter nodes use camelCase. `parameters_from()`
 and `fill_defaults()` accept either spelling on the object they read or write.
@@ -29,14 +28,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
-from ..errors import Cancelled, LCTfoundError
-from ..progress import CancelToken, Progress
+from ..errors import LCTfoundError
+
+if TYPE_CHECKING:
+    from ..jobs import Job
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: Dynamic Qt property naming the parameter of a ``QComboBox`` whose items the widget fills from
 #: `ModuleLogicBase.choices()`. Such combo boxes cannot use ``SlicerParameterName``: Slicer's
@@ -44,12 +43,16 @@ T = TypeVar("T")
 #: installed models and devices are only known at run time.
 CHOICE_PROPERTY_NAME = "LCTfoundChoiceParameterName"
 
+#: Dynamic Qt property naming the ``list[vtkMRML...Node]`` parameter of a
+#: ``qMRMLCheckableNodeComboBox``; Slicer has no GUI connector for node lists, so the widget
+#: syncs the checked nodes by hand.
+NODE_LIST_PROPERTY_NAME = "LCTfoundNodeListParameterName"
+
 #: The device value that lets the engine pick the best available device.
 AUTO_DEVICE = "auto"
 
 _DEVICE_KINDS = ("cpu", "cuda", "mps")
 _MODEL_SOURCE_LABELS = {"embedded": "built-in", "user": "user", "official": "official", "folder": "folder"}
-_MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +72,7 @@ class RunState(str, enum.Enum):
 
     @property
     def busy(self) -> bool:
-        """Work is under way (a new run cannot start; the Apply button is a Cancel button)."""
+        """Work is under way (a new run cannot start)."""
         return self in (RunState.RUNNING, RunState.CANCELLING)
 
     @property
@@ -82,7 +85,7 @@ class RunState(str, enum.Enum):
 TRANSITIONS: dict[RunState, frozenset[RunState]] = {
     RunState.IDLE: frozenset({RunState.RUNNING, RunState.IDLE}),
     RunState.RUNNING: frozenset({RunState.FINISHED, RunState.CANCELLING, RunState.CANCELLED, RunState.FAILED}),
-    # Work may still complete (or fail) before it notices the cancel request.
+    # Work may still complete (or fail) before the cancel reaches it.
     RunState.CANCELLING: frozenset({RunState.CANCELLED, RunState.FINISHED, RunState.FAILED}),
     RunState.FINISHED: frozenset({RunState.RUNNING, RunState.IDLE}),
     RunState.CANCELLED: frozenset({RunState.RUNNING, RunState.IDLE}),
@@ -94,7 +97,8 @@ class InvalidTransition(RuntimeError):
     """A programming error: the run state cannot change that way (for example Idle → Finished)."""
 
 
-def _format_seconds(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
+    """``4.0 s``, ``1 min 05 s``, ``2 h 03 min``."""
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, secs = divmod(int(round(seconds)), 60)
@@ -106,7 +110,7 @@ def _format_seconds(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class ModuleStatus:
-    """An immutable snapshot of a module's run state, handed to status callbacks."""
+    """An immutable snapshot of a module's run state."""
 
     state: RunState = RunState.IDLE
     message: str = ""
@@ -114,6 +118,8 @@ class ModuleStatus:
     total: int = 0
     error: str = ""
     elapsed_s: Optional[float] = None
+    #: Estimated seconds left, from the rate of progress reports so far (None: unknown).
+    eta_s: Optional[float] = None
 
     @property
     def busy(self) -> bool:
@@ -132,25 +138,23 @@ class ModuleStatus:
         return None if fraction is None else int(round(100 * fraction))
 
     def summary(self) -> str:
-        """One line for a status label, e.g. ``Running: extracting features (3/10, 30%)``."""
+        """One line for a status label, e.g. ``Running: loss 0.1234 (3/10, 30%, about 1 min 05 s left)``."""
         state = self.state
         if state is RunState.IDLE:
             return "Idle" + (f": {self.message}" if self.message else "")
         if state.busy:
             text = state.value + (f": {self.message}" if self.message else "")
             if self.total > 0:
-                text += f" ({self.done}/{self.total}, {self.percent}%)"
+                eta = f", about {format_seconds(self.eta_s)} left" if self.eta_s is not None and state is RunState.RUNNING else ""
+                text += f" ({self.done}/{self.total}, {self.percent}%{eta})"
             return text
-        took = f" after {_format_seconds(self.elapsed_s)}" if self.elapsed_s is not None else ""
+        took = f" after {format_seconds(self.elapsed_s)}" if self.elapsed_s is not None else ""
         if state is RunState.FAILED:
             return f"Failed{took}: {self.error or self.message or 'unknown error'}"
         if state is RunState.CANCELLED:
             return f"Cancelled{took}" + (f": {self.message}" if self.message else "")
-        took = f" in {_format_seconds(self.elapsed_s)}" if self.elapsed_s is not None else ""
+        took = f" in {format_seconds(self.elapsed_s)}" if self.elapsed_s is not None else ""
         return f"Finished{took}" + (f": {self.message}" if self.message else "")
-
-
-StatusCallback = Callable[[ModuleStatus], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,9 +173,8 @@ class Choice:
 
 @dataclass(frozen=True)
 class ButtonState:
-    """What the Apply button shows: it turns into Cancel while work runs."""
+    """Whether a button can be clicked, and the tooltip that says why (not)."""
 
-    text: str
     enabled: bool
     tooltip: str = ""
 
@@ -186,19 +189,9 @@ class ProgressBarState:
     text: str = ""
 
 
-class ModelEntryLike(Protocol):
-    """What the logic reads from `lctfound.models.registry.ModelEntry`."""
-
-    name: str
-    path: Path
-    source: str
-    preset: str
-    description: str
-
-
 @dataclass
 class ModuleParameters:
-    """The parameters every module has. ``input_volume`` is a volume node, a CTVolume or a file path."""
+    """The parameters of the image modules. ``input_volume`` is a volume node, a CTVolume or a file path."""
 
     input_volume: Any = None
     model_name: str = ""
@@ -231,19 +224,15 @@ def _read_attribute(source: Any, name: str) -> Any:
     return _MISSING
 
 
-def refers_to_same(first: Any, second: Any) -> bool:
-    """True when two parameters refer to the same node or file (by identity, MRML ID or path)."""
-    if first is None or second is None:
-        return False
-    if first is second:
-        return True
-    first_id = getattr(first, "GetID", None)
-    second_id = getattr(second, "GetID", None)
-    if callable(first_id) and callable(second_id):
-        return bool(first_id()) and first_id() == second_id()
-    if isinstance(first, (str, os.PathLike)) and isinstance(second, (str, os.PathLike)):
-        return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
-    return False
+def device_environment(device: Optional[str]) -> dict[str, str]:
+    """Environment variables that make a child process use ``device``: ``cpu`` hides the GPUs
+    (``CUDA_VISIBLE_DEVICES=-1``), ``cuda:N`` shows only GPU N; ``auto`` changes nothing."""
+    choice = (device or AUTO_DEVICE).strip().lower()
+    if choice == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": "-1"}
+    if choice.startswith("cuda:"):
+        return {"CUDA_VISIBLE_DEVICES": choice.partition(":")[2]}
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,20 +241,18 @@ def refers_to_same(first: Any, second: Any) -> bool:
 
 
 class ModuleLogicBase:
-    """Devices, models, parameter checks and the run-state machine of one LCTfound module.
+    """Devices, models, parameter checks and the job-driven run state of one LCTfound module.
 
     Collaborators can be injected (tests, web panels with their own registry):
 
     * ``list_models(extra_folders=...)`` → list of model entries (default:
       `lctfound.models.registry.list_models`),
     * ``available_devices()`` → device names, best first (default: `lctfound.devices.available_devices`),
-    * ``clock()`` → seconds (default: `time.monotonic`).
-
-    Status callbacks run on the thread that changed the state. A Qt front end whose work runs in
-    another thread must hand them to its main thread (or poll `status()` with a timer).
+    * ``clock()`` → seconds (default: `time.monotonic`, the clock of job event timestamps),
+    * ``python`` → the interpreter that runs jobs (default: this one; in Slicer ``PythonSlicer``).
     """
 
-    #: Shown in messages and on the Apply button tooltip ("Run segmentation").
+    #: Shown in messages ("training is already running").
     task_name = "processing"
     #: The dataclass that holds this module's parameters.
     parameters_class: type = ModuleParameters
@@ -273,18 +260,18 @@ class ModuleLogicBase:
     def __init__(
         self,
         *,
-        list_models: Optional[Callable[..., Sequence[ModelEntryLike]]] = None,
+        list_models: Optional[Callable[..., Sequence[Any]]] = None,
         available_devices: Optional[Callable[[], Sequence[str]]] = None,
         extra_model_folders: Iterable[os.PathLike | str] = (),
         clock: Callable[[], float] = time.monotonic,
+        python: Optional[os.PathLike | str] = None,
     ) -> None:
         self._list_models = list_models
         self._available_devices = available_devices
         self.extra_model_folders: tuple[Path, ...] = tuple(Path(folder) for folder in extra_model_folders)
         self._clock = clock
+        self.python = python
 
-        self._lock = threading.RLock()
-        self._callbacks: list[StatusCallback] = []
         self._state = RunState.IDLE
         self._message = ""
         self._done = 0
@@ -292,9 +279,13 @@ class ModuleLogicBase:
         self._error = ""
         self._started_at: Optional[float] = None
         self._ended_at: Optional[float] = None
-        self._cancel_token: Optional[CancelToken] = None
+        self._rate_anchor: Optional[tuple[float, int]] = None
+        self._eta_s: Optional[float] = None
+        #: The job of the current (or last) run.
+        self.job: Optional["Job"] = None
+        self._cancel_thread: Optional[threading.Thread] = None
 
-        self._models: Optional[list[ModelEntryLike]] = None
+        self._models: Optional[list[Any]] = None
         self._devices: Optional[list[str]] = None
         #: Why models could not be listed (empty when listing worked).
         self.models_error = ""
@@ -371,13 +362,22 @@ class ModuleLogicBase:
             return ""
         return f"Device '{choice}' is not available on this computer (available: {', '.join(devices) or 'none'})."
 
+    def device_label(self, device: Optional[str]) -> str:
+        """The selector text of ``device`` ("Automatic (cpu)", "CPU", ...)."""
+        value = (device or AUTO_DEVICE).strip().lower()
+        for choice in self.device_choices():
+            if choice.value == value:
+                return choice.label
+        return value
+
     # -- models -----------------------------------------------------------------------------
 
-    def models(self, refresh: bool = False) -> list[ModelEntryLike]:
+    def models(self, refresh: bool = False) -> list[Any]:
         """Installed models this module can use (cached; ``refresh=True`` scans again).
 
-        A failing registry does not raise here (a widget must still open): the list is empty
-        and `models_error` says why; `check_model()` reports it.
+        Entries have ``name``, ``path``, ``source``, ``preset`` and ``description`` (as
+        `lctfound.models.registry.ModelEntry`). A failing registry does not raise here (a widget
+        must still open): the list is empty and `models_error` says why.
         """
         if self._models is None or refresh:
             lister = self._list_models
@@ -390,14 +390,10 @@ class ModuleLogicBase:
                 logger.warning("cannot list models", exc_info=True)
                 entries = []
                 self.models_error = str(error) if isinstance(error, LCTfoundError) else f"{type(error).__name__}: {error}"
-            self._models = [entry for entry in entries if self.accepts_model(entry)]
+            self._models = entries
         return list(self._models)
 
-    def accepts_model(self, entry: ModelEntryLike) -> bool:
-        """Whether this module can use a model; subclasses filter by preset or heads."""
-        return True
-
-    def find_model(self, name: Optional[str]) -> Optional[ModelEntryLike]:
+    def find_model(self, name: Optional[str]) -> Optional[Any]:
         for entry in self.models():
             if entry.name == name:
                 return entry
@@ -474,7 +470,7 @@ class ModuleLogicBase:
         """Values (snake_case names) that should replace empty parameters."""
         parameters = self.parameters_from(parameters)
         defaults: dict[str, Any] = {}
-        if not parameters.model_name:
+        if hasattr(parameters, "model_name") and not parameters.model_name:
             name = self.default_model_name()
             if name:
                 defaults["model_name"] = name
@@ -510,8 +506,8 @@ class ModuleLogicBase:
         return ""
 
     def parameter_problems(self, parameters: Any) -> list[str]:
-        """Every reason why these parameters cannot be applied, most important first.
-        Subclasses extend the list with their own checks."""
+        """Every reason why these parameters cannot be used, most important first.
+        Subclasses with other parameters replace or extend the list."""
         parameters = self.parameters_from(parameters)
         problems = [
             self.check_input_volume(parameters.input_volume),
@@ -520,27 +516,40 @@ class ModuleLogicBase:
         ]
         return [problem for problem in problems if problem]
 
-    def cannot_apply_reason(self, parameters: Any) -> str:
-        """The first reason why Apply is disabled, or an empty string when it can run."""
+    def first_problem(self, parameters: Any) -> str:
+        """The most important problem of these parameters, or an empty string."""
         problems = self.parameter_problems(parameters)
         return problems[0] if problems else ""
 
-    def can_apply(self, parameters: Any) -> bool:
-        return not self.cannot_apply_reason(parameters)
+    def selection_summary(self, parameters: Any) -> str:
+        """A status line for the current selection: its first problem, or the chosen model
+        (with its source and preset) and the device."""
+        parameters = self.parameters_from(parameters)
+        problem = self.first_problem(parameters)
+        if problem:
+            return problem
+        entry = self.find_model(parameters.model_name)
+        source = _MODEL_SOURCE_LABELS.get(entry.source, entry.source)
+        preset = f", preset {entry.preset}" if entry.preset else ""
+        return f"Model {entry.name} ({source}{preset}) on {self.device_label(parameters.device)}."
 
-    # -- widgets state -----------------------------------------------------------------------
+    # -- run state ---------------------------------------------------------------------------
 
-    def apply_button_state(self, parameters: Any = None) -> ButtonState:
-        """Apply (enabled only when the parameters are complete) or, while busy, Cancel."""
-        status = self.status()
-        if status.state is RunState.RUNNING:
-            return ButtonState("Cancel", True, f"Stop the running {self.task_name}")
-        if status.state is RunState.CANCELLING:
-            return ButtonState("Cancelling…", False, "Waiting for the current step to stop")
-        reason = "Nothing selected yet." if parameters is None else self.cannot_apply_reason(parameters)
-        if reason:
-            return ButtonState("Apply", False, reason)
-        return ButtonState("Apply", True, f"Run {self.task_name}")
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    def status(self) -> ModuleStatus:
+        elapsed = None
+        if self._started_at is not None:
+            end = self._ended_at if self._ended_at is not None else self._clock()
+            elapsed = max(end - self._started_at, 0.0)
+        eta = self._eta_s if self._state is RunState.RUNNING else None
+        return ModuleStatus(self._state, self._message, self._done, self._total, self._error, elapsed, eta)
+
+    def status_summary(self) -> str:
+        """One line for a status label (see `ModuleStatus.summary`)."""
+        return self.status().summary()
 
     def progress_bar_state(self) -> ProgressBarState:
         """Visible only while busy; indeterminate (maximum 0) while the amount of work is unknown."""
@@ -549,109 +558,58 @@ class ModuleLogicBase:
             return ProgressBarState(visible=False, text=status.summary())
         if status.percent is None:
             return ProgressBarState(visible=True, value=0, maximum=0, text=status.message)
-        return ProgressBarState(visible=True, value=status.percent, maximum=100, text=f"{status.percent}%")
+        text = f"{status.percent}%"
+        if status.eta_s is not None:
+            text += f", about {format_seconds(status.eta_s)} left"
+        return ProgressBarState(visible=True, value=status.percent, maximum=100, text=text)
 
-    # -- run state ---------------------------------------------------------------------------
-
-    @property
-    def state(self) -> RunState:
-        return self._state
-
-    @property
-    def cancel_token(self) -> Optional[CancelToken]:
-        """The token of the current (or last) run."""
-        return self._cancel_token
-
-    def status(self) -> ModuleStatus:
-        with self._lock:
-            return self._snapshot()
-
-    def status_summary(self) -> str:
-        """One line for a status label (see `ModuleStatus.summary`)."""
-        return self.status().summary()
-
-    def add_status_callback(self, callback: StatusCallback) -> None:
-        with self._lock:
-            if callback not in self._callbacks:
-                self._callbacks.append(callback)
-
-    def remove_status_callback(self, callback: StatusCallback) -> None:
-        with self._lock:
-            if callback in self._callbacks:
-                self._callbacks.remove(callback)
-
-    def _snapshot(self) -> ModuleStatus:
-        elapsed = None
-        if self._started_at is not None:
-            end = self._ended_at if self._ended_at is not None else self._clock()
-            elapsed = max(end - self._started_at, 0.0)
-        return ModuleStatus(self._state, self._message, self._done, self._total, self._error, elapsed)
-
-    def _notify(self, status: ModuleStatus) -> None:
-        with self._lock:
-            callbacks = list(self._callbacks)
-        for callback in callbacks:
-            try:
-                callback(status)
-            except Exception:  # noqa: BLE001 - a broken view must not break the run state
-                logger.exception("status callback %r failed", callback)
-
-    def _transition_locked(self, new_state: RunState, message: Optional[str] = None, error: str = "") -> ModuleStatus:
-        """Change the state; the caller holds the lock and notifies after releasing it."""
+    def _transition(self, new_state: RunState, message: Optional[str] = None, error: str = "") -> ModuleStatus:
         if new_state not in TRANSITIONS[self._state]:
             raise InvalidTransition(f"cannot go from {self._state.value} to {new_state.value}")
         self._state = new_state
         if message is not None:
             self._message = message
-        if new_state is RunState.RUNNING:
+        if new_state in (RunState.RUNNING, RunState.IDLE):
             self._done, self._total, self._error = 0, 0, ""
-            self._started_at, self._ended_at = self._clock(), None
-        elif new_state is RunState.IDLE:
-            self._done, self._total, self._error = 0, 0, ""
-            self._started_at = self._ended_at = None
+            self._rate_anchor, self._eta_s = None, None
+            self._started_at = self._clock() if new_state is RunState.RUNNING else None
+            self._ended_at = None
         elif new_state.ended:
             self._ended_at = self._clock()
-            self._error = error
-        return self._snapshot()
+            self._error = " ".join(error.split())
+        status = self.status()
+        logger.debug("%s: %s", type(self).__name__, status.summary())
+        return status
 
-    def _transition(self, new_state: RunState, message: Optional[str] = None, *, error: str = "") -> ModuleStatus:
-        with self._lock:
-            snapshot = self._transition_locked(new_state, message, error)
-        logger.debug("%s: %s", type(self).__name__, snapshot.summary())
-        self._notify(snapshot)
-        return snapshot
+    def begin(self, message: str = "") -> ModuleStatus:
+        """Enter Running; `LCTfoundError` while a run is under way."""
+        if self._state.busy:
+            raise LCTfoundError(f"{self.task_name} is already running; wait for it or cancel it first")
+        return self._transition(RunState.RUNNING, message or f"{self.task_name} started")
 
-    def start(self, message: str = "") -> Progress:
-        """Enter Running and return the `Progress` that the work reports to (and checks for cancel)."""
-        with self._lock:
-            if self._state.busy:
-                raise LCTfoundError(f"{self.task_name} is already running; wait for it or cancel it first")
-            token = CancelToken()
-            self._cancel_token = token
-            snapshot = self._transition_locked(RunState.RUNNING, message or f"{self.task_name} started")
-        self._notify(snapshot)
-        return Progress(callback=self.report_progress, cancel_token=token)
+    def report_progress(self, done: int, total: int, message: str = "", at: Optional[float] = None) -> None:
+        """Record progress (``at``: when it happened, on the logic's clock; default now).
+        The ETA uses the rate since the first report of the run, so start-up time does not
+        count. Ignored when nothing runs (late reports)."""
+        if not self._state.busy:
+            return
+        now = self._clock() if at is None else at
+        self._done, self._total = int(done), int(total)
+        if message and self._state is RunState.RUNNING:
+            self._message = message
+        if self._rate_anchor is None:
+            self._rate_anchor = (now, self._done)
+        else:
+            anchor_time, anchor_done = self._rate_anchor
+            if self._done > anchor_done and now > anchor_time and self._total > 0:
+                rate = (self._done - anchor_done) / (now - anchor_time)
+                self._eta_s = max(self._total - self._done, 0) / rate
 
-    def report_progress(self, done: int, total: int, message: str = "") -> None:
-        """Record progress of the running work; ignored when nothing runs (late reports)."""
-        with self._lock:
-            if not self._state.busy:
-                return
-            self._done, self._total = int(done), int(total)
-            if message and self._state is RunState.RUNNING:
-                self._message = message
-            snapshot = self._snapshot()
-        self._notify(snapshot)
-
-    def request_cancel(self, message: str = "stopping after the current step") -> bool:
-        """Ask the running work to stop (Running → Cancelling). False when nothing runs."""
-        with self._lock:
-            if self._state is not RunState.RUNNING:
-                return False
-            if self._cancel_token is not None:
-                self._cancel_token.cancel()
-            snapshot = self._transition_locked(RunState.CANCELLING, message)
-        self._notify(snapshot)
+    def request_cancel(self, message: str = "stopping") -> bool:
+        """Running → Cancelling. False when nothing runs."""
+        if self._state is not RunState.RUNNING:
+            return False
+        self._transition(RunState.CANCELLING, message)
         return True
 
     def finish(self, message: str = "") -> ModuleStatus:
@@ -661,62 +619,74 @@ class ModuleLogicBase:
         return self._transition(RunState.CANCELLED, message)
 
     def fail(self, error: BaseException | str) -> ModuleStatus:
-        if isinstance(error, BaseException):
-            text = str(error) if isinstance(error, LCTfoundError) else f"{type(error).__name__}: {error}"
-        else:
-            text = str(error)
-        text = " ".join(text.split())
-        return self._transition(RunState.FAILED, "", error=text)
+        if isinstance(error, BaseException) and not isinstance(error, LCTfoundError):
+            error = f"{type(error).__name__}: {error}"
+        return self._transition(RunState.FAILED, "", error=str(error))
 
     def reset(self) -> ModuleStatus:
         """Back to Idle after a run has ended; `InvalidTransition` while busy."""
         return self._transition(RunState.IDLE, "")
 
-    def run(self, work: Callable[[Progress], T], message: str = "", finished_message: str = "") -> T:
-        """Run ``work(progress)`` in this thread through the state machine.
+    # -- jobs --------------------------------------------------------------------------------
 
-        Returns its result (Finished). A `Cancelled` exception ends in Cancelled and is re-raised;
-        any other exception ends in Failed and is re-raised with its traceback.
-        """
-        progress = self.start(message)
-        try:
-            result = work(progress)
-        except Cancelled as error:
-            self.mark_cancelled(str(error))
-            raise
-        except KeyboardInterrupt:
-            self.mark_cancelled("interrupted")
-            raise
-        except BaseException as error:
-            self.fail(error)
-            raise
-        self.finish(finished_message)
-        return result
+    def start_job(self, args: Sequence[str], *, device: Optional[str] = None, message: str = "",
+                  cwd: Optional[os.PathLike | str] = None) -> "Job":
+        """Run ``lctfound <args>`` as this module's job (see `lctfound.jobs`) on ``device``."""
+        from ..jobs import Job
 
-    # -- the module's task -------------------------------------------------------------------
+        if self._state.busy:
+            raise LCTfoundError(f"{self.task_name} is already running; wait for it or cancel it first")
+        job = Job.start(list(args), cwd=cwd, env=device_environment(device), python=self.python)
+        self.job = job
+        self.begin(message)
+        return job
 
-    def apply(self, parameters: Any, *, raise_on_cancel: bool = False) -> Any:
-        """Check the parameters, then run `process()` through `run()`.
+    def poll(self) -> list[dict[str, Any]]:
+        """Take the job's new events, update the run state from them and return them.
+        Cheap and non-blocking: call it from a timer (Slicer: ``qt.QTimer``, web: async task)."""
+        if self.job is None:
+            return []
+        events = self.job.poll()
+        for event in events:
+            if event["event"] == "exit":
+                if self._state.busy:
+                    self._job_ended(self.job, event)
+            elif self._state.busy:
+                self.handle_event(event)
+        return events
 
-        Raises `LCTfoundError` with the reason when the parameters are incomplete. A cancelled
-        run returns None (the status says Cancelled) unless ``raise_on_cancel`` is set.
-        """
-        parameters = self.parameters_from(parameters)
-        reason = self.cannot_apply_reason(parameters)
-        if reason:
-            raise LCTfoundError(reason)
-        try:
-            return self.run(lambda progress: self.process(parameters, progress), f"{self.task_name} started")
-        except Cancelled:
-            if raise_on_cancel:
-                raise
-            return None
+    def handle_event(self, event: dict[str, Any]) -> None:
+        """Turn one job event (not ``exit``) into progress; each module knows its command's events."""
 
-    def process(self, parameters: Any, progress: Progress) -> Any:
-        """The module's task; each module logic implements it."""
-        raise LCTfoundError(f"{self.task_name} is not available in this version of LCTfound yet")
+    def _job_ended(self, job: "Job", exit_event: dict[str, Any]) -> None:
+        state = exit_event["state"]
+        if state == "finished":
+            try:
+                message = self.on_job_finished(job)
+            except Exception as error:  # noqa: BLE001 - a failed follow-up step fails the run
+                logger.warning("%s: finishing the run failed", self.task_name, exc_info=True)
+                self.fail(error)
+                return
+            self.finish(message)
+        elif state == "cancelled":
+            self.mark_cancelled(self.cancelled_message(job))
+        else:
+            self.fail(exit_event.get("error") or "the job failed")
 
+    def on_job_finished(self, job: "Job") -> str:
+        """Follow-up work after a successful job (register outputs, load results); returns the
+        finished message. An exception here makes the run Failed."""
+        return ""
 
-def is_valid_model_name(name: str) -> bool:
-    """A model name usable as a folder name on every platform."""
-    return bool(_MODEL_NAME_PATTERN.match(name or "")) and name not in (".", "..")
+    def cancelled_message(self, job: "Job") -> str:
+        return ""
+
+    def cancel(self) -> bool:
+        """Stop the running job (its whole process tree) without blocking the caller: the kill
+        happens in a helper thread; `poll()` then reports Cancelled. False when nothing runs."""
+        job = self.job
+        if job is None or not self.request_cancel("stopping"):
+            return False
+        self._cancel_thread = threading.Thread(target=job.cancel, name="lctfound-cancel", daemon=True)
+        self._cancel_thread.start()
+        return True

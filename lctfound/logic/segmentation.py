@@ -1,24 +1,15 @@
 """Qt-free logic of the LCTfoundSegmentation module.
 
-The skeleton knows the module's parameters and when Apply can run; the segmentation pipeline
-itself (features → pixel head → labels → segmentation node) plugs into `process()` later.
+For now the module lets users choose the input volume, the model and the device, and says
+what the selection is (or what is missing). The segmentation task itself comes in a later
+version, as a job (`ModuleLogicBase.start_job`) like training.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 from .base import ModuleLogicBase, ModuleParameters
-
-
-@dataclass
-class SegmentationParameters(ModuleParameters):
-    """``output_segmentation``: the segmentation to update; None creates a new one."""
-
-    output_segmentation: Any = None
 
 
 class SegmentationModuleLogic(ModuleLogicBase):
     task_name = "segmentation"
-    parameters_class = SegmentationParameters
+    parameters_class = ModuleParameters

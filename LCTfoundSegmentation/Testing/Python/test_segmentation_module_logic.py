@@ -10,8 +10,7 @@ import unittest
 from pathlib import Path
 from types import SimpleNamespace
 
-from lctfound.errors import LCTfoundError
-from lctfound.logic import RunState, SegmentationModuleLogic, SegmentationParameters
+from lctfound.logic import ModuleParameters, RunState, SegmentationModuleLogic
 
 
 class FakeVolumeNode:
@@ -32,7 +31,7 @@ class SegmentationModuleLogicTest(unittest.TestCase):
         folder = Path(self._tmp.name) / "lctfound-base"
         folder.mkdir()
         self.model = SimpleNamespace(
-            name="lctfound-base", path=folder, source="embedded", preset="lctfound", description="Built-in"
+            name="lctfound-base", path=folder, source="embedded", preset="cpu-tiny", description="Built-in"
         )
         self.logic = SegmentationModuleLogic(
             list_models=lambda extra_folders=(): [self.model], available_devices=lambda: ["cpu"]
@@ -41,54 +40,30 @@ class SegmentationModuleLogicTest(unittest.TestCase):
     def tearDown(self):
         self._tmp.cleanup()
 
-    def test_parameters_have_an_optional_output_segmentation(self):
-        parameters = SegmentationParameters()
-        self.assertIsNone(parameters.output_segmentation)
-        self.assertEqual(parameters.device, "auto")
-
     def test_reads_camel_case_parameter_node(self):
-        segmentation = object()
-        node = SimpleNamespace(
-            inputVolume=FakeVolumeNode(), modelName="lctfound-base", device="cpu", outputSegmentation=segmentation
-        )
+        volume = FakeVolumeNode()
+        node = SimpleNamespace(inputVolume=volume, modelName="lctfound-base", device="cpu")
         parameters = self.logic.parameters_from(node)
-        self.assertIsInstance(parameters, SegmentationParameters)
-        self.assertIs(parameters.output_segmentation, segmentation)
-        self.assertEqual(parameters.model_name, "lctfound-base")
+        self.assertEqual(parameters, ModuleParameters(volume, "lctfound-base", "cpu"))
 
-    def test_apply_needs_input_model_and_device_but_not_an_output(self):
-        node = SimpleNamespace(inputVolume=None, modelName="", device="auto", outputSegmentation=None)
-        self.assertEqual(self.logic.cannot_apply_reason(node), "Select an input volume.")
+    def test_status_line_says_what_is_missing_then_what_is_selected(self):
+        node = SimpleNamespace(inputVolume=None, modelName="", device="auto")
+        self.assertEqual(self.logic.selection_summary(node), "Select an input volume.")
         node.inputVolume = FakeVolumeNode()
-        self.assertEqual(self.logic.cannot_apply_reason(node), "Select a model.")
-        self.logic.fill_defaults(node)
-        self.assertEqual(node.modelName, "lctfound-base")
-        self.assertEqual(self.logic.cannot_apply_reason(node), "")
+        self.assertEqual(self.logic.selection_summary(node), "Select a model.")
+        self.assertEqual(self.logic.fill_defaults(node), {"model_name": "lctfound-base"})
+        self.assertEqual(
+            self.logic.selection_summary(node), "Model lctfound-base (built-in, preset cpu-tiny) on Automatic (cpu)."
+        )
         node.device = "cuda"
-        self.assertIn("not available", self.logic.cannot_apply_reason(node))
+        self.assertIn("not available", self.logic.selection_summary(node))
+        node.inputVolume = FakeVolumeNode(imageData=None)
+        self.assertEqual(self.logic.selection_summary(node), "The input volume has no image data.")
 
-    def test_apply_runs_process_through_the_state_machine(self):
-        calls = []
-
-        def process(parameters, progress):
-            calls.append(parameters)
-            progress.update(1, 2, "features")
-            progress.update(2, 2, "labels")
-            return "segmentation node"
-
-        self.logic.process = process
-        node = SimpleNamespace(inputVolume=FakeVolumeNode(), modelName="lctfound-base", device="cpu")
-        self.assertEqual(self.logic.apply(node), "segmentation node")
-        self.assertEqual(self.logic.state, RunState.FINISHED)
-        self.assertEqual(len(calls), 1)
-        self.assertIsNone(calls[0].output_segmentation)
-
-    def test_skeleton_process_reports_that_the_task_is_not_available_yet(self):
-        node = SimpleNamespace(inputVolume=FakeVolumeNode(), modelName="lctfound-base", device="cpu")
-        with self.assertRaises(LCTfoundError):
-            self.logic.apply(node)
-        self.assertEqual(self.logic.state, RunState.FAILED)
-        self.assertIn("segmentation", self.logic.status_summary())
+    def test_nothing_runs_yet(self):
+        self.assertEqual(self.logic.state, RunState.IDLE)
+        self.assertFalse(hasattr(self.logic, "process"))
+        self.assertFalse(hasattr(self.logic, "apply"))
 
 
 if __name__ == "__main__":

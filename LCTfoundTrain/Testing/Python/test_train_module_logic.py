@@ -1,103 +1,107 @@
 """Headless tests of the LCTfoundTrain module logic (`lctfound.logic.TrainModuleLogic`).
 
 Written as `unittest.TestCase` so that the same file runs under pytest and inside Slicer
-(``slicer_add_python_unittest`` in this folder's CMakeLists.txt). No torch, Qt or models needed.
+(``slicer_add_python_unittest`` in this folder's CMakeLists.txt). No torch, Qt or child process:
+the registry and devices are injected; real training runs are tested in Testing/test_train_logic.py.
 """
 
+import os
 import tempfile
 import unittest
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
-from lctfound.logic import TrainModuleLogic, TrainParameters, is_valid_model_name
+from lctfound.logic import RunState, TrainModuleLogic, TrainParameters
 
 
 class FakeVolumeNode:
-    def GetID(self):
-        return "vtkMRMLScalarVolumeNode1"
+    def __init__(self, name, imageData=object()):
+        self._name, self._imageData = name, imageData
+
+    def GetName(self):
+        return self._name
 
     def GetImageData(self):
-        return object()
+        return self._imageData
 
 
-class FakeSegmentationNode:
-    def __init__(self, segments):
-        self._segmentation = SimpleNamespace(GetNumberOfSegments=lambda: segments)
-
-    def GetSegmentation(self):
-        return self._segmentation
+def parameterNode(**values):
+    """What the module's @parameterNodeWrapper holds (camelCase; empty paths are Path('.'))."""
+    defaults = TrainParameters()
+    node = SimpleNamespace(
+        dataSource=defaults.data_source, dataFolder=Path("."), trainingVolumes=[], task=defaults.task,
+        preset=defaults.preset, resolution=defaults.resolution, patchSize=defaults.patch_size,
+        batchSize=defaults.batch_size, maxSteps=defaults.max_steps, learningRate=defaults.learning_rate,
+        checkpointEvery=defaults.checkpoint_every, emaDecay=defaults.ema_decay, device=defaults.device,
+        runFolder=Path("."), newModelName="",
+    )
+    for key, value in values.items():
+        setattr(node, key, value)
+    return node
 
 
 class TrainModuleLogicTest(unittest.TestCase):
     def setUp(self):
         self._tmp = tempfile.TemporaryDirectory()
-        root = Path(self._tmp.name)
-        self.models = []
-        for name in ("lctfound-base", "lctfound-base-finetuned"):
-            (root / name).mkdir()
-            self.models.append(SimpleNamespace(name=name, path=root / name, source="user", preset="", description=""))
-        self.logic = TrainModuleLogic(
-            list_models=lambda extra_folders=(): list(self.models), available_devices=lambda: ["cpu"]
-        )
+        self.root = Path(self._tmp.name)
+        self._env = mock.patch.dict(os.environ, {"LCTFOUND_CACHE_DIR": str(self.root / "cache")})
+        self._env.start()
+        self.models = [SimpleNamespace(name="lctfound-pretrained", path=self.root, source="user", preset="cpu-tiny",
+                                       description="")]
+        self.logic = TrainModuleLogic(list_models=lambda extra_folders=(): list(self.models),
+                                      available_devices=lambda: ["cpu"], runs_root=self.root / "runs")
 
     def tearDown(self):
+        self._env.stop()
         self._tmp.cleanup()
 
-    def parameters(self, **values):
-        base = dict(
-            input_volume=FakeVolumeNode(),
-            input_segmentation=FakeSegmentationNode(2),
-            model_name="lctfound-base",
-            device="cpu",
-            new_model_name="airway-head",
-        )
-        base.update(values)
-        return TrainParameters(**base)
+    def test_defaults_fill_a_free_model_name(self):
+        node = parameterNode()
+        self.assertEqual(self.logic.fill_defaults(node), {"new_model_name": "lctfound-pretrained-2"})
+        self.assertEqual(node.newModelName, "lctfound-pretrained-2")
+        node.newModelName = "mine"  # a name the user typed is kept
+        self.assertEqual(self.logic.fill_defaults(node), {})
 
-    def test_complete_parameters_can_apply(self):
-        self.assertEqual(self.logic.parameter_problems(self.parameters()), [])
-
-    def test_training_needs_labels(self):
-        self.assertEqual(
-            self.logic.cannot_apply_reason(self.parameters(input_segmentation=None)),
-            "Select a segmentation with the training labels.",
-        )
-        self.assertIn("no segments", self.logic.cannot_apply_reason(self.parameters(input_segmentation=FakeSegmentationNode(0))))
+    def test_start_needs_data(self):
+        node = parameterNode(newModelName="mine")
+        self.assertEqual(self.logic.first_problem(node), "Choose the folder with the training CT volumes.")
+        node.dataFolder = self.root
+        self.assertEqual(self.logic.parameter_problems(node), [])
+        self.assertTrue(self.logic.start_button_state(node).enabled)
+        node.dataSource = "volumes"
+        self.assertEqual(self.logic.first_problem(node), "Select the loaded volumes to train on.")
+        node.trainingVolumes = [FakeVolumeNode("ct"), FakeVolumeNode("empty", imageData=None)]
+        self.assertEqual(self.logic.first_problem(node), "Volume 'empty' has no image data.")
+        node.trainingVolumes = [FakeVolumeNode("ct")]
+        self.assertEqual(self.logic.first_problem(node), "")
 
     def test_new_model_name_rules(self):
-        self.assertEqual(self.logic.cannot_apply_reason(self.parameters(new_model_name="")), "Enter a name for the new model.")
-        self.assertIn("may only contain", self.logic.cannot_apply_reason(self.parameters(new_model_name="my model/1")))
-        self.assertIn("already exists", self.logic.cannot_apply_reason(self.parameters(new_model_name="lctfound-base")))
-        self.assertTrue(is_valid_model_name("airway_head-2.1"))
-        for bad in ("", ".", "..", "-x", "a b", "a/b", "x" * 101):
-            self.assertFalse(is_valid_model_name(bad), bad)
+        node = parameterNode(dataFolder=self.root)
+        for name, problem in (("", "Enter a name"), ("a b", "may only contain"), ("-x", "may only contain"),
+                              ("lctfound-pretrained", "already exists"), ("ok_name-2.1", "")):
+            node.newModelName = name
+            reason = self.logic.first_problem(node)
+            if problem:
+                self.assertIn(problem, reason)
+            else:
+                self.assertEqual(reason, "")
 
-    def test_problems_are_ordered_common_first(self):
-        problems = self.logic.parameter_problems(
-            TrainParameters(input_volume=None, input_segmentation=None, model_name="", device="cpu", new_model_name="")
-        )
-        self.assertEqual(problems[0], "Select an input volume.")
-        self.assertEqual(problems[1], "Select a model.")
-        self.assertEqual(problems[2:], ["Select a segmentation with the training labels.", "Enter a name for the new model."])
+    def test_buttons_while_idle(self):
+        self.assertEqual(self.logic.state, RunState.IDLE)
+        self.assertFalse(self.logic.cancel_button_state().enabled)
+        resume = self.logic.resume_button_state(parameterNode())
+        self.assertFalse(resume.enabled)
+        self.assertEqual(resume.tooltip, "No run to resume: choose its run folder.")
+        self.assertIsNone(self.logic.loss_curve_png())
 
-    def test_suggested_name_is_unique_and_valid(self):
-        name = self.logic.suggest_model_name("lctfound-base")
-        self.assertEqual(name, "lctfound-base-finetuned-2")
-        self.assertTrue(is_valid_model_name(name))
-        self.assertEqual(self.logic.suggest_model_name("my model"), "my-model-finetuned")
-
-    def test_fill_defaults_on_a_parameter_node(self):
-        node = SimpleNamespace(
-            inputVolume=None, inputSegmentation=None, modelName="", device="auto", newModelName=""
-        )
-        defaults = self.logic.fill_defaults(node)
-        self.assertEqual(node.modelName, "lctfound-base")
-        self.assertEqual(node.newModelName, "lctfound-base-finetuned-2")
-        self.assertEqual(set(defaults), {"model_name", "new_model_name"})
-        # A name the user typed is kept.
-        node.newModelName = "mine"
-        self.assertEqual(self.logic.fill_defaults(node), {})
-        self.assertEqual(node.newModelName, "mine")
+    def test_new_run_folders_are_unique(self):
+        first = self.logic.new_run_folder("m")
+        first.mkdir(parents=True)
+        second = self.logic.new_run_folder("m")
+        self.assertEqual(first.parent, self.root / "runs")
+        self.assertNotEqual(first, second)
+        self.assertTrue(second.name.startswith(first.name))
 
 
 if __name__ == "__main__":
