@@ -398,7 +398,7 @@ def test_real_mrml_nodes_are_duck_typed(logic, tmp_path):
     """The checks work on slicer-core nodes without the logic importing slicer itself."""
     slicer = pytest.importorskip("slicer")
     import numpy as np
-    import slicer.util  # noqa: F401
+    import slicer.util  # noqa: F401, F811
 
     scene = slicer.vtkMRMLScene()
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
@@ -462,6 +462,8 @@ def test_successful_run_reports_every_step(logic, clock):
 
 def test_eta_comes_from_the_rate_since_the_first_report(logic, clock):
     logic.begin("training")
+    logic.report_progress(0, 110, "model built", rate_sample=False)  # the total is known; no rate yet
+    assert logic.status().total == 110 and logic.status().message == "model built"
     clock.now += 30  # start-up time is not part of the rate
     logic.report_progress(10, 110)
     assert logic.status().eta_s is None  # one report: no rate yet

@@ -177,6 +177,25 @@ def test_resume_problems(logic, tmp_path):
     assert logic.resume_button_state(TrainParameters(run_folder=tmp_path)).enabled
 
 
+def test_events_become_progress_eta_and_loss_history(logic):
+    """ETA from the events' own timestamps: start-up before the first step does not count."""
+    logic.begin("starting")
+    logic.handle_event({"event": "start", "total_steps": 100, "data": "1 source(s)", "device": "cpu", "received_at": 10.0})
+    status = logic.status()
+    assert (status.done, status.total, status.message, status.eta_s) == (0, 100, "training on 1 source(s) (cpu)", None)
+    logic.handle_event({"event": "metrics", "step": 10, "total_steps": 100, "loss": 0.5, "received_at": 50.0})
+    assert logic.status().eta_s is None
+    logic.handle_event({"event": "metrics", "step": 20, "total_steps": 100, "loss": 0.4, "received_at": 60.0})
+    status = logic.status()
+    assert status.eta_s == pytest.approx(80.0) and status.message == "step 20/100, loss 0.4000"
+    assert logic.progress_bar_state().text == "20%, about 1 min 20 s left"
+    logic.handle_event({"event": "checkpoint", "step": 20, "path": "x", "received_at": 61.0})
+    logic.handle_event({"event": "warning", "message": "out of memory; micro-batch 4", "received_at": 62.0})
+    logic.handle_event({"event": "log", "text": "a line", "received_at": 63.0})
+    assert logic.loss_history == [(10, 0.5), (20, 0.4)]
+    assert logic.last_checkpoint_step == 20 and logic.warnings == ["out of memory; micro-batch 4"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Real runs through the logic
 # ---------------------------------------------------------------------------------------------

@@ -587,16 +587,20 @@ class ModuleLogicBase:
             raise LCTfoundError(f"{self.task_name} is already running; wait for it or cancel it first")
         return self._transition(RunState.RUNNING, message or f"{self.task_name} started")
 
-    def report_progress(self, done: int, total: int, message: str = "", at: Optional[float] = None) -> None:
+    def report_progress(self, done: int, total: int, message: str = "", at: Optional[float] = None,
+                        rate_sample: bool = True) -> None:
         """Record progress (``at``: when it happened, on the logic's clock; default now).
-        The ETA uses the rate since the first report of the run, so start-up time does not
-        count. Ignored when nothing runs (late reports)."""
+        The ETA uses the rate since the first rate sample of the run, so start-up time does not
+        count; ``rate_sample=False`` reports numbers that say nothing about speed (the total
+        becoming known, the step a resumed run starts from). Ignored when nothing runs."""
         if not self._state.busy:
             return
         now = self._clock() if at is None else at
         self._done, self._total = int(done), int(total)
         if message and self._state is RunState.RUNNING:
             self._message = message
+        if not rate_sample:
+            return
         if self._rate_anchor is None:
             self._rate_anchor = (now, self._done)
         else:

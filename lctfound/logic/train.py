@@ -422,9 +422,11 @@ class TrainModuleLogic(ModuleLogicBase):
         at = event.get("received_at")
         if kind == "start":
             self.report_progress(self._done, int(event.get("total_steps", 0)),
-                                 f"training on {event.get('data', 'the data')} ({event.get('device', '?')})", at)
+                                 f"training on {event.get('data', 'the data')} ({event.get('device', '?')})", at,
+                                 rate_sample=False)
         elif kind == "resumed":
-            self.report_progress(int(event.get("step", 0)), self._total, f"resumed at step {event.get('step')}", at)
+            self.report_progress(int(event.get("step", 0)), self._total, f"resumed at step {event.get('step')}", at,
+                                 rate_sample=False)
         elif kind == "metrics":
             step, total, loss = int(event["step"]), int(event.get("total_steps") or self._total), float(event["loss"])
             self.loss_history.append((step, loss))
