@@ -25,6 +25,19 @@ CATALOG_KEYS = {
     "build_subdirectory", "enabled", "tier",
 }
 CHOICE_PROPERTY = "LCTfoundChoiceParameterName"
+NODE_LIST_PROPERTY = "LCTfoundNodeListParameterName"
+#: The Qt-free logic class behind each module (fills its CHOICE_PROPERTY selectors).
+MODULE_LOGICS = {"LCTfoundSegmentation": "SegmentationModuleLogic", "LCTfoundEnhance": "EnhanceModuleLogic",
+                 "LCTfoundTrain": "TrainModuleLogic"}
+#: Widgets each panel must have. "A button either works or does not exist": the image modules have no
+#: Apply button until their task exists; the training panel starts, cancels and resumes real jobs.
+COMMON_WIDGETS = {"deviceSelector": "QComboBox", "statusLabel": "QLabel"}
+MODULE_WIDGETS = {
+    "LCTfoundSegmentation": {"inputVolumeSelector": "qMRMLNodeComboBox", "modelSelector": "QComboBox"},
+    "LCTfoundEnhance": {"inputVolumeSelector": "qMRMLNodeComboBox", "modelSelector": "QComboBox"},
+    "LCTfoundTrain": {"startButton": "QPushButton", "cancelButton": "QPushButton", "resumeButton": "QPushButton",
+                      "progressBar": "QProgressBar", "lossCurveLabel": "QLabel"},
+}
 IGNORED_NAMES = {"__pycache__", ".DS_Store"}
 
 
@@ -400,9 +413,9 @@ def test_module_file_defines_the_four_classes(module):
         assert name in classes, f"{module}.py has no class {name}"
         assert base in base_names(classes[name]), f"{name} must derive from {base}"
     widget_methods = {node.name for node in classes[f"{module}Widget"].body if isinstance(node, ast.FunctionDef)}
-    assert {"setup", "enter", "exit", "cleanup", "_checkCanApply", "initializeParameterNode", "setParameterNode"} <= widget_methods
+    assert {"setup", "enter", "exit", "cleanup", "_updateStatus", "initializeParameterNode", "setParameterNode"} <= widget_methods
     logic_methods = {node.name for node in classes[f"{module}Logic"].body if isinstance(node, ast.FunctionDef)}
-    assert {"getParameterNode", "process"} <= logic_methods
+    assert "getParameterNode" in logic_methods
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -462,13 +475,15 @@ def test_ui_is_a_qmrmlwidget_with_the_expected_widgets(module):
     top = root.find("widget")
     assert top is not None and top.get("class") == "qMRMLWidget" and top.get("name") == module
     widgets = ui_widgets(root)
-    expected = {"inputVolumeSelector": "qMRMLNodeComboBox", "modelSelector": "QComboBox",
-                "deviceSelector": "QComboBox", "applyButton": "QPushButton",
-                "progressBar": "QProgressBar", "statusLabel": "QLabel"}
+    expected = {**COMMON_WIDGETS, **MODULE_WIDGETS[module]}
     for name, widget_class in expected.items():
         assert name in widgets and widgets[name].get("class") == widget_class, f"{module}.ui needs {widget_class} {name}"
-    assert widget_property(widgets["inputVolumeSelector"], "nodeTypes") == ["vtkMRMLScalarVolumeNode"]
-    assert widget_property(widgets["progressBar"], "visible") == "false", "the progress bar is hidden while idle"
+    if "inputVolumeSelector" in widgets:
+        assert widget_property(widgets["inputVolumeSelector"], "nodeTypes") == ["vtkMRMLScalarVolumeNode"]
+    if "progressBar" in widgets:
+        assert widget_property(widgets["progressBar"], "visible") == "false", "the progress bar is hidden while idle"
+    buttons = {name for name, widget in widgets.items() if widget.get("class") == "QPushButton"}
+    assert buttons <= set(MODULE_WIDGETS[module]), f"{module}.ui: buttons without an action {sorted(buttons - set(MODULE_WIDGETS[module]))}"
 
     declared = {custom.findtext("class") for custom in root.iter("customwidget")}
     used = {widget.get("class") for widget in widgets.values()}
@@ -479,7 +494,8 @@ def test_ui_is_a_qmrmlwidget_with_the_expected_widgets(module):
         for connection in root.iter("connection")
         if connection.findtext("sender") == module and connection.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
     }
-    node_combos = {name for name, widget in widgets.items() if widget.get("class") == "qMRMLNodeComboBox"}
+    node_combos = {name for name, widget in widgets.items()
+                   if widget.get("class") in ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox")}
     assert node_combos <= scene_receivers, f"connect mrmlSceneChanged to setMRMLScene of {sorted(node_combos - scene_receivers)}"
 
 
@@ -488,7 +504,7 @@ def test_ui_binds_every_parameter_once(module):
     parameters = wrapper_parameters(module)
     bindings: dict[str, list[tuple[str, str, ET.Element]]] = {}
     for name, widget in ui_widgets(ui_tree(module)).items():
-        for prop in ("SlicerParameterName", CHOICE_PROPERTY):
+        for prop in ("SlicerParameterName", CHOICE_PROPERTY, NODE_LIST_PROPERTY):
             value = widget_property(widget, prop)
             if value:
                 bindings.setdefault(value, []).append((prop, name, widget))
@@ -496,9 +512,10 @@ def test_ui_binds_every_parameter_once(module):
         f"{module}.ui: parameters without a widget {sorted(set(parameters) - set(bindings))}, "
         f"widgets naming unknown parameters {sorted(set(bindings) - set(parameters))}"
     )
-    from lctfound.logic import ModuleLogicBase
+    import lctfound.logic
 
-    logic = ModuleLogicBase(list_models=lambda extra_folders=(): [], available_devices=lambda: ["cpu"])
+    logic_class = getattr(lctfound.logic, MODULE_LOGICS[module])
+    logic = logic_class(list_models=lambda extra_folders=(): [], available_devices=lambda: ["cpu"])
     for parameter, bound in bindings.items():
         assert len(bound) == 1, f"{module}.ui binds {parameter} to several widgets"
         prop, name, widget = bound[0]
@@ -507,12 +524,22 @@ def test_ui_binds_every_parameter_once(module):
         if prop == CHOICE_PROPERTY:
             assert widget_class == "QComboBox" and annotation == "str", name
             logic.choices(parameter)  # KeyError when the logic cannot fill this selector
+        elif prop == NODE_LIST_PROPERTY:
+            assert widget_class == "qMRMLCheckableNodeComboBox", f"{name} must be a qMRMLCheckableNodeComboBox"
+            node_type = annotation.removeprefix("list[").removesuffix("]")
+            assert annotation.startswith("list[vtkMRML") and widget_property(widget, "nodeTypes") == [node_type], name
         elif annotation.startswith("vtkMRML"):
             assert widget_class == "qMRMLNodeComboBox", f"{name} must be a qMRMLNodeComboBox for {annotation}"
             assert widget_property(widget, "nodeTypes") == [annotation], f"{name}: nodeTypes must be [{annotation}]"
         elif annotation == "str":
             # connectGui's QComboBox connector needs Annotated[str, Choice([...])]; free text uses QLineEdit.
             assert widget_class == "QLineEdit", f"{name}: bind str parameters to a QLineEdit"
+        elif annotation == "Path":
+            assert widget_class == "ctkPathLineEdit", f"{name}: bind Path parameters to a ctkPathLineEdit"
+        elif re.match(r"(Annotated\[)?int\b", annotation):
+            assert widget_class in ("QSpinBox", "QSlider"), f"{name}: bind int parameters to a QSpinBox"
+        elif re.match(r"(Annotated\[)?float\b", annotation):
+            assert widget_class in ("QDoubleSpinBox", "ctkDoubleSpinBox", "ctkSliderWidget"), f"{name}: bind float parameters to a QDoubleSpinBox"
         else:
             pytest.fail(f"{module}: no binding rule for {parameter}: {annotation}")
 
