@@ -141,6 +141,12 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(ct_folder, tmp_path):
     logged = [int(row["step"]) for row in MetricsLog.read(tmp_path / "crash" / "metrics.csv")]
     assert logged == list(range(1, 15))
 
+    # Resuming needs no repeated options: the run's settings come from its newest checkpoint.
+    again = cli("train", "pretrain", "-o", tmp_path / "crash", "--resume", "--device", "cpu")
+    assert "trained 14 steps" in again.stdout
+    missing = cli("train", "pretrain", "-o", tmp_path / "nothing", check=False)
+    assert missing.returncode == 2 and "DATA is required" in missing.stderr
+
     changed = cli(*args[:-4], "--max-steps", "14", "--checkpoint-every", "2", "--seed", "5", "-o",
                   tmp_path / "crash", "--resume", check=False)
     assert changed.returncode == 2 and "made with seed=421" in changed.stderr

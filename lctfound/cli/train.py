@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from ..errors import LCTfoundError
 
 
 
@@ -18,9 +21,14 @@ def register(subparsers) -> None:
         description="DDPM pretraining as the official code did (ε-MSE, AdamW, cosine warm-up, clip 1.0, "
                     "both windows, 5%% null prompts, official augmentations). Checkpoints are complete model "
                     "folders; --resume continues after a crash with the same step count and data order.")
-    pretrain.add_argument("data", help="folder of CT volumes (DICOM series, NIfTI, NRRD, MHA) or 2D .npy/.npz HU slices")
+    pretrain.add_argument("data", nargs="?",
+                          help="folder of CT volumes (DICOM series, NIfTI, NRRD, MHA) or 2D .npy/.npz HU slices "
+                               "(omit it with --resume to continue with the run's saved settings)")
     pretrain.add_argument("--output", "-o", required=True, help="run folder (checkpoints, model, logs, samples)")
-    pretrain.add_argument("--resume", action="store_true", help="continue the run in --output from its newest checkpoint")
+    pretrain.add_argument("--resume", action="store_true",
+                          help="continue the run in --output from its newest checkpoint (same settings)")
+    pretrain.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                          help="auto = CUDA when available; under `accelerate launch` the launcher decides")
     pretrain.add_argument("--preset", default="cpu-tiny", help="network preset for a new model (default cpu-tiny)")
     pretrain.add_argument("--init-model", help="start from this model folder instead of random weights")
     pretrain.add_argument("--resolution", type=int, default=256, help="training image size (default 256)")
@@ -65,7 +73,25 @@ def config_from_args(args: argparse.Namespace):
         condition_dropout=args.condition_dropout, augment=not args.no_augment,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, ema_decay=args.ema,
         num_samples=args.num_samples, sample_steps=args.sample_steps, seed=args.seed,
-        num_workers=args.num_workers, log_every=args.log_every, name=args.name or args.register)
+        num_workers=args.num_workers, log_every=args.log_every, name=args.name or args.register, device=args.device)
+
+
+def saved_config(output: str, device: str):
+    """The settings of the run in ``output`` from its newest checkpoint (``--resume`` without DATA)."""
+    import dataclasses
+
+    from ..models.bundle import read_metadata
+    from ..training.loop import list_checkpoints
+    from ..training.pretrain import PretrainConfig
+
+    checkpoints = list_checkpoints(Path(output))
+    if not checkpoints:
+        raise LCTfoundError(f"{output}: nothing to resume (no complete checkpoint)")
+    saved = read_metadata(checkpoints[-1][1] / "model").get("training", {}).get("config")
+    if not saved:
+        raise LCTfoundError(f"{checkpoints[-1][1]}: has no saved training settings; pass DATA and the original options")
+    fields = {field.name for field in dataclasses.fields(PretrainConfig)}
+    return PretrainConfig(**{**{k: v for k, v in saved.items() if k in fields}, "output": output, "device": device})
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
@@ -75,10 +101,15 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from ..training.pretrain import pretrain
     from ..windows import get_window
 
-    get_preset(args.preset)
-    for window in args.windows.split(","):
-        get_window(window)
-    config = config_from_args(args)
+    if args.data is None:
+        if not args.resume:
+            raise LCTfoundError("DATA is required (only --resume may omit it)")
+        config = saved_config(args.output, args.device)
+    else:
+        get_preset(args.preset)
+        for window in args.windows.split(","):
+            get_window(window)
+        config = config_from_args(args)
     if args.register:
         from ..models.registry import check_new_model_name
 

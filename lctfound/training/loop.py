@@ -63,6 +63,7 @@ class LoopConfig:
     seed: int = 0
     num_workers: int = 0
     log_every: int = 10
+    device: str = "auto"  # "cpu" forces the CPU even where CUDA is available
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
@@ -74,6 +75,10 @@ class LoopConfig:
             raise LCTfoundError("max-steps must be at least 1")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise LCTfoundError(f"mixed precision {self.mixed_precision!r}: choose auto, no, bf16 or fp16")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise LCTfoundError(f"device {self.device!r}: choose auto, cpu or cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise LCTfoundError("device cuda is not available here; use --device cpu or auto")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise LCTfoundError("the EMA decay must lie strictly between 0 and 1")
 
@@ -181,8 +186,9 @@ class TrainingLoop:
         self.progress = ensure_progress(progress)
         self.on_event = on_event or (lambda event: None)
         self.output = Path(config.output).expanduser()
-        self.accelerator = accelerator or Accelerator(mixed_precision=_mixed_precision(config.mixed_precision),
-                                                      cpu=not torch.cuda.is_available())
+        use_cpu = config.device == "cpu" or not torch.cuda.is_available()
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision="no" if use_cpu else _mixed_precision(config.mixed_precision), cpu=use_cpu)
         self.micro_batch = config.micro_batch_size or config.batch_size
 
     # ------------------------------------------------------------------ helpers

@@ -67,6 +67,7 @@ class PretrainConfig:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     name: Optional[str] = None
     description: str = ""
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         self.windows = tuple(self.windows)
@@ -221,7 +222,7 @@ def loop_config(config: PretrainConfig) -> LoopConfig:
         weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, grad_clip=config.grad_clip,
         mixed_precision=config.mixed_precision, checkpoint_every=config.checkpoint_every,
         keep_checkpoints=config.keep_checkpoints, ema_decay=config.ema_decay, seed=config.seed,
-        num_workers=config.num_workers, log_every=config.log_every)
+        num_workers=config.num_workers, log_every=config.log_every, device=config.device)
 
 
 def pretrain(config: PretrainConfig, resume: bool = False, progress: Optional[Progress] = None,
