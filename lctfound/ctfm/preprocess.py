@@ -2,10 +2,8 @@
 
 Steps (MONAI transforms on a ``MetaTensor`` whose affine is the volume's IJK→RAS matrix):
 
-1. orientation "SPL" — array axis 0 runs toward Superior, 1 toward Posterior, 2 toward Left. This is
-   MONAI ``Orientation``'s rule (each array axis goes to the world axis closest to it, greedily by
-   the largest direction cosine) written out here, because MONAI's transform needs nibabel, which
-   LCTfound does not depend on; it is a pure permutation/flip, so no voxel is resampled;
+1. ``Orientation("SPL")`` — array axis 0 runs toward Superior, 1 toward Posterior, 2 toward Left;
+   a pure permutation/flip, so no voxel is resampled;
 2. ``Spacing((3, 1, 1))`` mm, bilinear;
 3. ``CropForeground`` — the bounding box of voxels above 0 HU (the body; skipped when none);
 4. ``ScaleIntensityRange(-1024, 2048 → 0, 1, clip=True)``;
@@ -148,67 +146,15 @@ def _metatensor(volume: CTVolume):
     return MetaTensor(torch.from_numpy(data), affine=torch.as_tensor(volume.ijk_to_ras(), dtype=torch.float64))
 
 
-_CODES = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
-
-
-def axis_codes(affine: np.ndarray) -> str:
-    """The closest RAS axis codes of an index→RAS affine's array axes (e.g. ``"LPS"``)."""
-    world, sign = _closest_axes(affine)
-    names = {(0, 1): "R", (0, -1): "L", (1, 1): "A", (1, -1): "P", (2, 1): "S", (2, -1): "I"}
-    return "".join(names[(w, s)] for w, s in zip(world, sign))
-
-
-def _closest_axes(affine: np.ndarray) -> tuple[list[int], list[int]]:
-    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
-    cosines = linear / np.linalg.norm(linear, axis=0)
-    world, sign = [-1] * 3, [1] * 3
-    free = np.abs(cosines).copy()
-    for _ in range(3):  # greedy: the largest remaining direction cosine fixes one array axis
-        w, a = np.unravel_index(np.argmax(free), free.shape)
-        world[a], sign[a] = int(w), 1 if cosines[w, a] >= 0 else -1
-        free[w, :] = -1.0
-        free[:, a] = -1.0
-    return world, sign
-
-
-def reorientation(affine: np.ndarray, shape: tuple[int, int, int], axcodes: str) -> tuple[list[int], list[bool], np.ndarray]:
-    """``(permutation, flips, M)`` taking an array with ``affine`` to ``axcodes``.
-
-    The new array is ``flip(transpose(old, permutation))`` (flips per new axis), and ``M`` maps a
-    new index to the old index, so the new affine is ``affine @ M``.
-    """
-    codes = axcodes.upper()
-    if sorted(_CODES[c][0] for c in codes if c in _CODES) != [0, 1, 2] or len(codes) != 3:
-        raise InputError(f"orientation {axcodes!r}: use three letters naming each of R/L, A/P, S/I once")
-    world, sign = _closest_axes(affine)
-    permutation, flips = [], []
-    matrix = np.zeros((4, 4))
-    matrix[3, 3] = 1.0
-    for new_axis, code in enumerate(codes):
-        target, target_sign = _CODES[code]
-        old_axis = world.index(target)
-        flip = sign[old_axis] != target_sign
-        permutation.append(old_axis)
-        flips.append(flip)
-        if flip:
-            matrix[old_axis, new_axis] = -1.0
-            matrix[old_axis, 3] = shape[old_axis] - 1
-        else:
-            matrix[old_axis, new_axis] = 1.0
-    return permutation, flips, matrix
-
-
 def _orient(image, axcodes: str):
-    import torch
-    from monai.data import MetaTensor
+    """MONAI ``Orientation`` (a permutation/flip of the array; the affine follows exactly)."""
+    from monai.transforms import Orientation
 
-    affine = _affine(image)
-    permutation, flips, matrix = reorientation(affine, tuple(image.shape[1:]), axcodes)
-    data = image.as_tensor().permute(0, *[p + 1 for p in permutation])
-    dims = [axis + 1 for axis, flip in enumerate(flips) if flip]
-    if dims:
-        data = torch.flip(data, dims)
-    return MetaTensor(data.contiguous(), affine=torch.as_tensor(affine @ matrix, dtype=torch.float64))
+    codes = axcodes.upper()
+    if len(codes) != 3 or sorted("LRAPSI".index(c) // 2 for c in codes if c in "LRAPSI") != [0, 1, 2]:
+        raise InputError(f"orientation {axcodes!r}: use three letters naming each of R/L, A/P, S/I once")
+    # The affine is IJK→RAS, so the codes are RAS labels (stated: MONAI is changing its default).
+    return Orientation(axcodes=codes, labels=(("L", "R"), ("P", "A"), ("I", "S")))(image)
 
 
 def _affine(image) -> np.ndarray:
