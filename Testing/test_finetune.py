@@ -153,3 +153,69 @@ def test_bad_dense_inputs(backbone):
     images, labels = disc_slices(2)
     with pytest.raises(LCTfoundError, match="does not match its image slice"):
         DenseSegmentationTask(backbone, images, [labels[0][:10], labels[1]], {1: "Lesion"})
+
+
+def test_cli_finetune_segmentation_and_classification(tmp_path, run_cli):
+    import data_factory
+    from lctfound.io.volume import write_volume
+
+    save_model(tiny_model(64), tmp_path / "backbone")
+    ct = data_factory.synthetic_ct(seed=3)
+    write_volume(ct, tmp_path / "ct.nrrd")
+    write_volume(data_factory.nodule_label(ct), tmp_path / "ct_label.nrrd")
+    code, out, err = run_cli(["train", "finetune", "--task", "segmentation", "--backbone", tmp_path / "backbone",
+                              "--image", tmp_path / "ct.nrrd", "--labels", tmp_path / "ct_label.nrrd",
+                              "--names", "1=Lesion", "--mode", "adapter", "-o", tmp_path / "seg", "--max-steps", "2",
+                              "--batch-size", "2"])
+    assert code == 0, err
+    model = load_task_model(tmp_path / "seg" / "model", "segmentation")
+    assert model.info["labels"] == {"1": "Lesion"} and model.info["dense"]["mode"] == "adapter"
+
+    rows = ["image,label"]
+    for index in range(4):
+        volume = data_factory.synthetic_ct(shape=(6, 40, 48), seed=10 + index)
+        if index % 2:
+            volume.array[:, 10:30, 10:30] = 300  # the "disease" class: a dense block
+        write_volume(volume, tmp_path / f"case{index}.nrrd")
+        rows.append(f"case{index}.nrrd,{'disease' if index % 2 else 'normal'}")
+    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
+    code, out, err = run_cli(["train", "finetune", "--task", "classification", "--backbone", tmp_path / "backbone",
+                              "--table", tmp_path / "cases.csv", "--slices-per-scan", "2", "-o", tmp_path / "cls",
+                              "--max-steps", "3", "--batch-size", "4"])
+    assert code == 0, err
+    classifier_model = load_task_model(tmp_path / "cls" / "model", "classification")
+    assert classifier_model.info["classes"] == ["disease", "normal"]
+    from lctfound.models import load_model
+    from lctfound.training.finetune import SliceClassifier, classify_slices
+
+    classifier = SliceClassifier.from_task_model(classifier_model, load_model(tmp_path / "backbone"))
+    probabilities = classify_slices(classifier, np.stack([ct.array[0], ct.array[1]]).astype(np.float32))
+    assert probabilities.shape == (2, 2) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+
+    code, out, err = run_cli(["train", "finetune", "--task", "segmentation", "--backbone", tmp_path / "backbone",
+                              "--image", tmp_path / "ct.nrrd", "-o", tmp_path / "bad"])
+    assert code == 2 and "give each --image with its --labels" in err
+    (tmp_path / "one.csv").write_text("image,label\ncase0.nrrd,normal\n")
+    code, out, err = run_cli(["train", "finetune", "--task", "classification", "--backbone", tmp_path / "backbone",
+                              "--table", tmp_path / "one.csv", "-o", tmp_path / "bad2"])
+    assert code == 2 and "only one class" in err
+
+
+def test_slice_classifier_learns_a_visible_difference(backbone, tmp_path):
+    from lctfound.training.finetune import SliceClassificationTask, SliceClassifier, classify_slices
+
+    rng = np.random.default_rng(0)
+    slices, classes = [], []
+    for index in range(16):
+        image = rng.normal(-850, 30, (64, 64)).astype(np.float32)
+        if index % 2:
+            image[16:48, 16:48] = 60.0
+        slices.append(image)
+        classes.append(index % 2)
+    task = SliceClassificationTask(backbone, slices[:12], classes[:12], [str(i) for i in range(12)],
+                                   ["clear", "opacity"], mode="frozen")
+    result = TrainingLoop(LoopConfig(output=str(tmp_path / "run"), batch_size=4, max_steps=30, learning_rate=3e-3,
+                                     checkpoint_every=30, seed=2), task).run()
+    classifier = SliceClassifier.from_task_model(load_task_model(result.model_folder), backbone)
+    probabilities = classify_slices(classifier, np.stack(slices[12:]))
+    assert (probabilities.argmax(1) == np.array(classes[12:])).all()

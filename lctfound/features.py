@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .errors import LCTfoundError
 from .models.bundle import LCTfoundModel
 from .models.presets import FEATURE_BLOCKS, FEATURE_TIMESTEPS, feature_channels
+from .models.taps import tap_up_blocks
 from .preprocessing import NormalizationMode, prepare_slices, slice_batches
 from .progress import Progress, ensure_progress
 
@@ -116,9 +117,7 @@ class FeatureExtractor:
         noise = self.noise_for(slice_ids, tuple(x0.shape[1:])).to(device)
         condition = self._condition(batch)
         out = torch.empty((batch, self.channels, self.resolution, self.resolution), dtype=out_dtype)
-        captured: dict[int, torch.Tensor] = {}
-        hooks = [unet.up_blocks[b].register_forward_hook(self._hook(captured, b)) for b in self.spec.blocks]
-        try:
+        with tap_up_blocks(unet, self.spec.blocks) as captured:
             for timestep in self.spec.timesteps:
                 t = torch.full((batch,), timestep, dtype=torch.long, device=device)
                 noisy = scheduler.add_noise(x0, noise, t)
@@ -133,16 +132,7 @@ class FeatureExtractor:
                         feature = F.interpolate(feature, size=(self.resolution, self.resolution), mode="bilinear",
                                                 align_corners=False, antialias=feature.shape[-1] > self.resolution)
                     out[:, group.start:group.stop] = feature.to("cpu", out_dtype)
-        finally:
-            for hook in hooks:
-                hook.remove()
         return out
-
-    @staticmethod
-    def _hook(captured: dict[int, torch.Tensor], block: int):
-        def store(_module, _inputs, output):
-            captured[block] = (output[0] if isinstance(output, tuple) else output).detach()
-        return store
 
     # ------------------------------------------------------------------ slices and volumes
     def prepare(self, hu_slices: np.ndarray | torch.Tensor) -> torch.Tensor:

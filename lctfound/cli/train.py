@@ -1,4 +1,4 @@
-"""``lctfound train``: diffusion pretraining (and, with later task issues, fine-tuning)."""
+"""``lctfound train``: diffusion pretraining and task fine-tuning, all on the one resumable training loop."""
 
 from __future__ import annotations
 
@@ -6,9 +6,41 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 from ..errors import LCTfoundError
 
+
+def add_loop_arguments(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, warmup: int,
+                       checkpoint_every: int, epochs: float, log_every: int) -> None:
+    """Options every training command shares (they map onto `LoopConfig`)."""
+    parser.add_argument("--output", "-o", required=True, help="run folder (checkpoints, model, logs)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output from its newest checkpoint (same settings)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto = CUDA when available; under `accelerate launch` the launcher decides")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help=f"items per optimizer step per process (default {batch_size})")
+    parser.add_argument("--micro-batch-size", type=int, help="items per forward pass (gradient accumulation)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    group.add_argument("--epochs", type=float, default=epochs, help=f"epochs over the data (default {epochs:g})")
+    parser.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr:g})")
+    parser.add_argument("--warmup-steps", type=int, default=warmup,
+                        help=f"linear warm-up steps (default {warmup}, capped at 10%% of the run)")
+    parser.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
+                        help="auto = bf16 on GPUs that support it, none on CPU")
+    parser.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+                        help=f"steps between checkpoints (default {checkpoint_every})")
+    parser.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
+    parser.add_argument("--ema", type=float, metavar="DECAY", help="keep an EMA of the weights (e.g. 0.999)")
+    parser.add_argument("--seed", type=int, default=421, help="seed of new weights, data order and noise (default 421)")
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    parser.add_argument("--log-every", type=int, default=log_every, help=f"steps between metric rows (default {log_every})")
+    parser.add_argument("--name", help="model name recorded in its metadata")
+    parser.add_argument("--register", metavar="NAME",
+                        help="also copy the final model into the user model folder under NAME (all modules list it)")
+    parser.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
 
 
 def register(subparsers) -> None:
@@ -16,6 +48,7 @@ def register(subparsers) -> None:
                                    description="Train LCTfound models. Runs unchanged under `accelerate launch`.")
     commands = parser.add_subparsers(dest="train_command", metavar="SUBCOMMAND")
     commands.required = True
+
     pretrain = commands.add_parser(
         "pretrain", help="DDPM pretraining on a folder of CT volumes or slices",
         description="DDPM pretraining as the official code did (ε-MSE, AdamW, cosine warm-up, clip 1.0, "
@@ -24,56 +57,102 @@ def register(subparsers) -> None:
     pretrain.add_argument("data", nargs="?",
                           help="folder of CT volumes (DICOM series, NIfTI, NRRD, MHA) or 2D .npy/.npz HU slices "
                                "(omit it with --resume to continue with the run's saved settings)")
-    pretrain.add_argument("--output", "-o", required=True, help="run folder (checkpoints, model, logs, samples)")
-    pretrain.add_argument("--resume", action="store_true",
-                          help="continue the run in --output from its newest checkpoint (same settings)")
-    pretrain.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                          help="auto = CUDA when available; under `accelerate launch` the launcher decides")
+    add_loop_arguments(pretrain, batch_size=24, lr=1e-4, warmup=10_000, checkpoint_every=1000, epochs=6.0,
+                       log_every=10)
     pretrain.add_argument("--preset", default="cpu-tiny", help="network preset for a new model (default cpu-tiny)")
     pretrain.add_argument("--init-model", help="start from this model folder instead of random weights")
     pretrain.add_argument("--resolution", type=int, default=256, help="training image size (default 256)")
     pretrain.add_argument("--patch-size", type=int,
                           help="train on random patches of this size cut from the resized slices (CPU-friendly)")
-    pretrain.add_argument("--batch-size", type=int, default=24, help="images per optimizer step per process (default 24)")
-    pretrain.add_argument("--micro-batch-size", type=int, help="images per forward pass (gradient accumulation)")
-    group = pretrain.add_mutually_exclusive_group()
-    group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    group.add_argument("--epochs", type=float, default=6.0, help="epochs over all (slice, window) items (default 6)")
-    pretrain.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    pretrain.add_argument("--warmup-steps", type=int, default=10_000,
-                          help="linear warm-up steps (default 10000, capped at 10%% of the run)")
-    pretrain.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
-                          help="auto = bf16 on GPUs that support it, none on CPU")
     pretrain.add_argument("--windows", default="lung,mediastinal", help="windows per slice (default lung,mediastinal)")
     pretrain.add_argument("--condition-dropout", type=float, default=0.05, help="null-prompt probability (default 0.05)")
     pretrain.add_argument("--no-augment", action="store_true", help="only resize (no crops, flips, rotations, contrast)")
-    pretrain.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
-    pretrain.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
-    pretrain.add_argument("--ema", type=float, metavar="DECAY", help="keep an EMA of the weights (e.g. 0.999)")
     pretrain.add_argument("--num-samples", type=int, default=4, help="sample images per window at each checkpoint")
     pretrain.add_argument("--sample-steps", type=int, default=25, help="DDIM steps for those samples (default 25)")
-    pretrain.add_argument("--seed", type=int, default=421, help="seed of weights, data order and noise (default 421)")
-    pretrain.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
-    pretrain.add_argument("--log-every", type=int, default=10, help="steps between metric rows (default 10)")
-    pretrain.add_argument("--name", help="model name recorded in its metadata")
-    pretrain.add_argument("--register", metavar="NAME",
-                          help="also copy the final model into the user model folder under NAME (all modules list it)")
-    pretrain.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
     pretrain.set_defaults(func=run_pretrain)
 
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a backbone for segmentation or classification",
+        description="Train a task model on a backbone: a trainable head on the frozen backbone (--mode frozen), "
+                    "adapter sub-networks (--mode adapter, segmentation), or full fine-tuning with a replaced "
+                    "output layer (--mode full). The result is a task model folder that names its backbone.")
+    finetune.add_argument("--task", required=True, choices=("segmentation", "classification"))
+    finetune.add_argument("--backbone", default="default", help="backbone model name or folder (default: embedded)")
+    finetune.add_argument("--mode", choices=("frozen", "adapter", "full"),
+                          help="default: full for segmentation, frozen for classification")
+    finetune.add_argument("--window", default="mediastinal", help="input window (default mediastinal)")
+    finetune.add_argument("--image", action="append", default=[], help="segmentation: a CT volume (repeat, paired with --labels)")
+    finetune.add_argument("--labels", action="append", default=[], help="segmentation: the label map of the --image before it")
+    finetune.add_argument("--names", help="segmentation: label names, e.g. 1=Lesion,2=Trachea (default Label N)")
+    finetune.add_argument("--background-slices", type=float, default=1.0,
+                          help="segmentation: unlabelled slices per labelled slice to include (default 1)")
+    finetune.add_argument("--timestep", type=int, default=0, help="segmentation: diffusion timestep of the input (default 0)")
+    finetune.add_argument("--table", help="classification: CSV with columns image,label (label = class name)")
+    finetune.add_argument("--slices-per-scan", type=int, default=12,
+                          help="classification: central slices used per scan, 0 = all (default 12, as the paper)")
+    finetune.add_argument("--timesteps", default="0,50,100", help="classification: timesteps (default 0,50,100)")
+    finetune.add_argument("--block", type=int, default=1, help="classification: U-Net up block to read (default 1)")
+    add_loop_arguments(finetune, batch_size=4, lr=1e-4, warmup=100, checkpoint_every=200, epochs=20.0, log_every=5)
+    finetune.set_defaults(func=run_finetune)
+
+
+# ---------------------------------------------------------------------------- shared running
+
+def loop_config_from_args(args: argparse.Namespace):
+    from ..training.loop import LoopConfig
+
+    return LoopConfig(output=args.output, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                      max_steps=args.max_steps, epochs=args.epochs, learning_rate=args.lr,
+                      warmup_steps=args.warmup_steps, mixed_precision=args.mixed_precision,
+                      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                      ema_decay=args.ema, seed=args.seed, num_workers=args.num_workers, log_every=args.log_every,
+                      device=args.device)
+
+
+def run_training(args: argparse.Namespace, label: str, train: Callable) -> int:
+    """Progress (tqdm or JSON events), registration and the closing lines for every training command."""
+    from ..models.registry import check_new_model_name, register_model
+    from ..progress import Progress, TqdmProgress
+
+    if args.register:
+        check_new_model_name(args.register)
+    events = (lambda event: print(json.dumps(event), flush=True)) if args.events else None
+    progress = Progress() if args.events else TqdmProgress(label, unit="step")
+    try:
+        result = train(progress, events)
+    finally:
+        if isinstance(progress, TqdmProgress):
+            progress.close()
+    if not result.is_main_process:
+        return 0
+    out = sys.stderr if args.events else sys.stdout
+    print(f"trained {result.steps} steps; recent loss {result.final_loss:.4f}; model in {result.model_folder}", file=out)
+    if args.register:
+        path = register_model(result.model_folder, args.register)
+        print(f"registered as {args.register!r} in {path}", file=out)
+    skipped = result.extra.get("skipped_sources", [])
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable source(s), e.g. {skipped[0][0]}: {skipped[0][1]}",
+              file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------- pretrain
 
 def config_from_args(args: argparse.Namespace):
     from ..training.pretrain import PretrainConfig
 
+    loop = loop_config_from_args(args)
     return PretrainConfig(
         data=args.data, output=args.output, preset=args.preset, init_model=args.init_model,
-        resolution=args.resolution, patch_size=args.patch_size, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-        max_steps=args.max_steps, epochs=args.epochs, learning_rate=args.lr, warmup_steps=args.warmup_steps,
-        mixed_precision=args.mixed_precision, windows=tuple(w.strip() for w in args.windows.split(",") if w.strip()),
+        resolution=args.resolution, patch_size=args.patch_size, batch_size=loop.batch_size,
+        micro_batch_size=loop.micro_batch_size, max_steps=loop.max_steps, epochs=loop.epochs,
+        learning_rate=loop.learning_rate, warmup_steps=loop.warmup_steps, mixed_precision=loop.mixed_precision,
+        windows=tuple(w.strip() for w in args.windows.split(",") if w.strip()),
         condition_dropout=args.condition_dropout, augment=not args.no_augment,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, ema_decay=args.ema,
-        num_samples=args.num_samples, sample_steps=args.sample_steps, seed=args.seed,
-        num_workers=args.num_workers, log_every=args.log_every, name=args.name or args.register, device=args.device)
+        checkpoint_every=loop.checkpoint_every, keep_checkpoints=loop.keep_checkpoints, ema_decay=loop.ema_decay,
+        num_samples=args.num_samples, sample_steps=args.sample_steps, seed=loop.seed, num_workers=loop.num_workers,
+        log_every=loop.log_every, name=args.name or args.register, device=loop.device)
 
 
 def saved_config(output: str, device: str):
@@ -95,9 +174,7 @@ def saved_config(output: str, device: str):
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from ..models.registry import register_model
     from ..models.presets import get_preset
-    from ..progress import Progress, TqdmProgress
     from ..training.pretrain import pretrain
     from ..windows import get_window
 
@@ -110,28 +187,105 @@ def run_pretrain(args: argparse.Namespace) -> int:
         for window in args.windows.split(","):
             get_window(window)
         config = config_from_args(args)
-    if args.register:
-        from ..models.registry import check_new_model_name
-
-        check_new_model_name(args.register)
-    events = (lambda event: print(json.dumps(event), flush=True)) if args.events else None
-    progress = Progress() if args.events else TqdmProgress("pretrain", unit="step")
-    try:
-        result = pretrain(config, resume=args.resume, progress=progress, on_event=events)
-    finally:
-        if isinstance(progress, TqdmProgress):
-            progress.close()
-    if not result.is_main_process:
-        return 0
-    print(f"trained {result.steps} steps; recent loss {result.final_loss:.4f}; model in {result.model_folder}",
-          file=sys.stderr if args.events else sys.stdout)
-    if args.register:
-        path = register_model(result.model_folder, args.register)
-        print(f"registered as {args.register!r} in {path}", file=sys.stderr if args.events else sys.stdout)
-    skipped = result.extra.get("skipped_sources", [])
-    if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable source(s), e.g. {skipped[0][0]}: {skipped[0][1]}",
-              file=sys.stderr)
-    return 0
+    return run_training(args, "pretrain",
+                        lambda progress, events: pretrain(config, resume=args.resume, progress=progress, on_event=events))
 
 
+# ---------------------------------------------------------------------------- finetune
+
+def _label_names(text: str | None, values: set[int]) -> dict[int, str]:
+    names = {value: f"Label {value}" for value in sorted(values) if value}
+    if text:
+        for part in text.split(","):
+            key, _, name = part.partition("=")
+            try:
+                names[int(key)] = name.strip() or names.get(int(key), f"Label {key}")
+            except ValueError:
+                raise LCTfoundError(f"cannot read --names {text!r}; use e.g. 1=Lesion,2=Trachea") from None
+    return names
+
+
+def segmentation_slices(images: list[str], labels: list[str], background_ratio: float, seed: int):
+    """Labelled slices of each (image, label map) pair plus a seeded share of unlabelled ones."""
+    import numpy as np
+
+    from ..io.volume import read_label_volume, read_volume
+
+    if not images or len(images) != len(labels):
+        raise LCTfoundError("give each --image with its --labels (at least one pair)")
+    rng = np.random.default_rng(seed)
+    slices, masks, values = [], [], set()
+    for image_path, label_path in zip(images, labels):
+        image = read_volume(image_path)
+        label = read_label_volume(label_path, reference=image)
+        labelled = np.flatnonzero(label.array.reshape(label.shape[0], -1).any(axis=1))
+        if labelled.size == 0:
+            raise LCTfoundError(f"{label_path}: has no labelled voxel")
+        empty = np.setdiff1d(np.arange(label.shape[0]), labelled)
+        extra = rng.choice(empty, size=min(len(empty), int(round(background_ratio * len(labelled)))), replace=False)
+        for index in sorted(np.concatenate([labelled, extra]).astype(int)):
+            slices.append(image.array[index].astype(np.float32))
+            masks.append(label.array[index].astype(np.int64))
+        values |= set(int(v) for v in np.unique(label.array))
+    return slices, masks, values
+
+
+def classification_slices(table: str, per_scan: int):
+    """Slices, class indices, scan ids and class names from a CSV of image,label rows."""
+    import csv
+
+    import numpy as np
+
+    from ..io.volume import read_volume
+
+    path = Path(table)
+    if not path.is_file():
+        raise LCTfoundError(f"{path}: no such table")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"image", "label"} <= set(rows[0]):
+        raise LCTfoundError(f"{path}: needs a header with columns image,label and at least one row")
+    class_names = sorted({row["label"] for row in rows})
+    slices, classes, scans = [], [], []
+    for row in rows:
+        image_path = Path(row["image"])
+        image_path = image_path if image_path.is_absolute() else path.parent / image_path
+        volume = read_volume(image_path)
+        count = volume.shape[0] if per_scan <= 0 else min(per_scan, volume.shape[0])
+        first = (volume.shape[0] - count) // 2
+        for index in range(first, first + count):
+            slices.append(volume.array[index].astype(np.float32))
+            classes.append(class_names.index(row["label"]))
+            scans.append(str(image_path))
+    if len(class_names) < 2:
+        raise LCTfoundError(f"{path}: only one class ({class_names[0]!r}); classification needs at least two")
+    return slices, classes, scans, class_names
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from ..devices import resolve_device
+    from ..models import load_model, resolve_model
+    from ..training.finetune import DenseSegmentationTask, SliceClassificationTask
+    from ..training.loop import TrainingLoop
+
+    loop = loop_config_from_args(args)
+    device = resolve_device("cpu" if args.device == "cpu" else "auto")
+    backbone = load_model(resolve_model(args.backbone), device=device)
+    name = args.name or args.register
+    if args.task == "segmentation":
+        mode = args.mode or "full"
+        slices, masks, values = segmentation_slices(args.image, args.labels, args.background_slices, args.seed)
+        task = DenseSegmentationTask(backbone, slices, masks, _label_names(args.names, values), mode=mode,
+                                     timestep=args.timestep, window=args.window, seed=args.seed, name=name)
+    else:
+        mode = args.mode or "frozen"
+        if mode == "adapter":
+            raise LCTfoundError("classification supports --mode frozen or full")
+        if not args.table:
+            raise LCTfoundError("classification needs --table CSV with columns image,label")
+        slices, classes, scans, class_names = classification_slices(args.table, args.slices_per_scan)
+        timesteps = tuple(int(t) for t in args.timesteps.split(",") if t.strip())
+        task = SliceClassificationTask(backbone, slices, classes, scans, class_names, mode=mode, timesteps=timesteps,
+                                       block=args.block, window=args.window, seed=args.seed, name=name)
+    return run_training(args, f"finetune {args.task}",
+                        lambda progress, events: TrainingLoop(loop, task, args.resume, progress, events).run())

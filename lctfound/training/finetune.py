@@ -300,3 +300,196 @@ def predict_dense(dense: DenseBackbone, hu_slices: np.ndarray, batch_size: int =
         logits = F.interpolate(logits, size=chunk.shape[-2:], mode="bilinear", align_corners=False)
         outputs.append(logits.argmax(1).numpy().astype(np.uint8))
     return np.concatenate(outputs)
+
+
+CLASSIFIER_MODES = ("frozen", "full")
+
+
+class SliceClassifier(nn.Module):
+    """Slice-level classifier on deep LCTfound features (reference §6.2, without its bugs).
+
+    The output of up block ``block`` at each of ``timesteps`` (one shared noise image) is
+    concatenated → Conv 3×3 to ``hidden`` channels → ReLU → global average pool → dropout →
+    linear → K logits. Unlike the published code every timestep is used (not only the first),
+    dropout is off at evaluation, inputs are in [−1, 1] as in pretraining, and the prompt is passed.
+    ``mode="frozen"`` trains only the head; ``"full"`` fine-tunes the backbone too.
+    """
+
+    def __init__(self, model: LCTfoundModel, num_classes: int, timesteps: Sequence[int] = (0, 50, 100),
+                 block: int = 1, mode: str = "frozen", window: str = "mediastinal", hidden: int = 256,
+                 dropout: float = 0.5):
+        super().__init__()
+        if mode not in CLASSIFIER_MODES:
+            raise LCTfoundError(f"unknown classifier mode {mode!r}; choose one of: {', '.join(CLASSIFIER_MODES)}")
+        if num_classes < 2:
+            raise LCTfoundError("a classifier needs at least two classes")
+        if not 0 <= block <= 4 or not timesteps or any(not 0 <= t < 1000 for t in timesteps):
+            raise LCTfoundError("choose up block 0..4 and timesteps in 0..999")
+        self.unet, self.scheduler = model.unet, model.scheduler
+        self.mode, self.window, self.block = mode, window, int(block)
+        self.timesteps = tuple(int(t) for t in timesteps)
+        self.unet.requires_grad_(mode == "full")
+        self.register_buffer("condition", model.condition(window).detach().float().cpu(), persistent=False)
+        channels = list(reversed(self.unet.config.block_out_channels))[self.block] * len(self.timesteps)
+        self.head = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.num_classes = num_classes
+
+    def train(self, mode: bool = True) -> "SliceClassifier":
+        super().train(mode)
+        if self.mode != "full":
+            self.unet.eval()
+        return self
+
+    def feature_maps(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The concatenated deep feature maps (B, C·T, h, w) the head sees."""
+        from ..models.taps import tap_up_blocks
+
+        condition = self.condition.to(x0.device, x0.dtype).expand(x0.shape[0], -1, -1)
+        maps = []
+        with tap_up_blocks(self.unet, [self.block], detach=self.mode == "frozen") as captured:
+            for timestep in self.timesteps:
+                t = torch.full((x0.shape[0],), timestep, dtype=torch.long, device=x0.device)
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == "full"):
+                    self.unet(self.scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=condition)
+                maps.append(captured[self.block])
+        return torch.cat(maps, dim=1)
+
+    def forward(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.head(self.feature_maps(x0, noise))
+
+    def settings(self) -> dict[str, Any]:
+        return {"mode": self.mode, "window": self.window, "block": self.block, "timesteps": list(self.timesteps),
+                "num_classes": self.num_classes}
+
+    @classmethod
+    def from_task_model(cls, task_model: TaskModel, base_model: Optional[LCTfoundModel] = None) -> "SliceClassifier":
+        settings = task_model.info["classifier"]
+        stored = task_model.backbone_folder()
+        if stored is not None:
+            model = load_model(stored)
+        elif base_model is not None:
+            task_model.check_backbone(base_model)
+            model = base_model
+        else:
+            raise LCTfoundError(f"{task_model.folder}: needs its backbone model "
+                                f"({task_model.backbone.get('name') or task_model.backbone.get('path')})")
+        classifier = cls(model, settings["num_classes"], settings["timesteps"], settings["block"], settings["mode"],
+                         settings["window"])
+        require_parts(task_model, ["head"])
+        classifier.head.load_state_dict(task_model.parts["head"])
+        return classifier.eval()
+
+
+class LabelledScanSlices(torch.utils.data.Dataset):
+    """(HU slice, class) items; each remembers its scan so slice probabilities can be averaged per scan."""
+
+    def __init__(self, slices: Sequence[np.ndarray], classes: Sequence[int], scans: Sequence[str], size: int,
+                 window: str, seed: int = 0, flips: bool = True):
+        if not (len(slices) == len(classes) == len(scans)) or not slices:
+            raise LCTfoundError("need the same, non-zero number of slices, classes and scan ids")
+        self.slices, self.classes, self.scans = list(slices), [int(c) for c in classes], list(scans)
+        self.size, self.window, self.seed, self.flips = size, window, seed, flips
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, item: int) -> dict:
+        x = prepare_slices(self.slices[item][None], self.window, self.size)[0]
+        if self.flips:
+            rng = np.random.default_rng([self.seed, self.epoch, item])
+            for axis in (-1, -2):
+                if rng.random() < 0.5:
+                    x = x.flip(axis)
+        return {"pixel_values": x, "labels": torch.tensor(self.classes[item]), "index": item}
+
+
+class ClassifierLossModule(nn.Module):
+    def __init__(self, classifier: SliceClassifier, class_weights: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.classifier = classifier
+        self.loss = nn.CrossEntropyLoss(weight=class_weights)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.loss(self.classifier(batch["pixel_values"], batch["noise"]).float(), batch["labels"])
+
+
+class SliceClassificationTask(TrainingTask):
+    """Train a slice classifier (frozen head or full fine-tune); classes balanced by weighting the loss."""
+
+    name = "classification"
+
+    def __init__(self, backbone: LCTfoundModel, slices: Sequence[np.ndarray], classes: Sequence[int],
+                 scans: Sequence[str], class_names: Sequence[str], mode: str = "frozen",
+                 timesteps: Sequence[int] = (0, 50, 100), block: int = 1, window: str = "mediastinal", seed: int = 0,
+                 name: Optional[str] = None, description: str = ""):
+        self.backbone, self.mode, self.timesteps, self.block, self.window = backbone, mode, tuple(timesteps), block, window
+        self.class_names = list(class_names)
+        if len(self.class_names) < 2:
+            raise LCTfoundError("classification needs at least two class names")
+        if any(not 0 <= int(c) < len(self.class_names) for c in classes):
+            raise LCTfoundError(f"class indices must lie in 0..{len(self.class_names) - 1}")
+        self.data = LabelledScanSlices(slices, classes, scans, backbone.sample_size, window, seed)
+        counts = np.bincount([int(c) for c in classes], minlength=len(self.class_names)).astype(np.float64)
+        self.class_weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32)
+        self.model_name, self.description = name, description
+        self.reference = backbone_reference(backbone)
+
+    def dataset(self) -> LabelledScanSlices:
+        return self.data
+
+    def build_module(self) -> ClassifierLossModule:
+        classifier = SliceClassifier(self.backbone, len(self.class_names), self.timesteps, self.block, self.mode,
+                                     self.window)
+        return ClassifierLossModule(classifier, self.class_weights)
+
+    def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        pixels = batch["pixel_values"]
+        return {**batch, "noise": torch.randn(pixels.shape, generator=generator).to(pixels.device)}
+
+    def resume_settings(self) -> dict[str, Any]:
+        return {"mode": self.mode, "timesteps": list(self.timesteps), "block": self.block, "window": self.window,
+                "backbone_sha256": self.reference.get("unet_sha256"), "classes": self.class_names,
+                "items": len(self.data)}
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.model_name, "description": self.description, "classes": self.class_names}
+
+    def save_model(self, module: ClassifierLossModule, folder: Path, metadata: dict[str, Any]) -> None:
+        classifier = module.classifier
+        stored_backbone = None
+        if classifier.mode == "full":
+            stored_backbone = LCTfoundModel(classifier.unet, self.backbone.scheduler, self.backbone.condition_encoder,
+                                            {k: v for k, v in self.backbone.metadata.items() if k != "files"})
+        save_task_model(folder, "classification", self.reference, {"head": classifier.head},
+                        {**metadata, "classifier": classifier.settings(),
+                         "preprocessing": {"window": self.window, "normalization": "official",
+                                           "size": self.backbone.sample_size}},
+                        backbone_model=stored_backbone)
+
+    def load_weights(self, module: ClassifierLossModule, folder: Path) -> None:
+        from ..models.task_models import load_task_model
+
+        task_model = load_task_model(folder, "classification")
+        module.classifier.head.load_state_dict(task_model.parts["head"])
+        stored = task_model.backbone_folder()
+        if stored is not None:
+            module.classifier.unet.load_state_dict(load_model(stored).unet.state_dict())
+
+
+@torch.no_grad()
+def classify_slices(classifier: SliceClassifier, hu_slices: np.ndarray, batch_size: int = 4,
+                    seed: int = 0) -> np.ndarray:
+    """Class probabilities (N, K) of HU slices; a scan's score is the mean over its slices."""
+    size = classifier.unet.config.sample_size
+    device = next(classifier.head.parameters()).device
+    probabilities = []
+    for first in range(0, len(hu_slices), batch_size):
+        x = prepare_slices(np.asarray(hu_slices[first:first + batch_size]), classifier.window, size).to(device)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + first)).to(device)
+        probabilities.append(torch.softmax(classifier(x, noise).float(), dim=1).cpu().numpy())
+    return np.concatenate(probabilities)
