@@ -1,4 +1,5 @@
-"""LCTfoundTrain: pretrain an LCTfound model on your own lung CT volumes.
+"""LCTfoundTrain: pretrain an LCTfound model on your own lung CT volumes, or fine-tune a backbone
+for segmentation (from your segmentations) or classification (from class names per scan).
 
 Thin Slicer front end. Training runs in a background process (`lctfound.jobs`); a QTimer polls
 the Qt-free `lctfound.logic.TrainModuleLogic`, which turns the process's events into progress,
@@ -16,7 +17,7 @@ import qt
 import vtk
 
 import slicer
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Decimals, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -45,6 +46,8 @@ from lctfound.logic import (  # noqa: E402
     RunState,
     TrainModuleLogic,
     TrainParameters,
+    set_volume_class_name,
+    volume_class_name,
 )
 
 CITATION = (
@@ -75,10 +78,12 @@ class LCTfoundTrain(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["SlicerLCTfound developers (SlicerLCTfound project)"]
         self.parent.helpText = _(
-            "Pretrain an LCTfound diffusion model on your own lung CT volumes (a folder or the loaded "
-            "volumes). Training runs in the background with progress, ETA and a loss curve; Cancel "
-            "keeps the newest checkpoint and Resume continues from it. The finished model is "
-            "registered under the name you choose and appears in every LCTfound module. "
+            "Pretrain an LCTfound diffusion model on your own lung CT volumes, or fine-tune a backbone "
+            "for segmentation (loaded volumes with the segmentations drawn on them, or image/label file "
+            "pairs) or classification (a CSV table, or loaded volumes given a class name). Training runs "
+            "in the background with progress, ETA and a loss curve; Cancel keeps the newest checkpoint "
+            "and Resume continues from it. The finished model is registered under the name you choose "
+            "and appears in every LCTfound module. "
             'See the <a href="{homepage}">extension documentation</a>.'
         ).format(homepage=HOMEPAGE)
         self.parent.acknowledgementText = _(
@@ -95,10 +100,14 @@ class LCTfoundTrain(ScriptedLoadableModule):
 @parameterNodeWrapper
 class LCTfoundTrainParameterNode:
     """
-    dataSource - "folder" (dataFolder) or "volumes" (trainingVolumes, exported when training starts).
-    task - "pretrain" (fine-tuning tasks come with the segmentation module).
-    preset, resolution, patchSize (0: whole slices), batchSize, maxSteps, learningRate,
-    checkpointEvery, emaDecay (0: none) - the training settings.
+    task - "pretrain", "finetune-segmentation" or "finetune-classification".
+    dataSource - "folder" (dataFolder: CT files, or CASE_image/CASE_label pairs), "table" (tablePath:
+      CSV image,label) or "volumes" (trainingVolumes, exported when training starts; with
+      trainingSegmentations for segmentation, or each volume's class name for classification).
+    segmentFilter - "all" or "reviewed" (only segments with status Completed).
+    backboneModel, mode (frozen/adapter/full), slicesPerScan (0: all) - fine-tuning settings.
+    preset, resolution, patchSize (0: whole slices) - pretraining settings.
+    batchSize, maxSteps, learningRate (0: the task's default), checkpointEvery, emaDecay (0: none).
     device - "auto", "cpu", "cuda", "cuda:N" or "mps".
     runFolder - empty: a new folder under the LCTfound cache; an existing run folder to Resume.
     newModelName - the name the trained model is registered under.
@@ -107,13 +116,19 @@ class LCTfoundTrainParameterNode:
     dataSource: str = _DEFAULTS.data_source
     dataFolder: Path
     trainingVolumes: list[vtkMRMLScalarVolumeNode]
+    trainingSegmentations: list[vtkMRMLSegmentationNode]
+    segmentFilter: str = _DEFAULTS.segment_filter
+    tablePath: Path
     task: str = _DEFAULTS.task
+    backboneModel: str = ""
+    mode: str = ""
+    slicesPerScan: Annotated[int, WithinRange(0, 100_000)] = _DEFAULTS.slices_per_scan
     preset: str = _DEFAULTS.preset
     resolution: Annotated[int, WithinRange(16, 2048)] = _DEFAULTS.resolution
     patchSize: Annotated[int, WithinRange(0, 2048)] = _DEFAULTS.patch_size
     batchSize: Annotated[int, WithinRange(1, 4096)] = _DEFAULTS.batch_size
     maxSteps: Annotated[int, WithinRange(1, 100_000_000)] = _DEFAULTS.max_steps
-    learningRate: Annotated[float, WithinRange(1e-7, 1.0), Decimals(6)] = _DEFAULTS.learning_rate
+    learningRate: Annotated[float, WithinRange(0.0, 1.0), Decimals(6)] = _DEFAULTS.learning_rate
     checkpointEvery: Annotated[int, WithinRange(1, 100_000_000)] = _DEFAULTS.checkpoint_every
     emaDecay: Annotated[float, WithinRange(0.0, 0.9999), Decimals(4)] = _DEFAULTS.ema_decay
     device: str = _DEFAULTS.device
@@ -136,6 +151,7 @@ class LCTfoundTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._choiceSelectors = {}
         self._nodeListSelectors = {}
         self._timer = None
+        self._shownTask = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -168,6 +184,7 @@ class LCTfoundTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
+        self.ui.volumeClassesTable.connect("cellChanged(int,int)", self.onClassNameEdited)
 
         self.initializeParameterNode()
 
@@ -201,6 +218,7 @@ class LCTfoundTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateStatus)
         self._parameterNode = inputParameterNode
+        self._shownTask = None  # a (re)connected node keeps its stored mode; see _onTaskShown
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateStatus)
@@ -212,7 +230,7 @@ class LCTfoundTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name, combo in self._choiceSelectors.items():
             wasBlocked = combo.blockSignals(True)
             combo.clear()
-            for choice in self.logic.engine.choices(name, refresh=refresh):
+            for choice in self.logic.engine.choices(name, refresh=refresh, parameters=self._parameterNode):
                 combo.addItem(choice.label, choice.value)
                 combo.setItemData(combo.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
             combo.blockSignals(wasBlocked)
@@ -242,14 +260,72 @@ class LCTfoundTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- state to widgets ---------------------------------------------------------------------
 
+    def _onTaskShown(self) -> None:
+        """A new task: its data sources and modes in the selectors, and its defaults filled in."""
+        switched = self._shownTask is not None
+        self._shownTask = self._parameterNode.task if self._parameterNode else None
+        self._fillChoiceSelectors()
+        if self._parameterNode and switched:
+            self.logic.engine.fill_task_defaults(self._parameterNode)
+        elif self._parameterNode:
+            self.logic.engine.fill_defaults(self._parameterNode)
+
+    def _fillClassTable(self) -> None:
+        """One row per selected volume: its name and its class name (a node attribute)."""
+        volumes = [node for node in (self._parameterNode.trainingVolumes if self._parameterNode else []) if node]
+        table = self.ui.volumeClassesTable
+        shown = [(table.item(row, 0).text() if table.item(row, 0) else "", table.item(row, 1).text() if table.item(row, 1) else "")
+                 for row in range(table.rowCount)]
+        if shown == [(node.GetName(), volume_class_name(node)) for node in volumes]:
+            return  # unchanged: do not disturb an edit under way
+        wasBlocked = table.blockSignals(True)
+        table.rowCount = len(volumes)
+        for row, node in enumerate(volumes):
+            nameItem = qt.QTableWidgetItem(node.GetName())
+            nameItem.setFlags(qt.Qt.ItemIsEnabled)
+            nameItem.setData(qt.Qt.UserRole, node.GetID())
+            table.setItem(row, 0, nameItem)
+            table.setItem(row, 1, qt.QTableWidgetItem(volume_class_name(node)))
+        table.blockSignals(wasBlocked)
+
+    def onClassNameEdited(self, row: int, column: int) -> None:
+        table = self.ui.volumeClassesTable
+        if column != 1 or table.item(row, 0) is None:
+            return
+        node = slicer.mrmlScene.GetNodeByID(table.item(row, 0).data(qt.Qt.UserRole))
+        if node is not None:
+            set_volume_class_name(node, table.item(row, 1).text() if table.item(row, 1) else "")
+        self._updateStatus()
+
     def _updateStatus(self, caller=None, event=None) -> None:
+        if self._parameterNode and self._parameterNode.task != self._shownTask:
+            self._onTaskShown()  # may modify the parameter node, which calls this again
         self._syncSelectors()
         engine = self.logic.engine
-        fromFolder = not self._parameterNode or self._parameterNode.dataSource == "folder"
-        for widget in (self.ui.dataFolderLabel, self.ui.dataFolderSelector):
-            widget.visible = fromFolder
-        for widget in (self.ui.trainingVolumesLabel, self.ui.trainingVolumesSelector):
-            widget.visible = not fromFolder
+        shown = engine.visible_fields(self._parameterNode) if self._parameterNode else {"data_folder"}
+        fields = {
+            "data_folder": (self.ui.dataFolderLabel, self.ui.dataFolderSelector),
+            "table_path": (self.ui.tablePathLabel, self.ui.tablePathSelector),
+            "training_volumes": (self.ui.trainingVolumesLabel, self.ui.trainingVolumesSelector),
+            "training_segmentations": (self.ui.trainingSegmentationsLabel, self.ui.trainingSegmentationsSelector),
+            "segment_filter": (self.ui.segmentFilterLabel, self.ui.segmentFilterSelector),
+            "volume_classes": (self.ui.volumeClassesLabel, self.ui.volumeClassesTable),
+            "backbone_model": (self.ui.backboneModelLabel, self.ui.backboneModelSelector),
+            "mode": (self.ui.modeLabel, self.ui.modeSelector),
+            "preset": (self.ui.presetLabel, self.ui.presetSelector),
+            "resolution": (self.ui.resolutionLabel, self.ui.resolutionSpinBox),
+            "patch_size": (self.ui.patchSizeLabel, self.ui.patchSizeSpinBox),
+            "slices_per_scan": (self.ui.slicesPerScanLabel, self.ui.slicesPerScanSpinBox),
+        }
+        for name, widgets in fields.items():
+            for widget in widgets:
+                widget.visible = name in shown
+        if "volume_classes" in shown:
+            self._fillClassTable()
+        summary = engine.data_summary(self._parameterNode) if self._parameterNode else ""
+        self.ui.dataSummaryLabel.text = summary
+        for widget in (self.ui.dataSummaryTitleLabel, self.ui.dataSummaryLabel):
+            widget.visible = bool(summary)
         for button, state in (
             (self.ui.startButton, engine.start_button_state(self._parameterNode) if self._parameterNode else None),
             (self.ui.cancelButton, engine.cancel_button_state()),
@@ -310,7 +386,9 @@ class LCTfoundTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     detailedText=self.logic.engine.job.stderr_tail,
                 )
             if self.logic.engine.state is RunState.FINISHED and self._parameterNode:
-                self._parameterNode.newModelName = self.logic.engine.suggest_model_name()  # for the next run
+                self._fillChoiceSelectors()  # a trained backbone can be fine-tuned next
+                self._parameterNode.newModelName = ""  # a free name for the next run
+                self.logic.engine.fill_defaults(self._parameterNode)
         self._updateStatus()
 
 
@@ -357,6 +435,8 @@ class LCTfoundTrainTest(ScriptedLoadableModuleTest):
         self.test_ParameterNodeDefaults()
         self.setUp()
         self.test_StartProblems()
+        self.setUp()
+        self.test_FineTuningProblems()
 
     def test_ParameterNodeDefaults(self):
         logic = LCTfoundTrainLogic()
@@ -364,7 +444,11 @@ class LCTfoundTrainTest(ScriptedLoadableModuleTest):
         self.assertEqual(parameterNode.task, "pretrain")
         self.assertEqual(parameterNode.device, "auto")
         self.assertEqual(parameterNode.trainingVolumes, [])
+        self.assertEqual(parameterNode.trainingSegmentations, [])
         self.assertEqual(parameterNode.resolution, TrainParameters().resolution)
+        self.assertEqual(parameterNode.learningRate, 0.0)  # automatic
+        self.assertEqual([choice.value for choice in logic.engine.choices("task")],
+                         ["pretrain", "finetune-segmentation", "finetune-classification"])
 
     def test_StartProblems(self):
         import numpy as np
@@ -379,4 +463,26 @@ class LCTfoundTrainTest(ScriptedLoadableModuleTest):
         volume = slicer.util.addVolumeFromArray(np.zeros((4, 32, 32), dtype=np.int16), name="LCTfoundTestCT")
         parameterNode.trainingVolumes = [volume]
         self.assertEqual(logic.engine.first_problem(parameterNode), "")
+        self.delayDisplay("Test passed")
+
+    def test_FineTuningProblems(self):
+        import numpy as np
+
+        from lctfound.mrml import segmentation_node_from_labels
+
+        self.delayDisplay("Checking the fine-tuning data problems")
+        logic = LCTfoundTrainLogic(TrainModuleLogic(list_models=lambda extra_folders=(): [], available_devices=lambda: ["cpu"]))
+        parameterNode = logic.getParameterNode()
+        parameterNode.task = "finetune-segmentation"
+        logic.engine.fill_defaults(parameterNode)
+        self.assertEqual(parameterNode.dataSource, "volumes")
+        self.assertEqual(parameterNode.mode, "full")
+        array = np.full((6, 32, 32), -1000, dtype=np.int16)
+        volume = slicer.util.addVolumeFromArray(array, name="LCTfoundTestCT")
+        parameterNode.trainingVolumes = [volume]
+        self.assertIn("segmentations", logic.engine.first_problem(parameterNode))
+        segmentation = segmentation_node_from_labels(slicer.mrmlScene, np.zeros(array.shape, np.uint8), volume,
+                                                     name="LCTfoundTestSegmentation")
+        parameterNode.trainingSegmentations = [segmentation]
+        self.assertIn("has no labelled voxel", logic.engine.first_problem(parameterNode))
         self.delayDisplay("Test passed")

@@ -22,7 +22,7 @@ from .base import (
 )
 from .enhance import EnhanceModuleLogic
 from .segmentation import SegmentationModuleLogic
-from .train import TrainModuleLogic, TrainParameters
+from .train import TrainModuleLogic, TrainParameters, set_volume_class_name, volume_class_name
 
 __all__ = [
     "AUTO_DEVICE",
@@ -43,4 +43,6 @@ __all__ = [
     "TrainParameters",
     "device_environment",
     "format_seconds",
+    "set_volume_class_name",
+    "volume_class_name",
 ]
