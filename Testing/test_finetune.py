@@ -162,14 +162,21 @@ def test_cli_finetune_segmentation_and_classification(tmp_path, run_cli):
     save_model(tiny_model(64), tmp_path / "backbone")
     ct = data_factory.synthetic_ct(seed=3)
     write_volume(ct, tmp_path / "ct.nrrd")
-    write_volume(data_factory.nodule_label(ct), tmp_path / "ct_label.nrrd")
+    label = data_factory.nodule_label(ct, value=14)
+    write_volume(label, tmp_path / "ct_label.nrrd")
+    (tmp_path / "pairs.csv").write_text("image,labels\nct.nrrd,ct_label.nrrd\n")
     code, out, err = run_cli(["train", "finetune", "--task", "segmentation", "--backbone", tmp_path / "backbone",
-                              "--image", tmp_path / "ct.nrrd", "--labels", tmp_path / "ct_label.nrrd",
-                              "--names", "1=Lesion", "--mode", "adapter", "-o", tmp_path / "seg", "--max-steps", "2",
-                              "--batch-size", "2"])
+                              "--pairs", tmp_path / "pairs.csv", "--names", "14=Lesion", "--mode", "adapter",
+                              "-o", tmp_path / "seg", "--max-steps", "2", "--batch-size", "2"])
     assert code == 0, err
     model = load_task_model(tmp_path / "seg" / "model", "segmentation")
-    assert model.info["labels"] == {"1": "Lesion"} and model.info["dense"]["mode"] == "adapter"
+    assert model.info["labels"] == {"14": "Lesion"} and model.info["dense"]["mode"] == "adapter"
+    # Label value 14 trains as compact class 1 and is predicted back as 14.
+    assert model.info["dense"]["class_values"] == [0, 14] and model.info["dense"]["out_channels"] == 2
+    from lctfound.models import load_model
+
+    dense = DenseBackbone.from_task_model(model, load_model(tmp_path / "backbone"))
+    assert set(np.unique(predict_dense(dense, ct.array[:2].astype(np.float32)))) <= {0, 14}
 
     rows = ["image,label"]
     for index in range(4):
@@ -185,7 +192,6 @@ def test_cli_finetune_segmentation_and_classification(tmp_path, run_cli):
     assert code == 0, err
     classifier_model = load_task_model(tmp_path / "cls" / "model", "classification")
     assert classifier_model.info["classes"] == ["disease", "normal"]
-    from lctfound.models import load_model
     from lctfound.training.finetune import SliceClassifier, classify_slices
 
     classifier = SliceClassifier.from_task_model(classifier_model, load_model(tmp_path / "backbone"))

@@ -83,6 +83,7 @@ def register(subparsers) -> None:
     finetune.add_argument("--window", default="mediastinal", help="input window (default mediastinal)")
     finetune.add_argument("--image", action="append", default=[], help="segmentation: a CT volume (repeat, paired with --labels)")
     finetune.add_argument("--labels", action="append", default=[], help="segmentation: the label map of the --image before it")
+    finetune.add_argument("--pairs", help="segmentation: CSV with columns image,labels (paths relative to the CSV)")
     finetune.add_argument("--names", help="segmentation: label names, e.g. 1=Lesion,2=Trachea (default Label N)")
     finetune.add_argument("--background-slices", type=float, default=1.0,
                           help="segmentation: unlabelled slices per labelled slice to include (default 1)")
@@ -205,6 +206,21 @@ def _label_names(text: str | None, values: set[int]) -> dict[int, str]:
     return names
 
 
+def read_pairs(table: str) -> tuple[list[str], list[str]]:
+    """(images, label maps) from a CSV with columns image,labels; relative paths are relative to the CSV."""
+    import csv
+
+    path = Path(table)
+    if not path.is_file():
+        raise LCTfoundError(f"{path}: no such table")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"image", "labels"} <= set(rows[0]):
+        raise LCTfoundError(f"{path}: needs a header with columns image,labels and at least one row")
+    resolve = lambda value: str(Path(value) if Path(value).is_absolute() else path.parent / value)  # noqa: E731
+    return [resolve(row["image"]) for row in rows], [resolve(row["labels"]) for row in rows]
+
+
 def segmentation_slices(images: list[str], labels: list[str], background_ratio: float, seed: int):
     """Labelled slices of each (image, label map) pair plus a seeded share of unlabelled ones."""
     import numpy as np
@@ -274,7 +290,11 @@ def run_finetune(args: argparse.Namespace) -> int:
     name = args.name or args.register
     if args.task == "segmentation":
         mode = args.mode or "full"
-        slices, masks, values = segmentation_slices(args.image, args.labels, args.background_slices, args.seed)
+        images, labels = list(args.image), list(args.labels)
+        if args.pairs:
+            more_images, more_labels = read_pairs(args.pairs)
+            images, labels = images + more_images, labels + more_labels
+        slices, masks, values = segmentation_slices(images, labels, args.background_slices, args.seed)
         task = DenseSegmentationTask(backbone, slices, masks, _label_names(args.names, values), mode=mode,
                                      timestep=args.timestep, window=args.window, seed=args.seed, name=name)
     else:

@@ -61,8 +61,12 @@ class DenseBackbone(nn.Module):
 
     def __init__(self, model: LCTfoundModel, out_channels: int, mode: str = "full", timestep: int = 0,
                  window: str = "mediastinal", adapter_blocks: Sequence[int] = (1, 2, 3, 4),
-                 adapter_reduction: int = 4):
+                 adapter_reduction: int = 4, class_values: Optional[Sequence[int]] = None):
         super().__init__()
+        # Output channel c predicts label value class_values[c] (compact channels, any label values).
+        self.class_values = [int(v) for v in (class_values if class_values is not None else range(out_channels))]
+        if len(self.class_values) != out_channels:
+            raise LCTfoundError(f"{out_channels} output channels need {out_channels} label values")
         if mode not in BACKBONE_MODES:
             raise LCTfoundError(f"unknown backbone mode {mode!r}; choose one of: {', '.join(BACKBONE_MODES)}")
         if out_channels < 1:
@@ -128,7 +132,8 @@ class DenseBackbone(nn.Module):
 
     def settings(self) -> dict[str, Any]:
         return {"mode": self.mode, "timestep": self.timestep, "window": self.window,
-                "adapter_blocks": list(self.adapter_blocks), "out_channels": self.output_layer.out_channels}
+                "adapter_blocks": list(self.adapter_blocks), "out_channels": self.output_layer.out_channels,
+                "class_values": self.class_values}
 
     @classmethod
     def from_task_model(cls, task_model: TaskModel, base_model: Optional[LCTfoundModel] = None) -> "DenseBackbone":
@@ -144,7 +149,7 @@ class DenseBackbone(nn.Module):
             raise LCTfoundError(f"{task_model.folder}: needs its backbone model "
                                 f"({task_model.backbone.get('name') or task_model.backbone.get('path')})")
         dense = cls(model, settings["out_channels"], settings["mode"], settings["timestep"], settings["window"],
-                    settings["adapter_blocks"])
+                    settings["adapter_blocks"], class_values=settings.get("class_values"))
         require_parts(task_model, dense.trainable_parts())
         for name, part in dense.trainable_parts().items():
             part.load_state_dict(task_model.parts[name])
@@ -235,17 +240,31 @@ class DenseSegmentationTask(TrainingTask):
                  label_names: dict[int, str], mode: str = "full", timestep: int = 0, window: str = "mediastinal",
                  seed: int = 0, name: Optional[str] = None, description: str = ""):
         self.backbone, self.mode, self.timestep, self.window = backbone, mode, timestep, window
-        self.label_names = {int(k): v for k, v in label_names.items()}
-        self.num_classes = max(max(self.label_names), int(max(int(l.max()) for l in labels))) + 1
-        self.data = LabelledSlices(images, labels, backbone.sample_size, window, seed)
+        self.label_names = {int(k): v for k, v in label_names.items() if int(k) != 0}
+        present = set().union(*(np.unique(label).tolist() for label in labels))
+        unnamed = sorted(int(v) for v in present - set(self.label_names) - {0})
+        if unnamed:
+            raise LCTfoundError(f"label value {unnamed[0]} has no name; name every label value (e.g. {unnamed[0]}=Name)")
+        # Train on compact classes 0..K; the task model maps them back to the label values.
+        self.class_values = [0] + sorted(self.label_names)
+        self.num_classes = len(self.class_values)
+        lookup = np.zeros(max(self.class_values) + 1, dtype=np.int64)
+        lookup[self.class_values] = np.arange(self.num_classes)
+        compact = [lookup[np.asarray(label, dtype=np.int64)] for label in labels]
+        self.data = LabelledSlices(images, compact, backbone.sample_size, window, seed)
         self.model_name, self.description = name, description
         self.reference = backbone_reference(backbone)
 
     def dataset(self) -> LabelledSlices:
         return self.data
 
+    def describe(self) -> str:
+        names = ", ".join(f"{v}={n}" for v, n in sorted(self.label_names.items()))
+        return f"{len(self.data)} labelled slices; classes {names}"
+
     def build_module(self) -> DenseLossModule:
-        return DenseLossModule(DenseBackbone(self.backbone, self.num_classes, self.mode, self.timestep, self.window))
+        return DenseLossModule(DenseBackbone(self.backbone, self.num_classes, self.mode, self.timestep, self.window,
+                                             class_values=self.class_values))
 
     def prepare_batch(self, batch: dict, generator: torch.Generator) -> dict:
         if self.timestep > 0:
@@ -255,7 +274,7 @@ class DenseSegmentationTask(TrainingTask):
 
     def resume_settings(self) -> dict[str, Any]:
         return {"mode": self.mode, "timestep": self.timestep, "window": self.window,
-                "backbone_sha256": self.reference.get("unet_sha256"), "num_classes": self.num_classes,
+                "backbone_sha256": self.reference.get("unet_sha256"), "class_values": self.class_values,
                 "items": len(self.data)}
 
     def metadata(self) -> dict[str, Any]:
@@ -287,8 +306,9 @@ class DenseSegmentationTask(TrainingTask):
 
 @torch.no_grad()
 def predict_dense(dense: DenseBackbone, hu_slices: np.ndarray, batch_size: int = 4) -> np.ndarray:
-    """Label maps (N, H, W) for HU slices on their native grid (argmax, resized back nearest)."""
+    """Label maps (N, H, W) of label values for HU slices on their native grid (argmax of bilinear logits)."""
     size = dense.unet.config.sample_size
+    values = np.asarray(dense.class_values, dtype=np.uint8 if max(dense.class_values) < 256 else np.uint16)
     outputs = []
     for first in range(0, len(hu_slices), batch_size):
         chunk = np.asarray(hu_slices[first:first + batch_size])
@@ -298,7 +318,7 @@ def predict_dense(dense: DenseBackbone, hu_slices: np.ndarray, batch_size: int =
             noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(first)).to(x.device)
         logits = dense(x, noise).float().cpu()
         logits = F.interpolate(logits, size=chunk.shape[-2:], mode="bilinear", align_corners=False)
-        outputs.append(logits.argmax(1).numpy().astype(np.uint8))
+        outputs.append(values[logits.argmax(1).numpy()])
     return np.concatenate(outputs)
 
 
@@ -441,6 +461,11 @@ class SliceClassificationTask(TrainingTask):
 
     def dataset(self) -> LabelledScanSlices:
         return self.data
+
+    def describe(self) -> str:
+        counts = np.bincount(self.data.classes, minlength=len(self.class_names))
+        return (f"{len(self.data)} slices of {len(set(self.data.scans))} scans; "
+                + ", ".join(f"{name}: {count}" for name, count in zip(self.class_names, counts)))
 
     def build_module(self) -> ClassifierLossModule:
         classifier = SliceClassifier(self.backbone, len(self.class_names), self.timesteps, self.block, self.mode,

@@ -125,6 +125,10 @@ class TrainingTask:
     def after_checkpoint(self, module: nn.Module, step: int, output: Path) -> None:
         """Optional extras at each checkpoint (sample grids, validation), main process only."""
 
+    def describe(self) -> str:
+        """One line about the training data, for the start event and logs."""
+        return ""
+
     def parameter_groups(self, module: nn.Module, learning_rate: float) -> list[dict]:
         return [{"params": [p for p in module.parameters() if p.requires_grad], "lr": learning_rate}]
 
@@ -233,6 +237,7 @@ class TrainingLoop:
         total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
         warmup = min(config.warmup_steps, max(0, total_steps // 10))
         self.emit("start", total_steps=total_steps, steps_per_epoch=steps_per_epoch, items=len(dataset),
+                  data=task.describe() or f"{len(dataset)} items",
                   processes=accelerator.num_processes, device=str(accelerator.device),
                   mixed_precision=accelerator.mixed_precision, warmup_steps=warmup)
 

@@ -136,6 +136,9 @@ class PretrainTask(TrainingTask):
     def collate(self, items: list[dict]) -> dict:
         return collate(items)
 
+    def describe(self) -> str:
+        return self.index.summary()
+
     def build_module(self) -> DiffusionModule:
         config = self.config
         if config.init_model:
