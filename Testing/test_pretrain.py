@@ -155,7 +155,7 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(ct_folder, tmp_path):
 
 
 def test_failed_save_keeps_the_previous_checkpoint(ct_folder, tmp_path, monkeypatch):
-    config = PretrainConfig(str(ct_folder), str(tmp_path / "run"), resolution=32, batch_size=2, max_steps=6,
+    config = PretrainConfig(data=str(ct_folder), output=str(tmp_path / "run"), resolution=32, batch_size=2, max_steps=6,
                             checkpoint_every=2, num_samples=0)
     real_save = loop_module.save_state_dict
 
@@ -185,7 +185,7 @@ def test_out_of_memory_halves_the_micro_batch(ct_folder, tmp_path, monkeypatch):
         return original(self, batch)
 
     monkeypatch.setattr(pretrain_module.DiffusionModule, "forward", forward)
-    config = PretrainConfig(str(ct_folder), str(tmp_path / "run"), resolution=32, batch_size=4, max_steps=2,
+    config = PretrainConfig(data=str(ct_folder), output=str(tmp_path / "run"), resolution=32, batch_size=4, max_steps=2,
                             checkpoint_every=2, num_samples=0, log_every=1)
     result = pretrain(config, on_event=events.append)
     assert result.steps == 2

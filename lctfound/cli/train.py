@@ -141,19 +141,17 @@ def run_training(args: argparse.Namespace, label: str, train: Callable) -> int:
 # ---------------------------------------------------------------------------- pretrain
 
 def config_from_args(args: argparse.Namespace):
+    import dataclasses
+
     from ..training.pretrain import PretrainConfig
 
     loop = loop_config_from_args(args)
     return PretrainConfig(
-        data=args.data, output=args.output, preset=args.preset, init_model=args.init_model,
-        resolution=args.resolution, patch_size=args.patch_size, batch_size=loop.batch_size,
-        micro_batch_size=loop.micro_batch_size, max_steps=loop.max_steps, epochs=loop.epochs,
-        learning_rate=loop.learning_rate, warmup_steps=loop.warmup_steps, mixed_precision=loop.mixed_precision,
+        **dataclasses.asdict(loop), data=args.data, preset=args.preset, init_model=args.init_model,
+        resolution=args.resolution, patch_size=args.patch_size,
         windows=tuple(w.strip() for w in args.windows.split(",") if w.strip()),
-        condition_dropout=args.condition_dropout, augment=not args.no_augment,
-        checkpoint_every=loop.checkpoint_every, keep_checkpoints=loop.keep_checkpoints, ema_decay=loop.ema_decay,
-        num_samples=args.num_samples, sample_steps=args.sample_steps, seed=loop.seed, num_workers=loop.num_workers,
-        log_every=loop.log_every, name=args.name or args.register, device=loop.device)
+        condition_dropout=args.condition_dropout, augment=not args.no_augment, num_samples=args.num_samples,
+        sample_steps=args.sample_steps, name=args.name or args.register)
 
 
 def saved_config(output: str, device: str):

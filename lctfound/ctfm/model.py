@@ -31,10 +31,10 @@ from .. import __version__
 from ..atomic import atomic_directory
 from ..errors import CheckpointError
 from ..hashing import sha256_file
+from ..models.bundle import METADATA_FILE  # one metadata file name for every model folder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-METADATA_FILE = "lctfound.json"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".torch")
 
 # CT-FM's encoder configuration (config.json of project-lighter/ct_fm_feature_extractor).
@@ -341,15 +341,9 @@ def save_model(model: CTFMModel, folder: str | Path, overwrite: bool = False,
 
 
 def _read_our_metadata(folder: Path) -> dict[str, Any]:
-    path = folder / METADATA_FILE
-    if not path.is_file():
-        return {}
-    try:
-        metadata = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error.msg})") from None
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: not an LCTfound metadata file")
+    from ..models.bundle import read_metadata
+
+    metadata = read_metadata(folder)
     if metadata.get("backbone", "ctfm") != "ctfm":
         raise CheckpointError(f"{folder}: an LCTfound {metadata.get('backbone')} model, not a CT-FM encoder")
     return metadata

@@ -64,6 +64,19 @@ class TaskModel:
         folder = self.folder / BACKBONE_FOLDER
         return folder if folder.is_dir() else None
 
+    def resolve_backbone(self, base_model: Optional[LCTfoundModel] = None) -> LCTfoundModel:
+        """The backbone to run: the stored fine-tuned one, else ``base_model`` once verified."""
+        from .bundle import load_model
+
+        stored = self.backbone_folder()
+        if stored is not None:
+            return load_model(stored)
+        if base_model is None:
+            raise LCTfoundError(f"{self.folder}: needs its backbone model "
+                                f"({self.backbone.get('name') or self.backbone.get('path')})")
+        self.check_backbone(base_model)
+        return base_model
+
     def check_backbone(self, model: LCTfoundModel) -> None:
         """Refuse a backbone other than the one this task model was trained on."""
         expected = self.backbone.get("unet_sha256")

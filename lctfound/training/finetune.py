@@ -139,16 +139,7 @@ class DenseBackbone(nn.Module):
     def from_task_model(cls, task_model: TaskModel, base_model: Optional[LCTfoundModel] = None) -> "DenseBackbone":
         """Rebuild the trained dense model: the stored fine-tuned backbone, or ``base_model`` plus parts."""
         settings = task_model.info["dense"]
-        stored = task_model.backbone_folder()
-        if stored is not None:
-            model = load_model(stored)
-        elif base_model is not None:
-            task_model.check_backbone(base_model)
-            model = base_model
-        else:
-            raise LCTfoundError(f"{task_model.folder}: needs its backbone model "
-                                f"({task_model.backbone.get('name') or task_model.backbone.get('path')})")
-        dense = cls(model, settings["out_channels"], settings["mode"], settings["timestep"], settings["window"],
+        dense = cls(task_model.resolve_backbone(base_model), settings["out_channels"], settings["mode"], settings["timestep"], settings["window"],
                     settings["adapter_blocks"], class_values=settings.get("class_values"))
         require_parts(task_model, dense.trainable_parts())
         for name, part in dense.trainable_parts().items():
@@ -385,16 +376,7 @@ class SliceClassifier(nn.Module):
     @classmethod
     def from_task_model(cls, task_model: TaskModel, base_model: Optional[LCTfoundModel] = None) -> "SliceClassifier":
         settings = task_model.info["classifier"]
-        stored = task_model.backbone_folder()
-        if stored is not None:
-            model = load_model(stored)
-        elif base_model is not None:
-            task_model.check_backbone(base_model)
-            model = base_model
-        else:
-            raise LCTfoundError(f"{task_model.folder}: needs its backbone model "
-                                f"({task_model.backbone.get('name') or task_model.backbone.get('path')})")
-        classifier = cls(model, settings["num_classes"], settings["timesteps"], settings["block"], settings["mode"],
+        classifier = cls(task_model.resolve_backbone(base_model), settings["num_classes"], settings["timesteps"], settings["block"], settings["mode"],
                          settings["window"])
         require_parts(task_model, ["head"])
         classifier.head.load_state_dict(task_model.parts["head"])

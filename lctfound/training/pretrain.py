@@ -36,55 +36,37 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PretrainConfig:
-    data: str
-    output: str
+class PretrainConfig(LoopConfig):
+    """The loop's settings (with the official defaults: 6 epochs, 10k warm-up, seed 421) plus pretraining's."""
+
+    data: str = ""
+    epochs: float = 6.0
+    warmup_steps: int = 10_000
+    seed: int = 421
     preset: str = "cpu-tiny"
     init_model: Optional[str] = None
     resolution: int = 256
     patch_size: Optional[int] = None
-    batch_size: int = 24
-    micro_batch_size: Optional[int] = None
-    max_steps: Optional[int] = None
-    epochs: float = 6.0
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 10_000
-    grad_clip: float = 1.0
-    mixed_precision: str = "auto"
     condition_dropout: float = 0.05
     windows: tuple[str, ...] = tuple(WINDOWS)
     augment: bool = True
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    ema_decay: Optional[float] = None
     num_samples: int = 4
     sample_steps: int = 25
-    seed: int = 421
-    num_workers: int = 0
-    log_every: int = 10
     cache_bytes: int = 1 << 30
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     name: Optional[str] = None
     description: str = ""
-    device: str = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.data:
+            raise LCTfoundError("pretraining needs a data folder")
         self.windows = tuple(self.windows)
         self.exclude = tuple(self.exclude)
-        for key in ("batch_size", "checkpoint_every", "log_every", "resolution"):
-            if getattr(self, key) < 1:
-                raise LCTfoundError(f"{key.replace('_', '-')} must be at least 1")
-        if self.resolution % 16:
-            raise LCTfoundError(f"resolution must be a multiple of 16, got {self.resolution}")
+        if self.resolution < 16 or self.resolution % 16:
+            raise LCTfoundError(f"resolution must be a positive multiple of 16, got {self.resolution}")
         if self.patch_size is not None and (self.patch_size % 16 or not 16 <= self.patch_size <= self.resolution):
             raise LCTfoundError(f"patch size must be a multiple of 16 between 16 and the resolution, got {self.patch_size}")
-        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
-            raise LCTfoundError("micro-batch-size must lie between 1 and batch-size")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise LCTfoundError("max-steps must be at least 1")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise LCTfoundError(f"mixed precision {self.mixed_precision!r}: choose auto, no, bf16 or fp16")
 
     # Settings that must not change when a run is resumed.
     RESUME_KEYS = ("preset", "init_model", "resolution", "patch_size", "batch_size", "windows", "seed", "augment",
@@ -155,8 +137,9 @@ class PretrainTask(TrainingTask):
                     raise LCTfoundError(f"{config.init_model}: its condition encoder has no window {missing[0]!r}")
         else:
             # Condition dropout happens in the data (seeded per item), not in the encoder.
+            # A new model's native size is the one it is trained at (whole slices at --resolution).
             model = new_model(config.preset, config.windows, condition_dropout=config.condition_dropout,
-                              seed=config.seed)
+                              seed=config.seed, sample_size=config.resolution)
         self._scheduler = model.scheduler
         self._base_metadata = {k: v for k, v in model.metadata.items() if k not in ("files", "training")}
         return DiffusionModule(model.unet, model.condition_encoder)
@@ -218,21 +201,11 @@ def _normal(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def loop_config(config: PretrainConfig) -> LoopConfig:
-    return LoopConfig(
-        output=config.output, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
-        max_steps=config.max_steps, epochs=config.epochs, learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay, warmup_steps=config.warmup_steps, grad_clip=config.grad_clip,
-        mixed_precision=config.mixed_precision, checkpoint_every=config.checkpoint_every,
-        keep_checkpoints=config.keep_checkpoints, ema_decay=config.ema_decay, seed=config.seed,
-        num_workers=config.num_workers, log_every=config.log_every, device=config.device)
-
-
 def pretrain(config: PretrainConfig, resume: bool = False, progress: Optional[Progress] = None,
              on_event: Optional[Callable[[dict], None]] = None) -> TrainingResult:
     """Run (or with ``resume`` continue) DDPM pretraining; returns the run's `TrainingResult`."""
     task = PretrainTask(config)
-    loop = TrainingLoop(loop_config(config), task, resume, progress, on_event)
+    loop = TrainingLoop(config, task, resume, progress, on_event)
     if loop.accelerator.is_main_process:
         log.info("data: %s", task.index.summary())
     result = loop.run()
