@@ -14,34 +14,22 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import qt
-import vtk
 
 import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Decimals, WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
-
-def _addSourceTreeToPath():
-    """Running from a source checkout: make the `lctfound` package next to this module importable.
-    (An installed extension has it in qt-scripted-modules, which is on sys.path already.)"""
-    sourceRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isfile(os.path.join(sourceRoot, "lctfound", "__init__.py")) and sourceRoot not in sys.path:
-        sys.path.append(sourceRoot)
-
-
-_addSourceTreeToPath()
+# A source checkout has LCTfoundSlicerLib and lctfound next to this module's folder (an installed
+# extension has them in qt-scripted-modules, on sys.path already); the library cannot add itself.
+_sourceRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_sourceRoot, "LCTfoundSlicerLib", "__init__.py")) and _sourceRoot not in sys.path:
+    sys.path.append(_sourceRoot)
 
 # Light imports only (no torch): this runs while Slicer starts.
+from LCTfoundSlicerLib import LCTfoundModule, LCTfoundModuleLogic, LCTfoundModuleTestMixin, LCTfoundModuleWidget  # noqa: E402
 from lctfound.logic import (  # noqa: E402
-    CHOICE_PROPERTY_NAME,
     NODE_LIST_PROPERTY_NAME,
     RunState,
     TrainModuleLogic,
@@ -50,11 +38,6 @@ from lctfound.logic import (  # noqa: E402
     volume_class_name,
 )
 
-CITATION = (
-    '"A lung CT vision foundation model facilitating disease diagnosis and medical imaging", '
-    "Nature Communications 2025, doi:10.1038/s41467-025-66620-z."
-)
-HOMEPAGE = "https://github.com/lctfound/SlicerLCTfound"
 POLL_INTERVAL_MS = 500
 _DEFAULTS = TrainParameters()
 
@@ -70,26 +53,21 @@ def pythonSlicerExecutable() -> str:
 #
 
 
-class LCTfoundTrain(ScriptedLoadableModule):
+class LCTfoundTrain(LCTfoundModule):
     def __init__(self, parent):
-        ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = _("LCTfound Train")
-        self.parent.categories = ["LCTfound"]
-        self.parent.dependencies = []
-        self.parent.contributors = ["SlicerLCTfound developers (SlicerLCTfound project)"]
-        self.parent.helpText = _(
-            "Pretrain an LCTfound diffusion model on your own lung CT volumes, or fine-tune a backbone "
-            "for segmentation (loaded volumes with the segmentations drawn on them, or image/label file "
-            "pairs) or classification (a CSV table, or loaded volumes given a class name). Training runs "
-            "in the background with progress, ETA and a loss curve; Cancel keeps the newest checkpoint "
-            "and Resume continues from it. The finished model is registered under the name you choose "
-            "and appears in every LCTfound module. "
-            'See the <a href="{homepage}">extension documentation</a>.'
-        ).format(homepage=HOMEPAGE)
-        self.parent.acknowledgementText = _(
-            "LCTfound is described in {citation} The official weights have no stated licence "
-            "and are not distributed with this extension."
-        ).format(citation=CITATION)
+        LCTfoundModule.__init__(
+            self,
+            parent,
+            title=_("LCTfound Train"),
+            helpText=_(
+                "Pretrain an LCTfound diffusion model on your own lung CT volumes, or fine-tune a backbone "
+                "for segmentation (loaded volumes with the segmentations drawn on them, or image/label file "
+                "pairs) or classification (a CSV table, or loaded volumes given a class name). Training runs "
+                "in the background with progress, ETA and a loss curve; Cancel keeps the newest checkpoint "
+                "and Resume continues from it. The finished model is registered under the name you choose "
+                "and appears in every LCTfound module."
+            ),
+        )
 
 
 #
@@ -141,34 +119,23 @@ class LCTfoundTrainParameterNode:
 #
 
 
-class LCTfoundTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class LCTfoundTrainWidget(LCTfoundModuleWidget):
+    """Task, data, settings and run controls; the parameter node, the hand-synced choice selectors,
+    the status line and the scene/module observers are LCTfoundModuleWidget's."""
+
+    uiFile = "UI/LCTfoundTrain.ui"
+
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._choiceSelectors = {}
+        LCTfoundModuleWidget.__init__(self, parent)
         self._nodeListSelectors = {}
         self._timer = None
         self._shownTask = None
 
-    def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/LCTfoundTrain.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+    def createLogic(self) -> "LCTfoundTrainLogic":
+        return LCTfoundTrainLogic()
 
-        self.logic = LCTfoundTrainLogic()
-
-        # Choices known only at run time and node lists have no connectGui connector: synced by hand.
-        for combo in uiWidget.findChildren(qt.QComboBox):
-            name = combo.property(CHOICE_PROPERTY_NAME)
-            if name:
-                self._choiceSelectors[name] = combo
-                combo.connect("currentIndexChanged(int)", lambda index, name=name: self._onChoiceSelected(name))
-        self._fillChoiceSelectors()
+    def setupWidgets(self, uiWidget) -> None:
+        # Node lists have no connectGui connector either: synced by hand like the choice selectors.
         for selector in uiWidget.findChildren(slicer.qMRMLCheckableNodeComboBox):
             name = selector.property(NODE_LIST_PROPERTY_NAME)
             if name:
@@ -179,77 +146,33 @@ class LCTfoundTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollTimer)
 
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
         self.ui.volumeClassesTable.connect("cellChanged(int,int)", self.onClassNameEdited)
 
-        self.initializeParameterNode()
-
     def cleanup(self) -> None:
-        self.removeObservers()
+        LCTfoundModuleWidget.cleanup(self)
         if self._timer:
             self._timer.stop()
         if self.logic and self.logic.engine.job is not None and self.logic.engine.state.busy:
             self.logic.engine.job.cancel(timeout=2)  # do not leave a training process behind
 
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        self.setParameterNode(None)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        self.logic.engine.fill_defaults(self._parameterNode)
-
     def setParameterNode(self, inputParameterNode: Optional[LCTfoundTrainParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateStatus)
-        self._parameterNode = inputParameterNode
         self._shownTask = None  # a (re)connected node keeps its stored mode; see _onTaskShown
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateStatus)
-        self._updateStatus()
+        LCTfoundModuleWidget.setParameterNode(self, inputParameterNode)
 
     # -- selectors synced by hand --------------------------------------------------------------
 
-    def _fillChoiceSelectors(self, refresh: bool = False) -> None:
-        for name, combo in self._choiceSelectors.items():
-            wasBlocked = combo.blockSignals(True)
-            combo.clear()
-            for choice in self.logic.engine.choices(name, refresh=refresh, parameters=self._parameterNode):
-                combo.addItem(choice.label, choice.value)
-                combo.setItemData(combo.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
-            combo.blockSignals(wasBlocked)
-
-    def _onChoiceSelected(self, name: str) -> None:
-        combo = self._choiceSelectors[name]
-        if self._parameterNode and combo.currentIndex >= 0:
-            setattr(self._parameterNode, name, combo.itemData(combo.currentIndex) or "")
+    def _choiceItems(self, name: str, refresh: bool = False) -> list:
+        return self.logic.engine.choices(name, refresh=refresh, parameters=self._parameterNode)
 
     def _onNodesChecked(self, name: str) -> None:
         if self._parameterNode:
             setattr(self._parameterNode, name, list(self._nodeListSelectors[name].checkedNodes()))
 
     def _syncSelectors(self) -> None:
-        for name, combo in self._choiceSelectors.items():
-            value = getattr(self._parameterNode, name) if self._parameterNode else ""
-            wasBlocked = combo.blockSignals(True)
-            combo.setCurrentIndex(combo.findData(value))
-            combo.blockSignals(wasBlocked)
+        LCTfoundModuleWidget._syncSelectors(self)
         for name, selector in self._nodeListSelectors.items():
             checked = {node.GetID() for node in (getattr(self._parameterNode, name) if self._parameterNode else []) if node}
             wasBlocked = selector.blockSignals(True)
@@ -297,10 +220,17 @@ class LCTfoundTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             set_volume_class_name(node, table.item(row, 1).text() if table.item(row, 1) else "")
         self._updateStatus()
 
+    def statusText(self) -> str:
+        engine = self.logic.engine
+        if engine.state is RunState.IDLE and self._parameterNode:
+            return engine.first_problem(self._parameterNode) or _("Ready to start training.")
+        run = f"\n{engine.run_folder}" if engine.run_folder else ""
+        return engine.status_summary() + run
+
     def _updateStatus(self, caller=None, event=None) -> None:
         if self._parameterNode and self._parameterNode.task != self._shownTask:
             self._onTaskShown()  # may modify the parameter node, which calls this again
-        self._syncSelectors()
+        LCTfoundModuleWidget._updateStatus(self)  # selectors and status line
         engine = self.logic.engine
         shown = engine.visible_fields(self._parameterNode) if self._parameterNode else {"data_folder"}
         fields = {
@@ -338,12 +268,6 @@ class LCTfoundTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.maximum = bar.maximum
         self.ui.progressBar.value = bar.value
         self.ui.progressBar.format = bar.text
-        if engine.state is RunState.IDLE and self._parameterNode:
-            problem = engine.first_problem(self._parameterNode)
-            self.ui.statusLabel.text = problem or _("Ready to start training.")
-        else:
-            run = f"\n{engine.run_folder}" if engine.run_folder else ""
-            self.ui.statusLabel.text = engine.status_summary() + run
 
     def _showLossCurve(self) -> None:
         path = self.logic.engine.loss_curve_png()
@@ -397,7 +321,7 @@ class LCTfoundTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class LCTfoundTrainLogic(ScriptedLoadableModuleLogic):
+class LCTfoundTrainLogic(LCTfoundModuleLogic):
     """Slicer side of the module logic; all behaviour is in `self.engine`
     (`lctfound.logic.TrainModuleLogic`). Can be used without the GUI widget:
 
@@ -406,12 +330,10 @@ class LCTfoundTrainLogic(ScriptedLoadableModuleLogic):
         while logic.engine.poll() or logic.engine.state.busy: ...
     """
 
-    def __init__(self, engine: Optional[TrainModuleLogic] = None) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self.engine = engine or TrainModuleLogic(python=pythonSlicerExecutable())
+    parameterNodeClass = LCTfoundTrainParameterNode
 
-    def getParameterNode(self):
-        return LCTfoundTrainParameterNode(super().getParameterNode())
+    def __init__(self, engine: Optional[TrainModuleLogic] = None) -> None:
+        LCTfoundModuleLogic.__init__(self, engine or TrainModuleLogic(python=pythonSlicerExecutable()))
 
     def start(self, parameterNode):
         """Start training for the parameters of ``parameterNode`` (or any object with the same
@@ -424,19 +346,9 @@ class LCTfoundTrainLogic(ScriptedLoadableModuleLogic):
 #
 
 
-class LCTfoundTrainTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (ctest py_LCTfoundTrain); the headless tests are in Testing/Python."""
-
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        self.setUp()
-        self.test_ParameterNodeDefaults()
-        self.setUp()
-        self.test_StartProblems()
-        self.setUp()
-        self.test_FineTuningProblems()
+class LCTfoundTrainTest(LCTfoundModuleTestMixin, ScriptedLoadableModuleTest):
+    """Runs inside Slicer (ctest py_LCTfoundTrain); the headless tests are in Testing/Python.
+    runTest (LCTfoundModuleTestMixin) runs the test_* methods in this order on a cleared scene."""
 
     def test_ParameterNodeDefaults(self):
         logic = LCTfoundTrainLogic()

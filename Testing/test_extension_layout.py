@@ -18,6 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lctfound"
 MODULES = ("LCTfoundSegmentation", "LCTfoundEnhance", "LCTfoundTrain")
+#: The Slicer-side package shared by the modules (bases of their Module/Widget/Logic/Test classes).
+LIBRARY = "LCTfoundSlicerLib"
+LIBRARY_DIR = REPO / LIBRARY
 EXTENSION = "LCTfound"
 SCHEMA_URL = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json"
 CATALOG_KEYS = {
@@ -136,6 +139,71 @@ def base_names(node: ast.ClassDef) -> set[str]:
     return names
 
 
+def library_files() -> list[Path]:
+    return [path for path in files_under(LIBRARY_DIR) if path.suffix == ".py"]
+
+
+def library_classes() -> dict[str, tuple[ast.ClassDef, Path]]:
+    """``{class name: (class, file)}`` of every top-level class of the shared library."""
+    classes: dict[str, tuple[ast.ClassDef, Path]] = {}
+    for path in library_files():
+        for name, node in classes_of(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))).items():
+            assert name not in classes, f"{LIBRARY}: class {name} is defined twice"
+            classes[name] = (node, path)
+    return classes
+
+
+def library_imports(tree: ast.Module) -> set[str]:
+    """Names a module file imports from the shared library."""
+    return {
+        alias.asname or alias.name
+        for node in tree.body if isinstance(node, ast.ImportFrom) and node.level == 0
+        and node.module and node.module.split(".")[0] == LIBRARY
+        for alias in node.names
+    }
+
+
+def class_chain(module: str, name: str) -> list[tuple[ast.ClassDef, Path]]:
+    """The class ``name`` of a module file followed by its ancestors defined in that file or, when the
+    file imports them from there, in the shared library (nearest first; Slicer's own bases are not
+    followed)."""
+    tree = parse_module(module)
+    local, imported, library = classes_of(tree), library_imports(tree), library_classes()
+    chain, pending = [], [(local[name], REPO / module / f"{module}.py")]
+    while pending:
+        node, path = pending.pop(0)
+        if any(node is seen for seen, _ in chain):
+            continue
+        chain.append((node, path))
+        for base in base_names(node):
+            if path.parent != LIBRARY_DIR and base in local:
+                pending.append((local[base], path))
+            elif (path.parent == LIBRARY_DIR or base in imported) and base in library:
+                pending.append(library[base])
+    return chain
+
+
+def chain_bases(chain: list[tuple[ast.ClassDef, Path]]) -> set[str]:
+    return set().union(*(base_names(node) for node, _ in chain))
+
+
+def chain_methods(chain: list[tuple[ast.ClassDef, Path]]) -> dict[str, tuple[ast.FunctionDef, Path]]:
+    """``{method name: (nearest definition, file)}`` along a class chain."""
+    methods: dict[str, tuple[ast.FunctionDef, Path]] = {}
+    for node, path in chain:
+        for statement in node.body:
+            if isinstance(statement, ast.FunctionDef):
+                methods.setdefault(statement.name, (statement, path))
+    return methods
+
+
+def is_abstract(function: ast.FunctionDef) -> bool:
+    """A method whose body (after its docstring) only raises NotImplementedError."""
+    body = [statement for statement in function.body
+            if not (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant))]
+    return len(body) == 1 and isinstance(body[0], ast.Raise) and "NotImplementedError" in ast.unparse(body[0])
+
+
 def decorator_names(node: ast.ClassDef) -> set[str]:
     names = set()
     for decorator in node.decorator_list:
@@ -190,7 +258,8 @@ def top_variables() -> dict[str, list[str]]:
 
 def test_top_level_files_exist():
     for relative in ("CMakeLists.txt", f"{EXTENSION}.json", f"{EXTENSION}.s4ext", "LICENSE",
-                     "Resources/Icons/LCTfound.png", "lctfound/CMakeLists.txt", "scripts/make_icons.py"):
+                     "Resources/Icons/LCTfound.png", "lctfound/CMakeLists.txt", "scripts/make_icons.py",
+                     f"{LIBRARY}/CMakeLists.txt", f"{LIBRARY}/__init__.py"):
         assert (REPO / relative).is_file(), f"missing {relative}"
     assert (REPO / "Resources" / "Screenshots").is_dir(), "missing folder Resources/Screenshots"
 
@@ -211,7 +280,7 @@ def test_top_level_cmake_follows_the_extension_template(top_variables):
     assert commands[find_slicer][1][:2] == ["Slicer", "REQUIRED"]
     assert commands[find_slicer + 1] == ("include", ["${Slicer_USE_FILE}"])
     subdirectories = [arguments[0] for name, arguments in commands if name == "add_subdirectory"]
-    assert subdirectories == ["lctfound", *MODULES], subdirectories
+    assert subdirectories == ["lctfound", LIBRARY, *MODULES], subdirectories
     assert names.index("add_subdirectory") > find_slicer
     assert commands[-2:] == [("include", ["${Slicer_EXTENSION_GENERATE_CONFIG}"]),
                              ("include", ["${Slicer_EXTENSION_CPACK}"])]
@@ -222,7 +291,7 @@ def test_top_level_cmake_follows_the_extension_template(top_variables):
 
 def test_every_module_folder_is_built():
     folders = sorted(path.parent.name for path in REPO.glob("LCTfound*/CMakeLists.txt"))
-    assert folders == sorted(MODULES), "add_subdirectory() every module folder in CMakeLists.txt (and MODULES here)"
+    assert folders == sorted([*MODULES, LIBRARY]), "add_subdirectory() every module folder in CMakeLists.txt (and MODULES here)"
 
 
 def test_description_mentions_the_weights_licence(top_variables):
@@ -311,8 +380,8 @@ def test_package_is_built_as_a_scripted_library_with_subdir():
     assert "${LCTFOUND_PYTHON_SCRIPTS}" in arguments and "${LCTFOUND_PYTHON_RESOURCES}" in arguments
 
 
-def _list_difference_message(variable: str, missing: set[str], extra: set[str]) -> str:
-    lines = [f"lctfound/CMakeLists.txt: {variable} does not match the files under lctfound/."]
+def _list_difference_message(variable: str, missing: set[str], extra: set[str], folder: str = "lctfound") -> str:
+    lines = [f"{folder}/CMakeLists.txt: {variable} does not match the files under {folder}/."]
     if missing:
         lines.append("Add these lines to set(" + variable + " ...):")
         lines += [f"  {name}" for name in sorted(missing)]
@@ -340,6 +409,52 @@ def test_package_cmake_lists_every_data_file():
     }
     missing, extra = on_disk - listed, listed - on_disk
     assert not missing and not extra, _list_difference_message("LCTFOUND_PYTHON_RESOURCES", missing, extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared Slicer library (LCTfoundSlicerLib/CMakeLists.txt)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_library_is_built_as_a_scripted_library_with_subdir():
+    commands = cmake_commands(LIBRARY_DIR / "CMakeLists.txt")
+    builds = [arguments for name, arguments in commands if name == "slicermacrobuildscriptedmodule"]
+    assert len(builds) == 1
+    arguments = builds[0]
+    assert arguments[arguments.index("NAME") + 1] == LIBRARY
+    assert "WITH_SUBDIR" in arguments, f"WITH_SUBDIR installs the files into qt-scripted-modules/{LIBRARY}/"
+    assert "WITH_GENERIC_TESTS" not in arguments, "the library is not a module: it has no module class to test"
+    assert "${LCTFOUNDSLICERLIB_PYTHON_SCRIPTS}" in arguments
+
+
+def test_library_cmake_lists_every_file():
+    variables = cmake_variables(LIBRARY_DIR / "CMakeLists.txt")
+    listed = set(variables.get("LCTFOUNDSLICERLIB_PYTHON_SCRIPTS", []))
+    on_disk = {path.relative_to(LIBRARY_DIR).as_posix() for path in library_files()}
+    missing, extra = on_disk - listed, listed - on_disk
+    assert not missing and not extra, _list_difference_message("LCTFOUNDSLICERLIB_PYTHON_SCRIPTS", missing, extra, LIBRARY)
+    others = [path.relative_to(LIBRARY_DIR).as_posix() for path in files_under(LIBRARY_DIR)
+              if path.suffix != ".py" and path.name != "CMakeLists.txt"]
+    assert not others, f"{LIBRARY}/ holds files that are not installed: {others} (list them as RESOURCES)"
+
+
+def test_library_has_no_test_case():
+    """unittest collects every TestCase a module file names, so shared tests are mixins: only each
+    module's own <Module>Test derives from ScriptedLoadableModuleTest."""
+    library = library_classes()
+    for name, (node, path) in library.items():
+        bases = set().union(*(base_names(library[ancestor][0]) for ancestor in _library_ancestors(name, library)))
+        assert not bases & {"ScriptedLoadableModuleTest", "TestCase"}, f"{path.name}: {name} must not be a TestCase"
+
+
+def _library_ancestors(name: str, library: dict[str, tuple[ast.ClassDef, Path]]) -> list[str]:
+    found, pending = [], [name]
+    while pending:
+        current = pending.pop()
+        if current in library and current not in found:
+            found.append(current)
+            pending.extend(base_names(library[current][0]))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,6 +517,8 @@ def test_module_tests_are_registered_with_ctest(module):
 
 @pytest.mark.parametrize("module", MODULES)
 def test_module_file_defines_the_four_classes(module):
+    """Slicer looks the four classes up by name in the module file; they may derive from the shared
+    library's bases, whose methods count as theirs (abstract ones must be implemented module-side)."""
     classes = classes_of(parse_module(module))
     expectations = {
         module: "ScriptedLoadableModule",
@@ -411,24 +528,41 @@ def test_module_file_defines_the_four_classes(module):
     }
     for name, base in expectations.items():
         assert name in classes, f"{module}.py has no class {name}"
-        assert base in base_names(classes[name]), f"{name} must derive from {base}"
-    widget_methods = {node.name for node in classes[f"{module}Widget"].body if isinstance(node, ast.FunctionDef)}
-    assert {"setup", "enter", "exit", "cleanup", "_updateStatus", "initializeParameterNode", "setParameterNode"} <= widget_methods
-    logic_methods = {node.name for node in classes[f"{module}Logic"].body if isinstance(node, ast.FunctionDef)}
+        assert base in chain_bases(class_chain(module, name)), f"{name} must derive from {base}"
+        for method, (function, path) in chain_methods(class_chain(module, name)).items():
+            assert not is_abstract(function), f"{name} must implement {method} (abstract in {path.relative_to(REPO)})"
+    widget_methods = chain_methods(class_chain(module, f"{module}Widget"))
+    assert {"setup", "enter", "exit", "cleanup", "_updateStatus", "initializeParameterNode", "setParameterNode"} <= set(widget_methods)
+    logic = classes[f"{module}Logic"]
+    logic_methods = chain_methods(class_chain(module, f"{module}Logic"))
     assert "getParameterNode" in logic_methods
+    if logic_methods["getParameterNode"][1].parent == LIBRARY_DIR:
+        # The shared getParameterNode wraps the node in the class the module's logic names.
+        wrapper = next(node.name for node in classes.values() if "parameterNodeWrapper" in decorator_names(node))
+        assigned = {ast.unparse(statement.targets[0]): ast.unparse(statement.value)
+                    for statement in logic.body if isinstance(statement, ast.Assign) and len(statement.targets) == 1}
+        assert assigned.get("parameterNodeClass") == wrapper, f"{module}Logic must set parameterNodeClass = {wrapper}"
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_module_metadata(module):
-    source = (REPO / module / f"{module}.py").read_text(encoding="utf-8")
-    init = next(node for node in classes_of(parse_module(module))[module].body
-                if isinstance(node, ast.FunctionDef) and node.name == "__init__")
-    assigned = {
-        target.attr
-        for statement in ast.walk(init) if isinstance(statement, ast.Assign)
-        for target in statement.targets if isinstance(target, ast.Attribute)
-    }
-    assert {"title", "categories", "contributors", "helpText", "acknowledgementText"} <= assigned
+    """The metadata is set in the module class or its shared base; title and help are the module's own."""
+    assigned: dict[str, Path] = {}
+    for node, path in class_chain(module, module):
+        init = next((item for item in node.body if isinstance(item, ast.FunctionDef) and item.name == "__init__"), None)
+        for statement in ast.walk(init) if init else []:
+            if isinstance(statement, ast.Assign):
+                for target in statement.targets:
+                    if isinstance(target, ast.Attribute):
+                        assigned.setdefault(target.attr, path)
+    assert {"title", "categories", "contributors", "helpText", "acknowledgementText"} <= set(assigned)
+    own_init = next(node for node in classes_of(parse_module(module))[module].body
+                    if isinstance(node, ast.FunctionDef) and node.name == "__init__")
+    own = {target.attr for statement in ast.walk(own_init) if isinstance(statement, ast.Assign)
+           for target in statement.targets if isinstance(target, ast.Attribute)}
+    own |= {keyword.arg for call in ast.walk(own_init) if isinstance(call, ast.Call) for keyword in call.keywords}
+    assert {"title", "helpText"} <= own, f"{module}.__init__ must give its own title and helpText"
+    source = assigned["acknowledgementText"].read_text(encoding="utf-8")
     assert "10.1038/s41467-025-66620-z" in source
     assert "A lung CT vision foundation model facilitating disease diagnosis and medical imaging" in source
 
@@ -449,13 +583,23 @@ def _top_level_imports(tree: ast.Module) -> list[str]:
     return names
 
 
+def _assert_light_imports(path: Path) -> None:
+    where = path.relative_to(REPO).as_posix()
+    for name in _top_level_imports(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        root = name.split(".")[0]
+        assert root not in HEAVY_MODULES, f"{where} imports {name} when Slicer starts; import it inside a function"
+        if root == "lctfound":
+            assert name in LIGHT_ENGINE_MODULES, f"{where} imports {name} at load time; only {sorted(LIGHT_ENGINE_MODULES)} are light"
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_module_file_imports_only_light_modules_at_load_time(module):
-    for name in _top_level_imports(parse_module(module)):
-        root = name.split(".")[0]
-        assert root not in HEAVY_MODULES, f"{module}.py imports {name} when Slicer starts; import it inside a function"
-        if root == "lctfound":
-            assert name in LIGHT_ENGINE_MODULES, f"{module}.py imports {name} at load time; only {sorted(LIGHT_ENGINE_MODULES)} are light"
+    _assert_light_imports(REPO / module / f"{module}.py")
+
+
+@pytest.mark.parametrize("path", library_files(), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_library_imports_only_light_modules_at_load_time(path):
+    _assert_light_imports(path)
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -546,14 +690,16 @@ def test_ui_binds_every_parameter_once(module):
 
 @pytest.mark.parametrize("module", MODULES)
 def test_widget_uses_only_widgets_that_exist_in_the_ui(module):
+    """Every self.ui.<name> of the module file and of the shared widget bases it derives from."""
     names = set(ui_widgets(ui_tree(module)))
+    sources = [parse_module(module)] + [node for node, path in class_chain(module, f"{module}Widget") if path.parent == LIBRARY_DIR]
     used = {
         node.attr
-        for node in ast.walk(parse_module(module))
+        for source in sources for node in ast.walk(source)
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
         and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"
     }
-    assert used <= names, f"{module}.py uses self.ui.{sorted(used - names)} that {module}.ui does not define"
+    assert used <= names, f"{module}.py (with its {LIBRARY} bases) uses self.ui.{sorted(used - names)} that {module}.ui does not define"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,6 +769,8 @@ def test_layering(path):
     for name, in_function in _imports(path):
         if _is_root(name, GUI_ROOTS):
             pytest.fail(f"{where} imports {name}: no Qt or trame under lctfound/ (keep it in the module files or web panels)")
+        if name.split(".")[0] == LIBRARY:
+            pytest.fail(f"{where} imports {name}: the engine must not depend on the Slicer-side {LIBRARY}")
         if _is_root(name, MRML_ROOTS):
             if layer == "mrml":
                 continue

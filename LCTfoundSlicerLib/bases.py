@@ -1,0 +1,278 @@
+"""Bases of the Module, Widget, Logic and Test classes of the LCTfound scripted modules.
+
+Each module file keeps the classes Slicer looks up by name (`<Module>`, `<Module>Widget`,
+`<Module>Logic`, `<Module>Test`) and only what is its own: title and help, parameter class, .ui file,
+engine class and extra widgets. Slicer derives the module name, the resource folder and the parameter
+node's name from the concrete class names, so these bases work unchanged for every module.
+"""
+
+import importlib
+import sys
+from typing import Any, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# Light imports only (no torch): this runs while Slicer starts.
+from lctfound.logic import CHOICE_PROPERTY_NAME
+
+CITATION = (
+    '"A lung CT vision foundation model facilitating disease diagnosis and medical imaging", '
+    "Nature Communications 2025, doi:10.1038/s41467-025-66620-z."
+)
+HOMEPAGE = "https://github.com/lctfound/SlicerLCTfound"
+
+
+#
+# Module
+#
+
+
+class LCTfoundModule(ScriptedLoadableModule):
+    """Metadata shared by the LCTfound modules; each module passes its translated title and help."""
+
+    def __init__(self, parent, title: str, helpText: str) -> None:
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = title
+        self.parent.categories = ["LCTfound"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SlicerLCTfound developers (SlicerLCTfound project)"]
+        self.parent.helpText = helpText + " " + _('See the <a href="{homepage}">extension documentation</a>.').format(
+            homepage=HOMEPAGE
+        )
+        self.parent.acknowledgementText = _(
+            "LCTfound is described in {citation} The official weights have no stated licence "
+            "and are not distributed with this extension."
+        ).format(citation=CITATION)
+
+
+#
+# Logic
+#
+
+
+class LCTfoundModuleLogic(ScriptedLoadableModuleLogic):
+    """Slicer side of a module's logic; all behaviour is in `self.engine` (the module's Qt-free
+    `lctfound.logic` class). Can be used without the GUI widget.
+
+    A module's logic sets `parameterNodeClass` (its @parameterNodeWrapper class) and passes its engine.
+    """
+
+    parameterNodeClass = None
+
+    def __init__(self, engine: Any) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.engine = engine
+
+    def getParameterNode(self):
+        return self.parameterNodeClass(super().getParameterNode())
+
+
+#
+# Widgets
+#
+
+
+class LCTfoundModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel of an LCTfound module: loads the module's .ui, binds the parameter node to it, keeps
+    the selectors whose choices are known only at run time in sync by hand, shows a status line and
+    follows the scene (close) and the module (enter, exit, cleanup).
+
+    A module's widget sets `uiFile` and implements `createLogic()`; it may extend `setupWidgets()`
+    (its own connections), `_choiceItems()`, `_syncSelectors()`, `statusText()` and `_updateStatus()`.
+    """
+
+    uiFile = ""  # "UI/<Module>.ui", relative to the module's Resources folder
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._choiceSelectors = {}
+
+    def createLogic(self) -> LCTfoundModuleLogic:
+        raise NotImplementedError(f"{type(self).__name__} must create its module's logic")
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath(self.uiFile))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = self.createLogic()
+
+        # Model and device lists (and other choices) are only known at run time, so these combo boxes
+        # are synced by hand instead of by connectGui (see lctfound.logic.CHOICE_PROPERTY_NAME).
+        for combo in uiWidget.findChildren(qt.QComboBox):
+            name = combo.property(CHOICE_PROPERTY_NAME)
+            if name:
+                self._choiceSelectors[name] = combo
+                combo.connect("currentIndexChanged(int)", lambda index, name=name: self._onChoiceSelected(name))
+        self._fillChoiceSelectors()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.setupWidgets(uiWidget)
+
+        self.initializeParameterNode()
+
+    def setupWidgets(self, uiWidget) -> None:
+        """The module's own widgets and connections (called before the parameter node is bound)."""
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onReload(self) -> None:
+        """Developer mode "Reload": Slicer re-imports only the module file, so re-import this library first."""
+        package = __name__.rpartition(".")[0]
+        for name in sorted(name for name in sys.modules if name.startswith(package + ".")):
+            importlib.reload(sys.modules[name])
+        importlib.reload(sys.modules[package])
+        ScriptedLoadableModuleWidget.onReload(self)
+
+    # -- parameter node ----------------------------------------------------------------------
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        self.logic.engine.fill_defaults(self._parameterNode)
+
+    def setParameterNode(self, inputParameterNode: Optional[Any]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateStatus)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateStatus)
+        self._updateStatus()
+
+    # -- selectors synced by hand ------------------------------------------------------------
+
+    def _choiceItems(self, name: str, refresh: bool = False) -> list:
+        """The `lctfound.logic.Choice` items of the selector bound to parameter ``name``."""
+        return self.logic.engine.choices(name, refresh=refresh)
+
+    def _fillChoiceSelectors(self, refresh: bool = False) -> None:
+        for name, combo in self._choiceSelectors.items():
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            for choice in self._choiceItems(name, refresh=refresh):
+                combo.addItem(choice.label, choice.value)
+                combo.setItemData(combo.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
+            combo.blockSignals(wasBlocked)
+
+    def _onChoiceSelected(self, name: str) -> None:
+        combo = self._choiceSelectors[name]
+        if self._parameterNode and combo.currentIndex >= 0:
+            setattr(self._parameterNode, name, combo.itemData(combo.currentIndex) or "")
+
+    def _syncSelectors(self) -> None:
+        for name, combo in self._choiceSelectors.items():
+            value = getattr(self._parameterNode, name) if self._parameterNode else ""
+            wasBlocked = combo.blockSignals(True)
+            combo.setCurrentIndex(combo.findData(value))
+            combo.blockSignals(wasBlocked)
+
+    # -- state to widgets --------------------------------------------------------------------
+
+    def statusText(self) -> str:
+        """The status line: what is selected, or what is missing."""
+        return self.logic.engine.selection_summary(self._parameterNode) if self._parameterNode else ""
+
+    def _updateStatus(self, caller=None, event=None) -> None:
+        self._syncSelectors()
+        self.ui.statusLabel.text = self.statusText()
+
+
+class LCTfoundVolumeModuleWidget(LCTfoundModuleWidget):
+    """The panel of a module that works on one input volume with an installed model (Segmentation,
+    Enhance): starts with the scene's first scalar volume and can re-read the installed models."""
+
+    def setupWidgets(self, uiWidget) -> None:
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.onRefreshModels)
+
+    def initializeParameterNode(self) -> None:
+        super().initializeParameterNode()
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def onRefreshModels(self) -> None:
+        self.logic.engine.refresh()
+        self._fillChoiceSelectors(refresh=True)
+        if self._parameterNode:
+            self.logic.engine.fill_defaults(self._parameterNode)
+        self._updateStatus()
+
+
+#
+# Tests (run inside Slicer)
+#
+
+
+class LCTfoundModuleTestMixin:
+    """setUp and runTest of an LCTfound module's in-Slicer test. Not a TestCase itself: a test loader
+    collects every TestCase a module file names, so only the module's own
+    `<Module>Test(a mixin, ScriptedLoadableModuleTest)` may be one."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        """Every test_* method, in the order they are defined (shared ones first), on a cleared scene."""
+        names = dict.fromkeys(name for cls in reversed(type(self).__mro__) for name in vars(cls) if name.startswith("test_"))
+        for name in names:
+            self.setUp()
+            getattr(self, name)()
+
+
+class LCTfoundVolumeModuleTestMixin(LCTfoundModuleTestMixin):
+    """The in-Slicer tests of a volume module; its `<Module>Test` sets `logicClass` and `engineClass`."""
+
+    logicClass = None  # the module's LCTfoundModuleLogic subclass
+    engineClass = None  # its Qt-free lctfound.logic class
+
+    def test_ParameterNodeDefaults(self):
+        logic = self.logicClass()
+        parameterNode = logic.getParameterNode()
+        self.assertIsNone(parameterNode.inputVolume)
+        self.assertEqual(parameterNode.device, "auto")
+
+    def test_StatusLine(self):
+        import numpy as np
+
+        self.delayDisplay("Checking the status line")
+        logic = self.logicClass(self.engineClass(list_models=lambda extra_folders=(): [], available_devices=lambda: ["cpu"]))
+        parameterNode = logic.getParameterNode()
+        self.assertIn("input volume", logic.engine.selection_summary(parameterNode))
+        volume = slicer.util.addVolumeFromArray(np.zeros((4, 8, 8), dtype=np.int16), name="LCTfoundTestCT")
+        parameterNode.inputVolume = volume
+        self.assertIn("No LCTfound model is installed", logic.engine.selection_summary(parameterNode))
+        self.delayDisplay("Test passed")
