@@ -1,0 +1,131 @@
+"""Few-shot segmentation: label 2 slices → train → predict → correct one slice → retrain."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from lctfound.errors import LCTfoundError
+from lctfound.models import load_model, save_model
+from lctfound.pipelines.segmentation import (UNLABELLED, FeatureCache, FewShotConfig, FewShotSegmenter,
+                                             postprocess_labels)
+
+from model_factory import tiny_model
+
+SIZE = 64
+
+
+def phantom(slices: int = 8, seed: int = 0):
+    """Lung-like background with a lesion (+40 HU disc) on every slice and, on slices ≥ 4, a denser
+    +150 HU blob elsewhere that a first model trained on slices 0–3 will take for lesion."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    volume = rng.normal(-850, 20, (slices, SIZE, SIZE)).astype(np.float32)
+    lesion = np.zeros((slices, SIZE, SIZE), dtype=bool)
+    blob = np.zeros_like(lesion)
+    for k in range(slices):
+        lesion[k] = (yy - 22) ** 2 + (xx - 22) ** 2 < (7 + k % 3) ** 2
+        if k >= 4:
+            blob[k] = (yy - 44) ** 2 + (xx - 42) ** 2 < 36
+    volume[lesion] = 40 + rng.normal(0, 10, lesion.sum())
+    volume[blob] = 150 + rng.normal(0, 10, blob.sum())
+    return volume, lesion, blob
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("backbone") / "tiny"
+    save_model(tiny_model(SIZE, seed=1), folder)
+    return load_model(folder)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_label_two_slices_train_predict_correct_retrain(backbone, tmp_path):
+    volume, lesion, blob = phantom()
+    labels = np.full(volume.shape, UNLABELLED, dtype=np.int16)
+    for k in (1, 2):  # the annotator paints the lesion on two slices
+        labels[k] = lesion[k].astype(np.int16)
+    segmenter = FewShotSegmenter(backbone, {1: "Lesion"}, FewShotConfig(epochs=15))
+    start = time.perf_counter()
+    report = segmenter.fit(volume, labels, cache_root=tmp_path)
+    first_fit = time.perf_counter() - start
+    assert report.slices == [1, 2] and report.class_pixels["Lesion"] > 0
+    prediction = segmenter(volume, cache_root=tmp_path) == 1
+    assert dice(prediction[:4], lesion[:4]) > 0.6
+    false_positive = (prediction & blob).sum() / blob.sum()
+    assert false_positive > 0.3, "the dense blob should first be taken for lesion"
+
+    # The annotator erases the false positive on slice 5 (and keeps the lesion there): label it all.
+    labels[5] = lesion[5].astype(np.int16)
+    start = time.perf_counter()
+    segmenter.fit(volume, labels, cache_root=tmp_path)
+    second_fit = time.perf_counter() - start
+    corrected = segmenter(volume, cache_root=tmp_path) == 1
+    assert (corrected[5] & blob[5]).sum() < 0.05 * blob[5].sum()   # the edit is respected
+    assert (corrected & blob).sum() < 0.5 * (prediction & blob).sum()  # and carries over to the other slices
+    assert dice(corrected, lesion) > 0.6
+    assert second_fit < first_fit  # cached features: the second round only trains the head
+
+
+def test_feature_cache_computes_each_slice_once(backbone, tmp_path):
+    volume, _, _ = phantom(4)
+    segmenter = FewShotSegmenter(backbone, {1: "Lesion"})
+    cache = FeatureCache(segmenter.extractor, volume, tmp_path)
+    first = cache.get([0, 2])
+    assert cache.cached_slices == 2
+    again = FeatureCache(segmenter.extractor, volume, tmp_path).get([2, 0, 3])
+    np.testing.assert_array_equal(again[0], first[1])
+    assert cache.cached_slices == 3
+    changed = volume.copy()
+    changed[0, 0, 0] += 1
+    assert FeatureCache(segmenter.extractor, changed, tmp_path).folder != cache.folder
+
+
+def test_save_load_and_backbone_check(backbone, tmp_path):
+    volume, lesion, _ = phantom(4)
+    labels = np.full(volume.shape, UNLABELLED, dtype=np.int16)
+    labels[0] = lesion[0]
+    segmenter = FewShotSegmenter(backbone, {1: "Lesion"}, FewShotConfig(epochs=3))
+    segmenter.fit(volume, labels, cache_root=tmp_path)
+    segmenter.save(tmp_path / "model")
+    loaded = FewShotSegmenter.load(tmp_path / "model", backbone)
+    np.testing.assert_array_equal(loaded(volume, cache_root=tmp_path), segmenter(volume, cache_root=tmp_path))
+    other = tiny_model(SIZE, seed=9)
+    save_model(other, tmp_path / "other")
+    with pytest.raises(LCTfoundError, match="trained on backbone"):
+        FewShotSegmenter.load(tmp_path / "model", load_model(tmp_path / "other"))
+
+
+def test_bad_inputs(backbone):
+    volume, lesion, _ = phantom(3)
+    segmenter = FewShotSegmenter(backbone, {1: "Lesion"})
+    with pytest.raises(LCTfoundError, match="no labelled slice"):
+        segmenter.fit(volume, np.full(volume.shape, UNLABELLED, dtype=np.int16))
+    with pytest.raises(LCTfoundError, match="not on the volume's grid"):
+        segmenter.fit(volume, np.zeros((3, 10, 10), dtype=np.int16))
+    only_background = np.full(volume.shape, UNLABELLED, dtype=np.int16)
+    only_background[0] = 0
+    with pytest.raises(LCTfoundError, match="only background"):
+        segmenter.fit(volume, only_background)
+    unnamed = np.full(volume.shape, UNLABELLED, dtype=np.int16)
+    unnamed[0] = lesion[0] * 3
+    with pytest.raises(LCTfoundError, match="label value 3 has no name"):
+        segmenter.fit(volume, unnamed)
+    with pytest.raises(LCTfoundError, match="at least one structure"):
+        FewShotSegmenter(backbone, {0: "Background"})
+
+
+def test_postprocessing():
+    labels = np.zeros((3, 20, 20), dtype=np.uint8)
+    labels[:, 2:10, 2:10] = 1
+    labels[1, 5, 5] = 0          # a hole
+    labels[:, 15:17, 15:17] = 1  # a small separate island
+    cleaned = postprocess_labels(labels, ["largest", "fill"])
+    assert cleaned[:, 15:17, 15:17].sum() == 0 and cleaned[1, 5, 5] == 1
+    with pytest.raises(LCTfoundError, match="unknown post-processing"):
+        postprocess_labels(labels, ["blur"])

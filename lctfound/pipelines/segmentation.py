@@ -1,0 +1,315 @@
+"""Few-shot segmentation on frozen LCTfound features (the paper's protocol, reference §6.1).
+
+An annotator labels a few slices; `FewShotSegmenter.fit` trains the per-pixel MLP head
+(`PixelMLPHead`, CE + focal loss, AdamW 1e-3, cosine decay) on the denoising features of those
+slices only; `__call__` predicts every slice. Features are cached per (volume, model, feature
+recipe) on disk, slice by slice, so retraining after corrections and predicting again reuse them:
+the second round costs the MLP, not the backbone.
+
+Label arrays use -1 for "not labelled" (those slices are ignored); 0 is background.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..atomic import atomic_file
+from ..errors import LCTfoundError
+from ..features import FeatureExtractor, FeatureSpec
+from ..models.bundle import WEIGHTS_NAME, LCTfoundModel, locate_unet_folder
+from ..models.task_models import TaskModel, backbone_reference, load_task_model, require_parts, save_task_model
+from ..paths import feature_cache_dir
+from ..progress import Progress, ensure_progress
+from ..training.finetune import PixelMLPHead
+
+UNLABELLED = -1
+TASK = "fewshot-segmentation"
+
+
+def volume_key(array: np.ndarray) -> str:
+    """A content hash of a volume (shape, dtype and voxels): the cache key's volume part."""
+    digest = hashlib.sha256(f"{array.shape}|{array.dtype}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Features of one volume under one model and recipe, computed slice by slice on demand.
+
+    Stored as ``features.npy`` (slices, C, R, R) float16, memory-mapped, plus ``done.npy`` marking
+    the computed slices (written atomically after each batch), so an interrupted run keeps what
+    it finished and a later call computes only the missing slices.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, volume: np.ndarray, root: Optional[Path] = None):
+        self.extractor, self.volume = extractor, volume
+        model = extractor.model
+        weights = "random"
+        if model.path is not None:
+            from ..hashing import sha256_file
+
+            weights = sha256_file(locate_unet_folder(model.path) / WEIGHTS_NAME)
+        recipe = json.dumps({"spec": asdict(extractor.spec), "resolution": extractor.resolution, "weights": weights},
+                            sort_keys=True)
+        key = hashlib.sha256((volume_key(volume) + recipe).encode()).hexdigest()[:32]
+        self.folder = (root or feature_cache_dir()) / key
+        self.shape = (volume.shape[0], extractor.channels, extractor.resolution, extractor.resolution)
+        self.persistent = model.path is not None  # random weights: nothing worth keeping between runs
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        features_path, done_path = self.folder / "features.npy", self.folder / "done.npy"
+        if features_path.is_file() and done_path.is_file():
+            features = np.load(features_path, mmap_mode="r+")
+            done = np.load(done_path)
+            if features.shape == self.shape and done.shape == (self.shape[0],):
+                return features, done
+        features = np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float16, shape=self.shape)
+        done = np.zeros(self.shape[0], dtype=bool)
+        return features, done
+
+    def get(self, slices: Sequence[int], batch_size: int = 1, progress: Optional[Progress] = None) -> np.ndarray:
+        """Features (len(slices), C, R, R) float16, computing only what is not cached yet."""
+        progress = ensure_progress(progress)
+        slices = [int(s) for s in slices]
+        features, done = self._arrays()
+        missing = [s for s in slices if not done[s]]
+        computed = 0
+        for batch, values in self.extractor.iter_volume(self.volume, missing, batch_size, out_dtype=torch.float16):
+            features[batch] = values.numpy()
+            features.flush()
+            done[batch] = True
+            with atomic_file(self.folder / "done.npy") as tmp:
+                np.save(tmp, done)
+            computed += len(batch)
+            progress.update(computed, len(missing), f"features of slice {batch[-1]}")
+            progress.check_cancelled()
+        return np.asarray(features[slices])
+
+    @property
+    def cached_slices(self) -> int:
+        done_path = self.folder / "done.npy"
+        return int(np.load(done_path).sum()) if done_path.is_file() else 0
+
+
+@dataclass
+class FewShotConfig:
+    timesteps: tuple[int, ...] = (0, 50, 100, 150)
+    blocks: tuple[int, ...] = (1, 2, 3, 4)
+    window: str = "mediastinal"
+    resolution: Optional[int] = None  # feature grid R; default min(model size, 128) to bound the cache
+    epochs: int = 30
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    batch_pixels: int = 4096
+    pixels_per_class_per_slice: int = 20000
+    focal_gamma: float = 2.0
+    #: On retraining, pixels the current model gets wrong (the annotator's corrections) count this much more.
+    correction_weight: float = 5.0
+    seed: int = 0
+
+    def feature_spec(self, model: LCTfoundModel) -> FeatureSpec:
+        resolution = self.resolution or min(model.sample_size, 128)
+        return FeatureSpec(tuple(self.timesteps), tuple(self.blocks), self.window, resolution=resolution, seed=self.seed)
+
+
+@dataclass
+class FitReport:
+    slices: list[int]
+    pixels: int
+    corrected_pixels: int
+    class_pixels: dict[str, int]
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+
+
+class FewShotSegmenter:
+    """``fit(volume, labels)`` on a few labelled slices, then ``segmenter(volume)`` for all of them."""
+
+    def __init__(self, model: LCTfoundModel, label_names: dict[int, str], config: FewShotConfig = FewShotConfig(),
+                 head: Optional[PixelMLPHead] = None):
+        names = {int(k): v for k, v in label_names.items() if int(k) != 0}
+        if not names:
+            raise LCTfoundError("name at least one structure to segment (label 1 or above)")
+        self.model, self.config = model, config
+        self.class_values = [0] + sorted(names)
+        self.label_names = names
+        self.extractor = FeatureExtractor(model, config.feature_spec(model))
+        self.head = head or PixelMLPHead(self.extractor.channels, len(self.class_values))
+        self._trained = head is not None
+
+    # ------------------------------------------------------------------ training
+    def _training_rows(self, features: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+        resolution = self.extractor.resolution
+        lookup = {value: index for index, value in enumerate(self.class_values)}
+        rows, targets = [], []
+        for slice_features, slice_labels in zip(features, labels):
+            small = F.interpolate(torch.as_tensor(slice_labels, dtype=torch.float32)[None, None],
+                                  size=(resolution, resolution), mode="nearest-exact")[0, 0].numpy().astype(np.int64)
+            flat_labels = small.reshape(-1)
+            flat_features = slice_features.reshape(slice_features.shape[0], -1)
+            for value, index in lookup.items():
+                where = np.flatnonzero(flat_labels == value)
+                if where.size == 0:
+                    continue
+                take = rng.choice(where, size=min(where.size, self.config.pixels_per_class_per_slice), replace=False)
+                rows.append(flat_features[:, take].T)
+                targets.append(np.full(take.size, index, dtype=np.int64))
+        return np.concatenate(rows).astype(np.float32), np.concatenate(targets)
+
+    def fit(self, hu_volume: np.ndarray, labels: np.ndarray, progress: Optional[Progress] = None,
+            cache_root: Optional[Path] = None) -> FitReport:
+        """Train the head on the slices of ``labels`` that hold any value ≥ 0 (−1 = not labelled)."""
+        from monai.losses import FocalLoss
+
+        progress = ensure_progress(progress)
+        if labels.shape != hu_volume.shape:
+            raise LCTfoundError(f"labels {labels.shape} are not on the volume's grid {hu_volume.shape}")
+        labelled = [int(k) for k in range(labels.shape[0]) if (labels[k] >= 0).any()]
+        if not labelled:
+            raise LCTfoundError("no labelled slice: paint the structure on at least one slice first")
+        unknown = sorted(set(np.unique(labels[labelled])) - set(self.class_values) - {UNLABELLED})
+        if unknown:
+            raise LCTfoundError(f"label value {unknown[0]} has no name in this segmenter")
+        if not any((labels[k] > 0).any() for k in labelled):
+            raise LCTfoundError("the labelled slices hold only background: paint the structure on a slice")
+        cache = FeatureCache(self.extractor, hu_volume, cache_root)
+        features = cache.get(labelled, progress=progress)
+        rng = np.random.default_rng(self.config.seed)
+        rows, targets = self._training_rows(features, labels[labelled], rng)
+        x_all, y_all = torch.from_numpy(rows), torch.from_numpy(targets)
+        weights = torch.ones(len(rows))
+        if self._trained:
+            with torch.no_grad():
+                current = torch.cat([self.head.eval()(chunk).argmax(1) for chunk in x_all.split(65536)])
+            weights[current != y_all] = self.config.correction_weight
+        torch.manual_seed(self.config.seed)
+        head = self.head.train()
+        optimizer = torch.optim.AdamW(head.parameters(), lr=self.config.learning_rate,
+                                      weight_decay=self.config.weight_decay)
+        steps_per_epoch = max(1, int(np.ceil(len(rows) / self.config.batch_pixels)))
+        total = steps_per_epoch * self.config.epochs
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+        focal = FocalLoss(gamma=self.config.focal_gamma, use_softmax=True, to_onehot_y=True, reduction="none")
+        losses = []
+        for epoch in range(self.config.epochs):
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+            epoch_loss = 0.0
+            for start in range(0, len(rows), self.config.batch_pixels):
+                index = order[start:start + self.config.batch_pixels]
+                if len(index) < 2:
+                    continue  # BatchNorm needs two rows
+                logits = head(x_all[index])
+                per_pixel = (F.cross_entropy(logits, y_all[index], reduction="none")
+                             + focal(logits, y_all[index][:, None]).sum(dim=1))
+                loss = (per_pixel * weights[index]).sum() / weights[index].sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                epoch_loss += float(loss.detach()) * len(index)
+            losses.append(epoch_loss / len(rows))
+            progress.update(epoch + 1, self.config.epochs, f"head epoch {epoch + 1}, loss {losses[-1]:.4f}")
+            progress.check_cancelled()
+        head.eval()
+        self._trained = True
+        counts = np.bincount(targets, minlength=len(self.class_values))
+        class_pixels = {("background" if v == 0 else self.label_names[v]): int(c)
+                        for v, c in zip(self.class_values, counts)}
+        return FitReport(labelled, len(rows), int((weights > 1).sum()), class_pixels, losses[-1], losses)
+
+    # ------------------------------------------------------------------ prediction
+    @torch.no_grad()
+    def predict_probabilities(self, hu_volume: np.ndarray, slices: Optional[Sequence[int]] = None,
+                              progress: Optional[Progress] = None, cache_root: Optional[Path] = None,
+                              batch_size: int = 1):
+        """Yield ``(slice index, probabilities (K, H, W))`` on the native grid, slice by slice."""
+        progress = ensure_progress(progress)
+        slices = list(range(hu_volume.shape[0])) if slices is None else [int(s) for s in slices]
+        cache = FeatureCache(self.extractor, hu_volume, cache_root)
+        head = self.head.eval()
+        height, width = hu_volume.shape[1:]
+        for done, first in enumerate(range(0, len(slices), batch_size)):
+            batch = slices[first:first + batch_size]
+            features = torch.from_numpy(cache.get(batch).astype(np.float32))
+            channels, resolution = features.shape[1], features.shape[-1]
+            rows = features.permute(0, 2, 3, 1).reshape(-1, channels)
+            logits = head(rows).reshape(len(batch), resolution, resolution, -1).permute(0, 3, 1, 2)
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            for index, slice_logits in zip(batch, torch.softmax(logits, dim=1)):
+                yield index, slice_logits.numpy()
+            progress.update(min(first + batch_size, len(slices)), len(slices), f"slice {batch[-1]}")
+            progress.check_cancelled()
+
+    def __call__(self, hu_volume: np.ndarray, progress: Optional[Progress] = None,
+                 cache_root: Optional[Path] = None, postprocess: Sequence[str] = ()) -> np.ndarray:
+        """Label values (K, H, W) for the whole volume (``postprocess``: see `postprocess_labels`)."""
+        values = np.asarray(self.class_values, dtype=np.uint8 if max(self.class_values) < 256 else np.uint16)
+        out = np.zeros(hu_volume.shape, dtype=values.dtype)
+        for index, probabilities in self.predict_probabilities(hu_volume, progress=progress, cache_root=cache_root):
+            out[index] = values[probabilities.argmax(0)]
+        return postprocess_labels(out, postprocess) if postprocess else out
+
+    # ------------------------------------------------------------------ storage
+    def save(self, folder: str | Path, extra: Optional[dict[str, Any]] = None, overwrite: bool = False) -> Path:
+        info = {"labels": {str(k): v for k, v in self.label_names.items()}, "class_values": self.class_values,
+                "fewshot": {**asdict(self.config), "feature_channels": self.extractor.channels,
+                            "feature_resolution": self.extractor.resolution},
+                "preprocessing": {"window": self.config.window, "normalization": "official",
+                                  "size": self.model.sample_size},
+                **(extra or {})}
+        return save_task_model(folder, TASK, backbone_reference(self.model), {"head": self.head}, info,
+                               overwrite=overwrite)
+
+    @classmethod
+    def load(cls, folder: str | Path, model: LCTfoundModel) -> "FewShotSegmenter":
+        task_model: TaskModel = load_task_model(folder, TASK)
+        task_model.check_backbone(model)
+        require_parts(task_model, ["head"])
+        settings = dict(task_model.info["fewshot"])
+        channels = settings.pop("feature_channels")
+        settings.pop("feature_resolution", None)
+        config = FewShotConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+        names = {int(k): v for k, v in task_model.info["labels"].items()}
+        head = PixelMLPHead(channels, len(names) + 1)
+        head.load_state_dict(task_model.parts["head"])
+        segmenter = cls(model, names, config, head.eval())
+        if segmenter.extractor.channels != channels:
+            raise LCTfoundError(f"{folder}: its head expects {channels} feature channels, this backbone gives "
+                                f"{segmenter.extractor.channels}")
+        return segmenter
+
+
+POSTPROCESSING = ("largest", "fill", "smooth")
+
+
+def postprocess_labels(labels: np.ndarray, steps: Sequence[str]) -> np.ndarray:
+    """Per structure: ``largest`` connected component, ``fill`` holes (per slice), ``smooth`` (binary opening+closing)."""
+    from scipy import ndimage
+
+    unknown = [s for s in steps if s not in POSTPROCESSING]
+    if unknown:
+        raise LCTfoundError(f"unknown post-processing {unknown[0]!r}; choose from {', '.join(POSTPROCESSING)}")
+    out = np.zeros_like(labels)
+    for value in [int(v) for v in np.unique(labels) if v != 0]:
+        mask = labels == value
+        if "smooth" in steps:
+            structure = ndimage.generate_binary_structure(3, 1)
+            mask = ndimage.binary_closing(ndimage.binary_opening(mask, structure), structure)
+        if "largest" in steps and mask.any():
+            components, count = ndimage.label(mask)
+            if count > 1:
+                sizes = np.bincount(components.ravel())[1:]
+                mask = components == (int(np.argmax(sizes)) + 1)
+        if "fill" in steps:
+            mask = np.stack([ndimage.binary_fill_holes(s) for s in mask])
+        out[mask & (out == 0)] = value
+    return out
