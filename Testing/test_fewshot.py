@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +130,54 @@ def test_postprocessing():
     assert cleaned[:, 15:17, 15:17].sum() == 0 and cleaned[1, 5, 5] == 1
     with pytest.raises(LCTfoundError, match="unknown post-processing"):
         postprocess_labels(labels, ["blur"])
+
+
+def test_cli_segment_train_and_batch_predict(backbone, tmp_path, run_cli, monkeypatch):
+    import csv
+
+    from lctfound.io.volume import CTVolume, read_volume, write_volume
+
+    monkeypatch.setenv("LCTFOUND_CACHE_DIR", str(tmp_path / "cache"))
+    volume, lesion, _ = phantom(4)
+    ct = CTVolume(volume.astype(np.int16), spacing=(0.7, 0.7, 5.0))
+    write_volume(ct, tmp_path / "ct.nrrd")
+    label = np.zeros(volume.shape, dtype=np.uint8)
+    label[1] = lesion[1]
+    write_volume(ct.with_array(label), tmp_path / "label.nrrd")
+    code, out, err = run_cli(["segment", "train", tmp_path / "ct.nrrd", "--labels", tmp_path / "label.nrrd",
+                              "--names", "1=Lesion", "--backbone", backbone.path, "--epochs", "5",
+                              "-o", tmp_path / "fewshot"])
+    assert code == 0, err
+    assert "trained on slices [1]" in out
+
+    code, out, err = run_cli(["segment", "predict", tmp_path / "ct.nrrd", "--model", tmp_path / "fewshot",
+                              "--postprocess", "largest", "-o", tmp_path / "pred.nii.gz"])
+    assert code == 0, err
+    predicted = read_volume(tmp_path / "pred.nii.gz", labels=True)
+    assert predicted.shape == ct.shape and predicted.spacing == ct.spacing and set(np.unique(predicted.array)) <= {0, 1}
+
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    write_volume(ct, batch / "a.nrrd")
+    write_volume(ct, batch / "b.nii.gz")
+    (batch / "broken.nrrd").write_bytes(b"NRRD0004\nnot really")
+    code, out, err = run_cli(["segment", "predict", batch, "--model", tmp_path / "fewshot", "-o", tmp_path / "out"])
+    assert code == 1 and "2 of 3 volume(s) segmented" in out
+    with open(tmp_path / "out" / "summary.csv", newline="") as handle:
+        rows = {Path(r["input"]).name: r for r in csv.DictReader(handle)}
+    assert rows["a.nrrd"]["status"] == "ok" and rows["broken.nrrd"]["status"].startswith("error:")
+    done = (tmp_path / "out" / "a_seg.nii.gz").stat().st_mtime_ns
+    (batch / "broken.nrrd").unlink()
+    code, out, err = run_cli(["segment", "predict", batch, "--model", tmp_path / "fewshot", "-o", tmp_path / "out"])
+    assert code == 0 and (tmp_path / "out" / "a_seg.nii.gz").stat().st_mtime_ns == done  # resumed, not redone
+
+    other_grid = CTVolume(np.zeros((4, 32, 32), dtype=np.uint8), spacing=(0.7, 0.7, 5.0))
+    write_volume(other_grid, tmp_path / "small_label.nrrd")
+    code, out, err = run_cli(["segment", "train", tmp_path / "ct.nrrd", "--labels", tmp_path / "small_label.nrrd",
+                              "--backbone", backbone.path, "-o", tmp_path / "bad"])
+    assert code == 2 and err.startswith("error:") and "small_label.nrrd" in err
+    empty = ct.with_array(np.zeros(volume.shape, dtype=np.uint8))
+    write_volume(empty, tmp_path / "empty_label.nrrd")
+    code, out, err = run_cli(["segment", "train", tmp_path / "ct.nrrd", "--labels", tmp_path / "empty_label.nrrd",
+                              "--backbone", backbone.path, "-o", tmp_path / "bad2"])
+    assert code == 2 and "no labelled slice" in err

@@ -72,18 +72,20 @@ def bench_forward(args) -> dict:
     return results
 
 
-def bench_volume(args, volume: np.ndarray, label: str) -> dict:
+def bench_volume(args, volume: np.ndarray, label: str, slices=None) -> dict:
     model = get_model(args)
     extractor = FeatureExtractor(model, FeatureSpec(resolution=args.resolution))
+    count = volume.shape[0] if slices is None else len(slices)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         with PeakRSS() as peak:
             start = time.perf_counter()
-            save_volume_features(extractor, volume, Path(tmp) / "features", batch_size=args.batch_size)
+            save_volume_features(extractor, volume, Path(tmp) / "features", slices=slices, batch_size=args.batch_size)
             seconds = time.perf_counter() - start
         stored = (Path(tmp) / "features" / "features.npy").stat().st_size
-    result = {"volume": label, "shape": list(volume.shape), "preset": model.preset, "channels": extractor.channels,
+    result = {"volume": label, "shape": list(volume.shape), "slices_extracted": count, "preset": model.preset,
+              "model_input": model.sample_size, "channels": extractor.channels,
               "resolution": extractor.resolution, "batch_size": args.batch_size, "seconds": seconds,
-              "seconds_per_slice": seconds / volume.shape[0], "peak_rss_increase": peak.increase,
+              "seconds_per_slice": seconds / count, "peak_rss_increase": peak.increase,
               "peak_rss_increase_h": human_bytes(peak.increase), "stored_bytes_h": human_bytes(stored)}
     print(json.dumps(result, indent=2), flush=True)
     return result
@@ -100,6 +102,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--limit-slices", type=int,
+                        help="large: extract only the first N slices (the whole volume stays in memory); shows the "
+                             "per-batch memory of models too slow for 300 slices on a CPU")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="where temporary feature files go")
     parser.add_argument("--json", help="append the result as one JSON line to this file")
@@ -116,7 +121,8 @@ def main() -> None:
     else:
         rng = np.random.default_rng(0)
         volume = rng.integers(-1024, 1500, size=(args.slices, 512, 512), dtype=np.int16)
-        result = bench_volume(args, volume, f"synthetic 512×512×{args.slices}")
+        slices = list(range(args.limit_slices)) if args.limit_slices else None
+        result = bench_volume(args, volume, f"synthetic 512×512×{args.slices}", slices)
     if args.json:
         with open(args.json, "a") as handle:
             handle.write(json.dumps({"what": args.what, "machine": machine(), "date": time.strftime("%Y-%m-%d"),

@@ -1,0 +1,194 @@
+"""``lctfound segment``: few-shot segmentation from a few labelled slices, and batch prediction."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+from ..errors import LCTfoundError
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("segment", help="few-shot segmentation: train on a few slices, predict volumes",
+                                   description="Few-shot segmentation on frozen LCTfound features (the paper's "
+                                               "protocol): a per-pixel MLP trained on the labelled slices only.")
+    commands = parser.add_subparsers(dest="segment_command", metavar="SUBCOMMAND")
+    commands.required = True
+
+    train = commands.add_parser("train", help="train a few-shot model on the labelled slices of a volume",
+                                description="Train on the slices of LABELS that hold a structure (or on --slices); "
+                                            "every other slice is ignored. Features are cached, so retraining "
+                                            "after corrections is fast.")
+    train.add_argument("volume", help="CT volume: DICOM folder, NIfTI, NRRD or MHA")
+    train.add_argument("--labels", required=True, help="label map on the volume's grid (0 = background)")
+    train.add_argument("--slices", help="slices that are fully labelled, e.g. 10,12-14 (default: slices with labels)")
+    train.add_argument("--names", help="structure names, e.g. 1=Lesion,2=Vessel (default Label N)")
+    train.add_argument("--backbone", default="default", help="backbone model (default: the embedded model)")
+    train.add_argument("--window", default="mediastinal", help="input window (default mediastinal)")
+    train.add_argument("--epochs", type=int, default=30, help="head training epochs (default 30)")
+    train.add_argument("--output", "-o", required=True, help="new task-model folder")
+    train.add_argument("--register", metavar="NAME", help="also register it under NAME for every front end")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    train.set_defaults(func=run_train)
+
+    predict = commands.add_parser("predict", help="segment a volume, or every volume of a folder",
+                                  description="Predict with a few-shot model. With a folder as input, writes one "
+                                              "label map per volume into --output and a summary.csv, skipping "
+                                              "volumes already done (so an interrupted batch resumes).")
+    predict.add_argument("input", help="a CT volume or a folder of volumes (NIfTI/NRRD/MHA files or DICOM folders)")
+    predict.add_argument("--model", required=True, help="task model folder or registered name")
+    predict.add_argument("--backbone", help="backbone model (default: the one the task model names)")
+    predict.add_argument("--output", "-o", required=True, help="label map file (.nii.gz/.nrrd/.mha) or a folder")
+    predict.add_argument("--postprocess", default="", help="comma list of: largest, fill, smooth")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    predict.set_defaults(func=run_predict)
+
+
+def _names(text: str | None, values: list[int]) -> dict[int, str]:
+    names = {value: f"Label {value}" for value in values if value > 0}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, _, name = part.partition("=")
+        try:
+            names[int(key)] = name.strip() or f"Label {key}"
+        except ValueError:
+            raise LCTfoundError(f"cannot read --names {text!r}; use e.g. 1=Lesion,2=Vessel") from None
+    return names
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..devices import resolve_device
+    from ..features import parse_slices
+    from ..io.volume import read_label_volume, read_volume
+    from ..models import load_model, resolve_model
+    from ..models.registry import check_new_model_name, register_model
+    from ..pipelines.segmentation import UNLABELLED, FewShotConfig, FewShotSegmenter
+    from ..progress import TqdmProgress
+
+    output = Path(args.output)
+    if output.exists():
+        raise LCTfoundError(f"{output}: already exists; choose a new folder")
+    if args.register:
+        check_new_model_name(args.register)
+    volume = read_volume(args.volume)
+    label = read_label_volume(args.labels, reference=volume)
+    chosen = parse_slices(args.slices, volume.shape[0])
+    if chosen is None:
+        chosen = [int(k) for k in np.flatnonzero(label.array.reshape(volume.shape[0], -1).any(axis=1))]
+    labels = np.full(volume.shape, UNLABELLED, dtype=np.int16)
+    labels[chosen] = label.array[chosen]
+    backbone = load_model(resolve_model(args.backbone), device=resolve_device(args.device))
+    values = sorted(int(v) for v in np.unique(label.array[chosen])) if chosen else []
+    segmenter = FewShotSegmenter(backbone, _names(args.names, values),
+                                 FewShotConfig(window=args.window, epochs=args.epochs))
+    start = time.perf_counter()
+    with TqdmProgress("segment train", unit="step") as progress:
+        report = segmenter.fit(volume.array, labels, progress=progress)
+    segmenter.save(output, extra={"name": args.register or output.name,
+                                  "training": {"volume": str(args.volume), "slices": report.slices,
+                                               "pixels": report.pixels, "final_loss": report.final_loss}})
+    print(f"trained on slices {report.slices} ({report.pixels} pixels) in {time.perf_counter() - start:.1f} s; "
+          f"model in {output}")
+    if args.register:
+        print(f"registered as {args.register!r} in {register_model(output, args.register)}")
+    return 0
+
+
+def _inputs(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise LCTfoundError(f"{path}: no such file or folder")
+    from ..io.dicom import looks_like_dicom
+
+    entries = []
+    for child in sorted(path.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if child.is_file() and child.name.lower().endswith(VOLUME_SUFFIXES):
+            entries.append(child)
+        elif child.is_dir() and any(looks_like_dicom(f) for f in list(child.iterdir())[:5] if f.is_file()):
+            entries.append(child)
+    if not entries and any(looks_like_dicom(f) for f in list(path.iterdir())[:5] if f.is_file()):
+        return [path]  # the folder is itself one DICOM series
+    if not entries:
+        raise LCTfoundError(f"{path}: no CT volumes (NIfTI, NRRD, MHA or DICOM folders) found")
+    return entries
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from ..devices import resolve_device
+    from ..io.volume import read_volume, write_volume
+    from ..models import load_model, resolve_model
+    from ..models.task_models import load_task_model
+    from ..atomic import atomic_file
+    from ..pipelines.segmentation import POSTPROCESSING, TASK, FewShotSegmenter
+    from ..progress import TqdmProgress
+
+    steps = [s.strip() for s in args.postprocess.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in POSTPROCESSING]
+    if unknown:
+        raise LCTfoundError(f"unknown post-processing {unknown[0]!r}; choose from {', '.join(POSTPROCESSING)}")
+    task_folder = resolve_model(args.model)
+    task_model = load_task_model(task_folder, TASK)
+    backbone_spec = args.backbone or task_model.backbone.get("path") or task_model.backbone.get("name") or "default"
+    backbone = load_model(resolve_model(backbone_spec), device=resolve_device(args.device))
+    segmenter = FewShotSegmenter.load(task_folder, backbone)
+    source, output = Path(args.input), Path(args.output)
+    inputs = _inputs(source)
+    batch = source.is_dir() and not (len(inputs) == 1 and inputs[0] == source)
+    if not batch:
+        volume = read_volume(inputs[0])
+        with TqdmProgress("segment", unit="slice") as progress:
+            labels = segmenter(volume.array, progress=progress, postprocess=steps)
+        write_volume(volume.with_array(labels), output)
+        print(f"wrote {output}: " + ", ".join(f"{name} {int((labels == value).sum())} voxels"
+                                              for value, name in sorted(segmenter.label_names.items())))
+        return 0
+    output.mkdir(parents=True, exist_ok=True)
+    summary_path = output / "summary.csv"
+    rows = []
+    if summary_path.is_file():
+        with open(summary_path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    done = {row["input"] for row in rows}
+    names = [name for _, name in sorted(segmenter.label_names.items())]
+    failures = 0
+    for path in inputs:
+        target = output / f"{_stem(path)}_seg.nii.gz"
+        if str(path) in done and target.is_file():
+            continue
+        start = time.perf_counter()
+        try:
+            volume = read_volume(path)
+            with TqdmProgress(path.name, unit="slice") as progress:
+                labels = segmenter(volume.array, progress=progress, postprocess=steps)
+            write_volume(volume.with_array(labels), target)
+            row = {"input": str(path), "output": str(target), "status": "ok",
+                   "seconds": f"{time.perf_counter() - start:.1f}",
+                   **{name: int((labels == value).sum()) for value, name in sorted(segmenter.label_names.items())}}
+        except LCTfoundError as error:
+            failures += 1
+            row = {"input": str(path), "output": "", "status": f"error: {error}", "seconds": "", **{n: "" for n in names}}
+        rows = [r for r in rows if r["input"] != str(path)] + [row]
+        with atomic_file(summary_path) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, ["input", "output", "status", "seconds", *names])
+            writer.writeheader()
+            writer.writerows(rows)
+    print(f"{len(inputs) - failures} of {len(inputs)} volume(s) segmented; summary in {summary_path}")
+    return 1 if failures else 0
