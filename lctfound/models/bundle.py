@@ -197,15 +197,22 @@ class LCTfoundModel:
 
 
 def new_model(preset: str, windows: Sequence[str] = tuple(WINDOWS), diseases: Sequence[str] = (),
-              condition_dropout: float = 0.05, seed: Optional[int] = None) -> LCTfoundModel:
-    """A randomly initialised model of a preset with a learned condition encoder (for pretraining)."""
+              condition_dropout: float = 0.05, seed: Optional[int] = None,
+              sample_size: Optional[int] = None) -> LCTfoundModel:
+    """A randomly initialised model of a preset with a learned condition encoder (for pretraining).
+
+    ``sample_size`` is the model's native input size (the preset's, 256, unless trained at another).
+    """
     from ..scheduler import make_ddpm_scheduler
 
     if preset not in PRESETS:
         raise LCTfoundError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     if seed is not None:
         torch.manual_seed(seed)
-    unet = build_unet(preset)
+    config = dict(PRESETS[preset].unet_config)
+    if sample_size is not None:
+        config["sample_size"] = int(sample_size)
+    unet = build_unet(config)
     encoder = LearnedConditionEncoder(windows, diseases, dropout=condition_dropout)
     metadata = {"preset": preset, "windows": list(windows), "conditioning": {"type": "learned"}}
     return LCTfoundModel(unet, make_ddpm_scheduler(), encoder, metadata)
