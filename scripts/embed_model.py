@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="pretraining run folder (with model/, metrics.csv)")
     parser.add_argument("--command", required=True, help="the exact training command, for the model card")
     parser.add_argument("--wall-time", help="wall-clock time of the run, for the model card")
+    parser.add_argument("--note", default="", help="anything else the model card must say about the run")
     args = parser.parse_args()
 
     model = load_model(args.run / "model")
@@ -48,7 +49,7 @@ def main() -> None:
         shutil.rmtree(target)
         sys.exit(f"error: {size / 2**20:.1f} MB is over the 16 MB limit for an embedded model")
 
-    rows = MetricsLog.read(args.run / "metrics.csv")
+    rows = [r for r in MetricsLog.read(args.run / "metrics.csv") if int(float(r["step"])) <= training["step"]]
     last = rows[-10:]
     final_loss = sum(float(r["loss"]) for r in last) / len(last)
     first_loss = float(rows[0]["loss"])
@@ -87,7 +88,7 @@ Training items: every slice of both volumes in both windows (lung W1500/L−500,
 - Loss (ε-MSE): {first_loss:.3f} at step 1 → {final_loss:.3f} (mean of the last {len(last)} logged steps). Curve: `docs/embedded_loss_curve.png`.
 - Hardware: {training.get('hardware', '?')}{f'; wall-clock {args.wall_time}' if args.wall_time else ''}.
 - Date: {dt.date.today().isoformat()}; lctfound {model.metadata.get('lctfound_version')}, torch {torch.__version__}.
-- Weights stored as float16 ({size / 2**20:.1f} MB in all); loaded as float32.
+{f"- {args.note}" + chr(10) if args.note else ""}- Weights stored as float16 ({size / 2**20:.1f} MB in all); loaded as float32.
 
 ## Limitations
 - Two patients, 5 mm slices, one scanner: the model has not seen the variety of real lung CT.
