@@ -86,7 +86,9 @@ def bench_volume(args, volume: np.ndarray, label: str, slices=None) -> dict:
               "model_input": model.sample_size, "channels": extractor.channels,
               "resolution": extractor.resolution, "batch_size": args.batch_size, "seconds": seconds,
               "seconds_per_slice": seconds / count, "peak_rss_increase": peak.increase,
-              "peak_rss_increase_h": human_bytes(peak.increase), "stored_bytes_h": human_bytes(stored)}
+              "peak_rss_increase_h": human_bytes(peak.increase),
+              "peak_anonymous_increase": peak.anonymous_increase,
+              "peak_anonymous_increase_h": human_bytes(peak.anonymous_increase), "stored_bytes_h": human_bytes(stored)}
     print(json.dumps(result, indent=2), flush=True)
     return result
 

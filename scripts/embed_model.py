@@ -84,7 +84,7 @@ Training items: every slice of both volumes in both windows (lung W1500/L−500,
 
 ## Training
 - Command: `{args.command}`
-- Steps: {training['step']} optimizer steps of {config['batch_size']} images ({config['patch_size'] or config['resolution']}² patches cut from slices resized to {config['resolution']}²), learning rate {config['learning_rate']} (cosine, {config['warmup_steps']} warm-up steps), AdamW, gradient clipping {config['grad_clip']}, EMA {config['ema_decay']} (the published weights are the EMA weights), 5 % null prompts, the official augmentations.
+- Steps: {training['step']} optimizer steps of {config['batch_size']} images ({f"{config['patch_size']}² patches cut from slices resized to {config['resolution']}²" if config['patch_size'] else f"whole slices resized to {config['resolution']}²; the model's native input size is {config['resolution']}², so features and generation run at that size"}), learning rate {config['learning_rate']} (cosine, {config['warmup_steps']} warm-up steps), AdamW, gradient clipping {config['grad_clip']}, EMA {config['ema_decay']} (the published weights are the EMA weights), 5 % null prompts, the official augmentations.
 - Loss (ε-MSE): {first_loss:.3f} at step 1 → {final_loss:.3f} (mean of the last {len(last)} logged steps). Curve: `docs/embedded_loss_curve.png`.
 - Hardware: {training.get('hardware', '?')}{f'; wall-clock {args.wall_time}' if args.wall_time else ''}.
 - Date: {dt.date.today().isoformat()}; lctfound {model.metadata.get('lctfound_version')}, torch {torch.__version__}.
@@ -93,8 +93,10 @@ Training items: every slice of both volumes in both windows (lung W1500/L−500,
 ## Limitations
 - Two patients, 5 mm slices, one scanner: the model has not seen the variety of real lung CT.
   Features are useful for trying few-shot workflows on the sample data, not for reporting results.
-- Small network with attention only at 1/8 resolution (the `cpu-tiny` preset); generated slices
-  show CT-like texture and body outlines but not reliable anatomy.
+- Small network with attention only at 1/8 resolution (the `cpu-tiny` preset), trained for minutes
+  on a CPU: generated slices (`docs/embedded_samples.png`) show body outlines and dark lung regions
+  under heavy residual noise, not anatomy. Its denoising at small timesteps — what the features use —
+  is much better than its sampling at large ones.
 - Not a medical device; research use only.
 """
     (target / "MODEL_CARD.md").write_text(card)
