@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +51,16 @@ def test_label_two_slices_train_predict_correct_retrain(backbone, tmp_path):
     for k in (1, 2):  # the annotator paints the lesion on two slices
         labels[k] = lesion[k].astype(np.int16)
     segmenter = FewShotSegmenter(backbone, {1: "Lesion"}, FewShotConfig(epochs=15))
-    start = time.perf_counter()
+    computed = []  # slices whose features the backbone computes
+    real_iter = segmenter.extractor.iter_volume
+
+    def counting_iter(volume_, slices, *args, **kwargs):
+        computed.extend(slices)
+        return real_iter(volume_, slices, *args, **kwargs)
+
+    segmenter.extractor.iter_volume = counting_iter
     report = segmenter.fit(volume, labels, cache_root=tmp_path)
-    first_fit = time.perf_counter() - start
+    assert computed == [1, 2]
     assert report.slices == [1, 2] and report.class_pixels["Lesion"] > 0
     prediction = segmenter(volume, cache_root=tmp_path) == 1
     assert dice(prediction[:4], lesion[:4]) > 0.6
@@ -63,14 +69,14 @@ def test_label_two_slices_train_predict_correct_retrain(backbone, tmp_path):
 
     # The annotator erases the false positive on slice 5 (and keeps the lesion there): label it all.
     labels[5] = lesion[5].astype(np.int16)
-    start = time.perf_counter()
-    segmenter.fit(volume, labels, cache_root=tmp_path)
-    second_fit = time.perf_counter() - start
+    computed.clear()
+    report = segmenter.fit(volume, labels, cache_root=tmp_path)
+    assert computed == []  # every slice was cached by the prediction: retraining runs only the head
+    assert report.corrected_pixels > 0
     corrected = segmenter(volume, cache_root=tmp_path) == 1
     assert (corrected[5] & blob[5]).sum() < 0.05 * blob[5].sum()   # the edit is respected
     assert (corrected & blob).sum() < 0.5 * (prediction & blob).sum()  # and carries over to the other slices
     assert dice(corrected, lesion) > 0.6
-    assert second_fit < first_fit  # cached features: the second round only trains the head
 
 
 def test_feature_cache_computes_each_slice_once(backbone, tmp_path):
@@ -154,7 +160,8 @@ def test_cli_segment_train_and_batch_predict(backbone, tmp_path, run_cli, monkey
                               "--postprocess", "largest", "-o", tmp_path / "pred.nii.gz"])
     assert code == 0, err
     predicted = read_volume(tmp_path / "pred.nii.gz", labels=True)
-    assert predicted.shape == ct.shape and predicted.spacing == ct.spacing and set(np.unique(predicted.array)) <= {0, 1}
+    assert predicted.shape == ct.shape and np.allclose(predicted.spacing, ct.spacing)  # NIfTI stores float32
+    assert set(np.unique(predicted.array)) <= {0, 1}
 
     batch = tmp_path / "batch"
     batch.mkdir()

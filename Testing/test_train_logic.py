@@ -13,6 +13,8 @@ import numpy as np
 import psutil
 import pytest
 
+from lctfound.models.registry import DEFAULT_MODEL_NAME
+
 import data_factory
 from lctfound.errors import LCTfoundError
 from lctfound.io.volume import read_volume, write_volume
@@ -353,8 +355,9 @@ def class_table(tmp_path_factory):
 
 def test_finetune_defaults_learning_rates_and_visible_fields(ft_logic):
     p = TrainParameters(task=SEGMENTATION, data_source="table")
+    # The embedded default model is the default backbone whenever it is installed.
     assert ft_logic.fill_defaults(p) == {"new_model_name": "lctfound-segmentation", "data_source": "volumes",
-                                         "mode": "full", "backbone_model": "tiny-backbone"}
+                                         "mode": "full", "backbone_model": DEFAULT_MODEL_NAME}
     assert effective_learning_rate(p) == 1e-4  # full fine-tuning
     for mode in ("frozen", "adapter"):
         assert effective_learning_rate(TrainParameters(task=SEGMENTATION, mode=mode)) == 1e-3
@@ -364,7 +367,7 @@ def test_finetune_defaults_learning_rates_and_visible_fields(ft_logic):
     assert effective_learning_rate(TrainParameters(task=SEGMENTATION, learning_rate=5e-5)) == 5e-5  # chosen
 
     c = TrainParameters(task=CLASSIFICATION, mode="adapter", new_model_name="x")
-    assert ft_logic.fill_defaults(c) == {"data_source": "table", "mode": "frozen", "backbone_model": "tiny-backbone"}
+    assert ft_logic.fill_defaults(c) == {"data_source": "table", "mode": "frozen", "backbone_model": DEFAULT_MODEL_NAME}
     c.mode = "adapter"
     assert "Mode 'adapter' is not available for this task; choose one of: frozen, full." in ft_logic.parameter_problems(c)
 

@@ -82,6 +82,8 @@ def run_train(args: argparse.Namespace) -> int:
     chosen = parse_slices(args.slices, volume.shape[0])
     if chosen is None:
         chosen = [int(k) for k in np.flatnonzero(label.array.reshape(volume.shape[0], -1).any(axis=1))]
+    if not chosen:
+        raise LCTfoundError(f"{args.labels}: no labelled slice; paint the structure on at least one slice")
     labels = np.full(volume.shape, UNLABELLED, dtype=np.int16)
     labels[chosen] = label.array[chosen]
     backbone = load_model(resolve_model(args.backbone), device=resolve_device(args.device))

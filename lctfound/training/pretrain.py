@@ -63,8 +63,10 @@ class PretrainConfig(LoopConfig):
             raise LCTfoundError("pretraining needs a data folder")
         self.windows = tuple(self.windows)
         self.exclude = tuple(self.exclude)
-        if self.resolution < 16 or self.resolution % 16:
-            raise LCTfoundError(f"resolution must be a positive multiple of 16, got {self.resolution}")
+        if self.resolution % 16:
+            raise LCTfoundError(f"resolution must be a multiple of 16, got {self.resolution}")
+        if self.resolution < 16:
+            raise LCTfoundError(f"resolution must be at least 16, got {self.resolution}")
         if self.patch_size is not None and (self.patch_size % 16 or not 16 <= self.patch_size <= self.resolution):
             raise LCTfoundError(f"patch size must be a multiple of 16 between 16 and the resolution, got {self.patch_size}")
 
