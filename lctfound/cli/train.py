@@ -206,17 +206,10 @@ def _label_names(text: str | None, values: set[int]) -> dict[int, str]:
 
 def read_pairs(table: str) -> tuple[list[str], list[str]]:
     """(images, label maps) from a CSV with columns image,labels; relative paths are relative to the CSV."""
-    import csv
+    from ..training.tables import read_case_table, table_path
 
-    path = Path(table)
-    if not path.is_file():
-        raise LCTfoundError(f"{path}: no such table")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not {"image", "labels"} <= set(rows[0]):
-        raise LCTfoundError(f"{path}: needs a header with columns image,labels and at least one row")
-    resolve = lambda value: str(Path(value) if Path(value).is_absolute() else path.parent / value)  # noqa: E731
-    return [resolve(row["image"]) for row in rows], [resolve(row["labels"]) for row in rows]
+    rows = read_case_table(table, ("image", "labels"))
+    return [str(table_path(table, row["image"])) for row in rows], [str(table_path(table, row["labels"])) for row in rows]
 
 
 def segmentation_slices(images: list[str], labels: list[str], background_ratio: float, seed: int):
@@ -246,24 +239,19 @@ def segmentation_slices(images: list[str], labels: list[str], background_ratio: 
 
 def classification_slices(table: str, per_scan: int):
     """Slices, class indices, scan ids and class names from a CSV of image,label rows."""
-    import csv
-
     import numpy as np
 
     from ..io.volume import read_volume
+    from ..training.tables import read_case_table, table_path
 
     path = Path(table)
-    if not path.is_file():
-        raise LCTfoundError(f"{path}: no such table")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not {"image", "label"} <= set(rows[0]):
-        raise LCTfoundError(f"{path}: needs a header with columns image,label and at least one row")
+    rows = read_case_table(path, ("image", "label"))
     class_names = sorted({row["label"] for row in rows})
+    if len(class_names) < 2:  # before any volume is read
+        raise LCTfoundError(f"{path}: only one class ({class_names[0]!r}); classification needs at least two")
     slices, classes, scans = [], [], []
     for row in rows:
-        image_path = Path(row["image"])
-        image_path = image_path if image_path.is_absolute() else path.parent / image_path
+        image_path = table_path(path, row["image"])
         volume = read_volume(image_path)
         count = volume.shape[0] if per_scan <= 0 else min(per_scan, volume.shape[0])
         first = (volume.shape[0] - count) // 2
@@ -271,8 +259,6 @@ def classification_slices(table: str, per_scan: int):
             slices.append(volume.array[index].astype(np.float32))
             classes.append(class_names.index(row["label"]))
             scans.append(str(image_path))
-    if len(class_names) < 2:
-        raise LCTfoundError(f"{path}: only one class ({class_names[0]!r}); classification needs at least two")
     return slices, classes, scans, class_names
 
 

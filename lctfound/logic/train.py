@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..errors import LCTfoundError
+from ..training.tables import table_path
 from .base import AUTO_DEVICE, ButtonState, Choice, ModuleLogicBase, RunState, _snake_case
 
 if TYPE_CHECKING:
@@ -695,8 +696,7 @@ class TrainModuleLogic(ModuleLogicBase):
         for number, row in enumerate(rows, start=2):
             if not row["label"]:
                 return f"{table.name} line {number}: the label (class name) is empty."
-            image = Path(row["image"]).expanduser()
-            image = image if image.is_absolute() else table.parent / image
+            image = table_path(table, row["image"])
             if not image.exists():
                 return f"{table.name} line {number}: image not found: {image}"
         classes = sorted({row["label"] for row in rows})
@@ -1070,20 +1070,12 @@ class TrainModuleLogic(ModuleLogicBase):
 
 def read_case_table(path: Path) -> tuple[list[dict[str, str]], str]:
     """Rows (image, label; stripped) of a classification CSV, or ``([], problem)``."""
+    from ..training.tables import read_case_table as read_table  # the same reader the command line uses
+
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            fields = {name.strip() for name in (reader.fieldnames or []) if name}
-            if not {"image", "label"} <= fields:
-                return [], f"{path.name}: needs a header line with the columns image,label."
-            rows = [{key.strip(): (value or "").strip() for key, value in row.items() if key}
-                    for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        return [], f"{path.name}: cannot be read ({error})."
-    rows = [row for row in rows if row.get("image") or row.get("label")]
-    if not rows:
-        return [], f"{path.name}: has no rows (one line per scan: image,label)."
-    return rows, ""
+        return read_table(path, ("image", "label")), ""
+    except LCTfoundError as error:
+        return [], str(error)
 
 
 def _terminology_tag() -> str:
