@@ -176,6 +176,16 @@ class PixelMLPHead(nn.Module):
         return {"in_channels": self.in_channels, "num_classes": self.num_classes}
 
 
+def seeded_flips(key: Sequence[int], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Flip all ``tensors`` together along x and/or y, each with probability ½, drawn from ``key``
+    (seed, epoch, item), so a resumed run sees the same augmentation."""
+    rng = np.random.default_rng(list(key))
+    for axis in (-1, -2):
+        if rng.random() < 0.5:
+            tensors = tuple(t.flip(axis) for t in tensors)
+    return tensors
+
+
 class LabelledSlices(torch.utils.data.Dataset):
     """(HU slice, label slice) pairs preprocessed for a backbone, with seeded flips per (epoch, item)."""
 
@@ -200,10 +210,7 @@ class LabelledSlices(torch.utils.data.Dataset):
         x = prepare_slices(self.images[item][None], self.window, self.size)[0]
         y = resize_labels(torch.as_tensor(self.labels[item][None], dtype=torch.long), self.size)[0]
         if self.flips:
-            rng = np.random.default_rng([self.seed, self.epoch, item])
-            for axis in (-1, -2):
-                if rng.random() < 0.5:
-                    x, y = x.flip(axis), y.flip(axis)
+            x, y = seeded_flips((self.seed, self.epoch, item), x, y)
         return {"pixel_values": x, "labels": y, "index": item}
 
 
@@ -403,10 +410,7 @@ class LabelledScanSlices(torch.utils.data.Dataset):
     def __getitem__(self, item: int) -> dict:
         x = prepare_slices(self.slices[item][None], self.window, self.size)[0]
         if self.flips:
-            rng = np.random.default_rng([self.seed, self.epoch, item])
-            for axis in (-1, -2):
-                if rng.random() < 0.5:
-                    x = x.flip(axis)
+            (x,) = seeded_flips((self.seed, self.epoch, item), x)
         return {"pixel_values": x, "labels": torch.tensor(self.classes[item]), "index": item}
 
 
