@@ -9,8 +9,6 @@ from pathlib import Path
 
 from ..errors import LCTfoundError
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("segment", help="few-shot segmentation: train on a few slices, predict volumes",
@@ -103,42 +101,12 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inputs(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise LCTfoundError(f"{path}: no such file or folder")
-    from ..io.dicom import looks_like_dicom
-
-    entries = []
-    for child in sorted(path.iterdir()):
-        if child.name.startswith("."):
-            continue
-        if child.is_file() and child.name.lower().endswith(VOLUME_SUFFIXES):
-            entries.append(child)
-        elif child.is_dir() and any(looks_like_dicom(f) for f in list(child.iterdir())[:5] if f.is_file()):
-            entries.append(child)
-    if not entries and any(looks_like_dicom(f) for f in list(path.iterdir())[:5] if f.is_file()):
-        return [path]  # the folder is itself one DICOM series
-    if not entries:
-        raise LCTfoundError(f"{path}: no CT volumes (NIfTI, NRRD, MHA or DICOM folders) found")
-    return entries
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def run_predict(args: argparse.Namespace) -> int:
+    from ..atomic import atomic_file
     from ..devices import resolve_device
-    from ..io.volume import read_volume, write_volume
+    from ..io.volume import find_volumes, read_volume, volume_stem, write_volume
     from ..models import load_model, resolve_model
     from ..models.task_models import load_task_model
-    from ..atomic import atomic_file
     from ..pipelines.segmentation import POSTPROCESSING, TASK, FewShotSegmenter
     from ..progress import TqdmProgress
 
@@ -152,7 +120,7 @@ def run_predict(args: argparse.Namespace) -> int:
     backbone = load_model(resolve_model(backbone_spec), device=resolve_device(args.device))
     segmenter = FewShotSegmenter.load(task_folder, backbone)
     source, output = Path(args.input), Path(args.output)
-    inputs = _inputs(source)
+    inputs = find_volumes(source)
     batch = source.is_dir() and not (len(inputs) == 1 and inputs[0] == source)
     if not batch:
         volume = read_volume(inputs[0])
@@ -172,7 +140,7 @@ def run_predict(args: argparse.Namespace) -> int:
     names = [name for _, name in sorted(segmenter.label_names.items())]
     failures = 0
     for path in inputs:
-        target = output / f"{_stem(path)}_seg.nii.gz"
+        target = output / f"{volume_stem(path)}_seg.nii.gz"
         if str(path) in done and target.is_file():
             continue
         start = time.perf_counter()

@@ -21,6 +21,48 @@ from ..errors import InputError
 # LPS (ITK, DICOM) and RAS (Slicer) differ by flipping the first two physical axes.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
+#: File names of single-file (or header + data) volumes the engine reads and writes.
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def volume_stem(path: str | os.PathLike) -> str:
+    """The case name of a volume file or DICOM folder: its name without a volume suffix
+    (``lung1_image.nii.gz`` → ``lung1_image``). Predictions, tables and evaluations match cases by it."""
+    name = Path(path).name
+    for suffix in sorted(VOLUME_SUFFIXES + (".seg.nrrd",), key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def find_volumes(path: str | os.PathLike) -> list[Path]:
+    """The CT volumes of ``path``: the file itself, or a folder's volume files and DICOM series
+    folders (sorted by name), or the folder itself when it is one DICOM series."""
+    from .dicom import looks_like_dicom
+
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise InputError(f"{path}: no such file or folder")
+
+    def holds_dicom(folder: Path) -> bool:
+        return any(looks_like_dicom(f) for f in sorted(folder.iterdir())[:5] if f.is_file())
+
+    entries = []
+    for child in sorted(path.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if child.is_file() and child.name.lower().endswith(VOLUME_SUFFIXES):
+            entries.append(child)
+        elif child.is_dir() and holds_dicom(child):
+            entries.append(child)
+    if not entries and holds_dicom(path):
+        return [path]
+    if not entries:
+        raise InputError(f"{path}: no CT volumes (NIfTI, NRRD, MHA or DICOM folders) found")
+    return entries
+
 
 @dataclass
 class CTVolume:
