@@ -1,19 +1,23 @@
-"""LCTfoundSegmentation: segment lung CT structures with LCTfound features.
+"""LCTfoundSegmentation: few-shot segmentation with an in-place correction loop, lung structures and
+diagnosis (scan classification with a saliency overlay).
 
-Thin Slicer front end: choose the CT volume, an installed model and the device; the status line
-says what is selected (model source and preset, device) or what is missing. The segmentation task
-itself comes in a later version of the extension, so the panel has no Apply button yet.
-Everything that decides something lives in the Qt-free `lctfound.logic.SegmentationModuleLogic`, which is
-tested without Slicer; the panel code shared by the LCTfound modules is in `LCTfoundSlicerLib`.
+Thin Slicer front end. Train and Predict run in a background process (`lctfound.jobs`); a QTimer
+polls the Qt-free `lctfound.logic.SegmentationModuleLogic`, which exports the volume and the
+labelled/reviewed slices, follows the job, loads results into NEW nodes (or, on request, into the
+annotation after saving an undo state) and decides which buttons are enabled and why. That logic is
+tested without Slicer.
 """
 
 import os
 import sys
-from typing import Optional
+from typing import Annotated, Optional
 
-from slicer import vtkMRMLScalarVolumeNode
+import qt
+
+import slicer
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
 # A source checkout has LCTfoundSlicerLib and lctfound next to this module's folder (an installed
@@ -23,8 +27,26 @@ if os.path.isfile(os.path.join(_sourceRoot, "LCTfoundSlicerLib", "__init__.py"))
     sys.path.append(_sourceRoot)
 
 # Light imports only (no torch): this runs while Slicer starts.
-from LCTfoundSlicerLib import LCTfoundModule, LCTfoundModuleLogic, LCTfoundVolumeModuleTestMixin, LCTfoundVolumeModuleWidget  # noqa: E402
-from lctfound.logic import SegmentationModuleLogic  # noqa: E402
+from LCTfoundSlicerLib import (  # noqa: E402
+    LCTfoundModule,
+    LCTfoundModuleLogic,
+    LCTfoundVolumeModuleTestMixin,
+    LCTfoundVolumeModuleWidget,
+    pythonSlicerExecutable,
+)
+from lctfound.logic import (  # noqa: E402
+    DIAGNOSIS,
+    RunState,
+    SegmentationModuleLogic,
+    SegmentationParameters,
+    format_slices,
+    mark_slice_reviewed,
+    reviewed_slices,
+    slice_index_at,
+)
+
+POLL_INTERVAL_MS = 500
+_DEFAULTS = SegmentationParameters()
 
 
 #
@@ -39,9 +61,10 @@ class LCTfoundSegmentation(LCTfoundModule):
             parent,
             title=_("LCTfound Segmentation"),
             helpText=_(
-                "Segment lung CT structures with features of the LCTfound diffusion foundation model. "
-                "This version lets you choose the CT volume, the model and the device and shows what "
-                "is selected; the segmentation itself comes in a later version."
+                "Few-shot segmentation on LCTfound features: paint a structure on a few slices, train, predict the "
+                "whole volume, correct slices in the Segment Editor, mark them reviewed and retrain. Also predicts "
+                "many-structure lung models (with 3D surfaces) and runs trained scan classifiers with a saliency "
+                "overlay: a research tool, not a diagnosis."
             ),
         )
 
@@ -54,14 +77,34 @@ class LCTfoundSegmentation(LCTfoundModule):
 @parameterNodeWrapper
 class LCTfoundSegmentationParameterNode:
     """
+    task - fewshot, structures or diagnosis.
     inputVolume - the CT volume to process.
-    modelName - the installed LCTfound model (filled from the model registry).
+    annotationSegmentation - the segmentation with the annotator's labelled (or reviewed) slices.
+    modelName - the backbone a few-shot model is trained on.
+    taskModel - the trained model that predicts (few-shot, student, structures or classifier).
+    newModelName - the name a newly trained few-shot model is registered under.
+    epochs, window - few-shot training settings.
+    outputMode - "new" segmentation node, or "update" the annotation (undo state saved first).
+    keepLargest, fillHoles, smooth, surfaces - post-processing and 3D display of segmentations.
+    saliency - add a Grad-CAM overlay volume to diagnosis results.
     device - "auto", "cpu", "cuda", "cuda:N" or "mps".
     """
 
+    task: str = _DEFAULTS.task
     inputVolume: vtkMRMLScalarVolumeNode
+    annotationSegmentation: vtkMRMLSegmentationNode
     modelName: str = ""
-    device: str = "auto"
+    taskModel: str = ""
+    newModelName: str = ""
+    epochs: Annotated[int, WithinRange(1, 10000)] = _DEFAULTS.epochs
+    window: str = _DEFAULTS.window
+    outputMode: str = _DEFAULTS.output_mode
+    keepLargest: bool = _DEFAULTS.keep_largest
+    fillHoles: bool = _DEFAULTS.fill_holes
+    smooth: bool = _DEFAULTS.smooth
+    surfaces: bool = _DEFAULTS.surfaces
+    saliency: bool = _DEFAULTS.saliency
+    device: str = _DEFAULTS.device
 
 
 #
@@ -70,12 +113,181 @@ class LCTfoundSegmentationParameterNode:
 
 
 class LCTfoundSegmentationWidget(LCTfoundVolumeModuleWidget):
-    """Volume, model and device selectors with a status line (all behaviour in LCTfoundVolumeModuleWidget)."""
+    """Task, inputs, few-shot training, prediction and results; the parameter node, the hand-synced
+    choice selectors and the status line are the bases'."""
 
     uiFile = "UI/LCTfoundSegmentation.ui"
 
+    def __init__(self, parent=None) -> None:
+        LCTfoundVolumeModuleWidget.__init__(self, parent)
+        self._timer = None
+        self._shownTask = None
+
     def createLogic(self) -> "LCTfoundSegmentationLogic":
         return LCTfoundSegmentationLogic()
+
+    def setupWidgets(self, uiWidget) -> None:
+        LCTfoundVolumeModuleWidget.setupWidgets(self, uiWidget)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollTimer)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.predictButton.connect("clicked(bool)", self.onPredictButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.undoButton.connect("clicked(bool)", self.onUndoButton)
+        self.ui.markReviewedButton.connect("clicked(bool)", lambda: self.onMarkReviewed(True))
+        self.ui.unmarkReviewedButton.connect("clicked(bool)", lambda: self.onMarkReviewed(False))
+
+    def cleanup(self) -> None:
+        LCTfoundVolumeModuleWidget.cleanup(self)
+        if self._timer:
+            self._timer.stop()
+        if self.logic and self.logic.engine.job is not None and self.logic.engine.state.busy:
+            self.logic.engine.job.cancel(timeout=2)  # do not leave a job behind
+
+    # -- selectors ----------------------------------------------------------------------------
+
+    def _choiceItems(self, name: str, refresh: bool = False) -> list:
+        return self.logic.engine.choices(name, refresh=refresh, parameters=self._parameterNode)
+
+    def _onTaskShown(self) -> None:
+        """A new task: its trained models in the model selector, and a default one chosen."""
+        self._shownTask = self._parameterNode.task if self._parameterNode else None
+        if self._parameterNode:
+            self._parameterNode.taskModel = ""
+        self._fillChoiceSelectors()
+        if self._parameterNode:
+            self.logic.engine.fill_defaults(self._parameterNode)
+
+    # -- state to widgets ---------------------------------------------------------------------
+
+    def statusText(self) -> str:
+        engine = self.logic.engine
+        if engine.state is RunState.IDLE:
+            return LCTfoundVolumeModuleWidget.statusText(self)
+        return engine.status_summary()
+
+    def _updateStatus(self, caller=None, event=None) -> None:
+        if self._parameterNode and self._parameterNode.task != self._shownTask:
+            self._onTaskShown()  # may modify the parameter node, which calls this again
+        LCTfoundVolumeModuleWidget._updateStatus(self)
+        engine = self.logic.engine
+        node = self._parameterNode
+        shown = engine.visible_fields(node) if node else set()
+        fields = {
+            "annotation_segmentation": (self.ui.annotationLabel, self.ui.annotationSelector),
+            "output_mode": (self.ui.outputModeLabel, self.ui.outputModeSelector),
+            "saliency": (self.ui.saliencyLabel, self.ui.saliencyCheckBox),
+            "surfaces": (self.ui.surfacesLabel, self.ui.surfacesCheckBox),
+            "keep_largest": (self.ui.postprocessLabel, self.ui.keepLargestCheckBox, self.ui.fillHolesCheckBox,
+                             self.ui.smoothCheckBox),
+        }
+        for name, widgets in fields.items():
+            for widget in widgets:
+                widget.visible = name in shown
+        self.ui.trainCollapsibleButton.visible = "new_model_name" in shown
+        self.ui.resultsCollapsibleButton.visible = bool(node and node.task == DIAGNOSIS)
+        annotation = node.annotationSegmentation if node else None
+        marked = reviewed_slices(annotation) if annotation else None
+        self.ui.reviewedSlicesLabel.text = (
+            _("none marked: painted slices are used") if marked is None else format_slices(marked) or _("none"))
+        for button, state in (
+            (self.ui.trainButton, engine.train_button_state(node) if node else None),
+            (self.ui.predictButton, engine.predict_button_state(node) if node else None),
+            (self.ui.cancelButton, engine.cancel_button_state()),
+        ):
+            button.enabled = bool(state and state.enabled)
+            button.toolTip = state.tooltip if state else ""
+        self.ui.markReviewedButton.enabled = self.ui.unmarkReviewedButton.enabled = bool(annotation and node.inputVolume)
+        result = engine.result_segmentation
+        self.ui.undoButton.enabled = bool(result and engine.undo_stack(result).can_undo)
+        bar = engine.progress_bar_state()
+        self.ui.progressBar.visible = bar.visible
+        self.ui.progressBar.maximum = bar.maximum
+        self.ui.progressBar.value = bar.value
+        self.ui.progressBar.format = bar.text
+
+    def _showDiagnosis(self) -> None:
+        rows = self.logic.engine.diagnosis_rows
+        table = self.ui.resultsTable
+        columns = [key for key in (rows[0] if rows else {}) if key != "note"]
+        table.clear()
+        table.setColumnCount(len(columns))
+        table.setRowCount(len(rows))
+        table.setHorizontalHeaderLabels(columns)
+        for row, values in enumerate(rows):
+            for column, key in enumerate(columns):
+                item = qt.QTableWidgetItem(str(values.get(key, "")))
+                item.setFlags(qt.Qt.ItemIsEnabled | qt.Qt.ItemIsSelectable)
+                table.setItem(row, column, item)
+        self.ui.resultsNoteLabel.text = rows[0].get("note", "") if rows else ""
+        saliency = self.logic.engine.saliency_volume
+        if saliency is not None:
+            slicer.util.setSliceViewerLayers(foreground=saliency, foregroundOpacity=0.4)
+
+    def _showSegmentation(self) -> None:
+        result = self.logic.engine.result_segmentation
+        if result is None:
+            return
+        self._parameterNode.annotationSegmentation = result  # corrections are made on the result
+        editor = getattr(getattr(slicer.modules, "SegmentEditorWidget", None), "editor", None)
+        if editor is not None:
+            editor.setSegmentationNode(result)
+            editor.setSourceVolumeNode(self._parameterNode.inputVolume)
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def onTrainButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
+            self.logic.engine.start_train(self._parameterNode)
+            self._timer.start()
+        self._updateStatus()
+
+    def onPredictButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Prediction could not start."), waitCursor=True):
+            self.logic.engine.start_predict(self._parameterNode)
+            self._timer.start()
+        self._updateStatus()
+
+    def onCancelButton(self) -> None:
+        self.logic.engine.cancel()  # the process tree is ended in a helper thread
+        self._updateStatus()
+
+    def onUndoButton(self) -> None:
+        result = self.logic.engine.result_segmentation
+        if result is not None:
+            self.logic.engine.undo_stack(result).undo()
+        self._updateStatus()
+
+    def onMarkReviewed(self, reviewed: bool) -> None:
+        node = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("The slice could not be marked."), waitCursor=False):
+            # The red view's plane centre (column 3 of SliceToRAS) is a point on the shown slice.
+            sliceToRAS = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode().GetSliceToRAS()
+            position = [sliceToRAS.GetElement(row, 3) for row in range(3)]
+            index = slice_index_at(node.inputVolume, position)
+            mark_slice_reviewed(node.annotationSegmentation, index, reviewed)
+        self._updateStatus()
+
+    def onPollTimer(self) -> None:
+        engine = self.logic.engine
+        engine.poll()
+        if not engine.state.busy:
+            self._timer.stop()
+            if engine.state is RunState.FAILED and engine.job is not None:
+                slicer.util.errorDisplay(_("The job failed: {error}").format(error=engine.status().error),
+                                         detailedText=engine.job.stderr_tail)
+            if engine.state is RunState.FINISHED and self._parameterNode:
+                action = engine._job_info.get("action")
+                if action == "train":
+                    self._fillChoiceSelectors()
+                    self._parameterNode.taskModel = self._parameterNode.newModelName.strip()
+                    self._parameterNode.newModelName = ""
+                elif action == "classify":
+                    self._showDiagnosis()
+                else:
+                    self._showSegmentation()
+        self._updateStatus()
 
 
 #
@@ -85,12 +297,17 @@ class LCTfoundSegmentationWidget(LCTfoundVolumeModuleWidget):
 
 class LCTfoundSegmentationLogic(LCTfoundModuleLogic):
     """Slicer side of the module logic; all behaviour is in `self.engine`
-    (`lctfound.logic.SegmentationModuleLogic`). Can be used without the GUI widget."""
+    (`lctfound.logic.SegmentationModuleLogic`). Can be used without the GUI widget:
+
+        logic = LCTfoundSegmentationLogic()
+        logic.engine.start_train(parameterNode)      # returns at once
+        while logic.engine.poll() or logic.engine.state.busy: ...
+    """
 
     parameterNodeClass = LCTfoundSegmentationParameterNode
 
     def __init__(self, engine: Optional[SegmentationModuleLogic] = None) -> None:
-        LCTfoundModuleLogic.__init__(self, engine or SegmentationModuleLogic())
+        LCTfoundModuleLogic.__init__(self, engine or SegmentationModuleLogic(python=pythonSlicerExecutable()))
 
 
 #
@@ -99,7 +316,22 @@ class LCTfoundSegmentationLogic(LCTfoundModuleLogic):
 
 
 class LCTfoundSegmentationTest(LCTfoundVolumeModuleTestMixin, ScriptedLoadableModuleTest):
-    """Runs inside Slicer (ctest py_LCTfoundSegmentation); the headless tests are in Testing/Python."""
+    """Runs inside Slicer (ctest py_LCTfoundSegmentation); the headless tests are in Testing/Python
+    and Testing/test_segmentation_logic.py."""
 
     logicClass = LCTfoundSegmentationLogic
     engineClass = SegmentationModuleLogic
+
+    def test_ReviewedSlices(self):
+        import numpy as np
+
+        from lctfound.mrml import segmentation_node_from_labels
+
+        self.delayDisplay("Marking reviewed slices")
+        volume = slicer.util.addVolumeFromArray(np.full((6, 32, 32), -800, dtype=np.int16), name="LCTfoundTestCT")
+        labels = np.zeros((6, 32, 32), dtype=np.uint8)
+        labels[2, 10:20, 10:20] = 1
+        segmentation = segmentation_node_from_labels(slicer.mrmlScene, labels, volume, {1: "Lesion"})
+        self.assertEqual(mark_slice_reviewed(segmentation, 4), [2, 4])
+        self.assertEqual(reviewed_slices(segmentation), [2, 4])
+        self.delayDisplay("Test passed")

@@ -14,6 +14,7 @@ from .bases import (
     LCTfoundModuleWidget,
     LCTfoundVolumeModuleTestMixin,
     LCTfoundVolumeModuleWidget,
+    pythonSlicerExecutable,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "LCTfoundModuleWidget",
     "LCTfoundVolumeModuleTestMixin",
     "LCTfoundVolumeModuleWidget",
+    "pythonSlicerExecutable",
 ]

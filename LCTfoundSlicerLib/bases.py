@@ -7,6 +7,8 @@ node's name from the concrete class names, so these bases work unchanged for eve
 """
 
 import importlib
+import os
+import shutil
 import sys
 from typing import Any, Optional
 
@@ -30,6 +32,12 @@ CITATION = (
     "Nature Communications 2025, doi:10.1038/s41467-025-66620-z."
 )
 HOMEPAGE = "https://github.com/lctfound/SlicerLCTfound"
+
+
+def pythonSlicerExecutable() -> str:
+    """The interpreter for background jobs: PythonSlicer (Slicer's Python without the GUI)."""
+    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+    return shutil.which(name) or sys.executable
 
 
 #

@@ -8,7 +8,6 @@ enabled and why. That logic is tested without Slicer.
 """
 
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -28,7 +27,13 @@ if os.path.isfile(os.path.join(_sourceRoot, "LCTfoundSlicerLib", "__init__.py"))
     sys.path.append(_sourceRoot)
 
 # Light imports only (no torch): this runs while Slicer starts.
-from LCTfoundSlicerLib import LCTfoundModule, LCTfoundModuleLogic, LCTfoundModuleTestMixin, LCTfoundModuleWidget  # noqa: E402
+from LCTfoundSlicerLib import (  # noqa: E402
+    LCTfoundModule,
+    LCTfoundModuleLogic,
+    LCTfoundModuleTestMixin,
+    LCTfoundModuleWidget,
+    pythonSlicerExecutable,
+)
 from lctfound.logic import (  # noqa: E402
     NODE_LIST_PROPERTY_NAME,
     RunState,
@@ -40,12 +45,6 @@ from lctfound.logic import (  # noqa: E402
 
 POLL_INTERVAL_MS = 500
 _DEFAULTS = TrainParameters()
-
-
-def pythonSlicerExecutable() -> str:
-    """The interpreter for background jobs: PythonSlicer (Slicer's Python without the GUI)."""
-    name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
-    return shutil.which(name) or sys.executable
 
 
 #

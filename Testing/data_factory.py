@@ -232,3 +232,22 @@ def write_dicom_multiframe(volume: CTVolume, path: str | Path, rescale_intercept
     ds.PixelData = np.ascontiguousarray(stored).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def fewshot_phantom(slices: int = 8, size: int = 64, seed: int = 0):
+    """Few-shot test volume (slices, size, size) float32 HU with two masks: a lesion (+40 HU disc)
+    on every slice and, on slices ≥ 4, a denser +150 HU blob elsewhere that a first model
+    trained on slices 0–3 takes for lesion (the false positive an annotator erases)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    scale = size / 64
+    volume = rng.normal(LUNG_HU, 20, (slices, size, size)).astype(np.float32)
+    lesion = np.zeros((slices, size, size), dtype=bool)
+    blob = np.zeros_like(lesion)
+    for k in range(slices):
+        lesion[k] = (yy - 22 * scale) ** 2 + (xx - 22 * scale) ** 2 < ((7 + k % 3) * scale) ** 2
+        if k >= 4:
+            blob[k] = (yy - 44 * scale) ** 2 + (xx - 42 * scale) ** 2 < (6 * scale) ** 2
+    volume[lesion] = SOFT_TISSUE_HU + rng.normal(0, 10, lesion.sum())
+    volume[blob] = 150 + rng.normal(0, 10, blob.sum())
+    return volume, lesion, blob

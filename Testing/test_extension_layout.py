@@ -36,7 +36,10 @@ MODULE_LOGICS = {"LCTfoundSegmentation": "SegmentationModuleLogic", "LCTfoundEnh
 #: Apply button until their task exists; the training panel starts, cancels and resumes real jobs.
 COMMON_WIDGETS = {"deviceSelector": "QComboBox", "statusLabel": "QLabel"}
 MODULE_WIDGETS = {
-    "LCTfoundSegmentation": {"inputVolumeSelector": "qMRMLNodeComboBox", "modelSelector": "QComboBox"},
+    "LCTfoundSegmentation": {"inputVolumeSelector": "qMRMLNodeComboBox", "modelSelector": "QComboBox",
+                             "trainButton": "QPushButton", "predictButton": "QPushButton", "cancelButton": "QPushButton",
+                             "undoButton": "QPushButton", "markReviewedButton": "QPushButton",
+                             "unmarkReviewedButton": "QPushButton", "progressBar": "QProgressBar"},
     "LCTfoundEnhance": {"inputVolumeSelector": "qMRMLNodeComboBox", "modelSelector": "QComboBox"},
     "LCTfoundTrain": {"startButton": "QPushButton", "cancelButton": "QPushButton", "resumeButton": "QPushButton",
                       "progressBar": "QProgressBar", "lossCurveLabel": "QLabel"},
@@ -678,6 +681,8 @@ def test_ui_binds_every_parameter_once(module):
         elif annotation == "str":
             # connectGui's QComboBox connector needs Annotated[str, Choice([...])]; free text uses QLineEdit.
             assert widget_class == "QLineEdit", f"{name}: bind str parameters to a QLineEdit"
+        elif annotation == "bool":
+            assert widget_class == "QCheckBox", f"{name}: bind bool parameters to a QCheckBox"
         elif annotation == "Path":
             assert widget_class == "ctkPathLineEdit", f"{name}: bind Path parameters to a ctkPathLineEdit"
         elif re.match(r"(Annotated\[)?int\b", annotation):

@@ -12,26 +12,14 @@ from lctfound.models import load_model, save_model
 from lctfound.pipelines.segmentation import (UNLABELLED, FeatureCache, FewShotConfig, FewShotSegmenter,
                                              postprocess_labels)
 
+from data_factory import fewshot_phantom
 from model_factory import tiny_model
 
 SIZE = 64
 
 
 def phantom(slices: int = 8, seed: int = 0):
-    """Lung-like background with a lesion (+40 HU disc) on every slice and, on slices ≥ 4, a denser
-    +150 HU blob elsewhere that a first model trained on slices 0–3 will take for lesion."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    volume = rng.normal(-850, 20, (slices, SIZE, SIZE)).astype(np.float32)
-    lesion = np.zeros((slices, SIZE, SIZE), dtype=bool)
-    blob = np.zeros_like(lesion)
-    for k in range(slices):
-        lesion[k] = (yy - 22) ** 2 + (xx - 22) ** 2 < (7 + k % 3) ** 2
-        if k >= 4:
-            blob[k] = (yy - 44) ** 2 + (xx - 42) ** 2 < 36
-    volume[lesion] = 40 + rng.normal(0, 10, lesion.sum())
-    volume[blob] = 150 + rng.normal(0, 10, blob.sum())
-    return volume, lesion, blob
+    return fewshot_phantom(slices, SIZE, seed)
 
 
 @pytest.fixture(scope="module")

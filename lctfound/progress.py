@@ -83,3 +83,39 @@ class TqdmProgress(Progress):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class EventsProgress(Progress):
+    """A `Progress` that prints one JSON line per update on stdout (``{"event": "progress",
+    "done": .., "total": .., "message": ..}``): what `lctfound.jobs` reads from a command run
+    with ``--events``."""
+
+    def __init__(self, cancel_token: Optional[CancelToken] = None):
+        super().__init__(cancel_token=cancel_token)
+        self.add_callback(self._print)
+
+    @staticmethod
+    def _print(done: int, total: int, message: str) -> None:
+        print_event({"event": "progress", "done": int(done), "total": int(total), "message": message})
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "EventsProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def print_event(event: dict) -> None:
+    """One job event as a JSON line on stdout (flushed: the parent reads it while we run)."""
+    import json
+
+    print(json.dumps(event, default=str), flush=True)
+
+
+def command_progress(events: bool, description: str, unit: str = "it") -> Progress:
+    """The progress of a CLI command: JSON events for front ends (``--events``), else a tqdm bar.
+    Use it as a context manager (``with command_progress(...) as progress:``)."""
+    return EventsProgress() if events else TqdmProgress(description, unit=unit)

@@ -25,12 +25,16 @@ def register(subparsers) -> None:
     train.add_argument("--labels", required=True, help="label map on the volume's grid (0 = background)")
     train.add_argument("--slices", help="slices that are fully labelled, e.g. 10,12-14 (default: slices with labels)")
     train.add_argument("--names", help="structure names, e.g. 1=Lesion,2=Vessel (default Label N)")
-    train.add_argument("--backbone", default="default", help="backbone model (default: the embedded model)")
+    train.add_argument("--backbone", help="backbone model (default: the --init model's, else the embedded model)")
+    train.add_argument("--init", metavar="MODEL",
+                       help="continue from this few-shot model (after corrections): its head is the start, and "
+                            "pixels it gets wrong on the labelled slices count more")
     train.add_argument("--window", default="mediastinal", help="input window (default mediastinal)")
     train.add_argument("--epochs", type=int, default=30, help="head training epochs (default 30)")
     train.add_argument("--output", "-o", required=True, help="new task-model folder")
     train.add_argument("--register", metavar="NAME", help="also register it under NAME for every front end")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    train.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
     train.set_defaults(func=run_train)
 
     predict = commands.add_parser("predict", help="segment a volume, or every volume of a folder",
@@ -43,6 +47,7 @@ def register(subparsers) -> None:
     predict.add_argument("--output", "-o", required=True, help="label map file (.nii.gz/.nrrd/.mha) or a folder")
     predict.add_argument("--postprocess", default="", help="comma list of: largest, fill, smooth")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    predict.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
     predict.set_defaults(func=run_predict)
 
 
@@ -59,6 +64,10 @@ def _names(text: str | None, values: list[int]) -> dict[int, str]:
     return names
 
 
+def _format_names(names: dict[int, str]) -> str:
+    return ",".join(f"{value}={name}" for value, name in sorted(names.items()) if value > 0) or "nothing"
+
+
 def run_train(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -67,8 +76,8 @@ def run_train(args: argparse.Namespace) -> int:
     from ..io.volume import read_label_volume, read_volume
     from ..models import load_model, resolve_model
     from ..models.registry import check_new_model_name, register_model
-    from ..pipelines.segmentation import UNLABELLED, FewShotConfig, FewShotSegmenter
-    from ..progress import TqdmProgress
+    from ..pipelines.segmentation import TASK, UNLABELLED, FewShotConfig, FewShotSegmenter
+    from ..progress import command_progress
 
     output = Path(args.output)
     if output.exists():
@@ -84,12 +93,27 @@ def run_train(args: argparse.Namespace) -> int:
         raise LCTfoundError(f"{args.labels}: no labelled slice; paint the structure on at least one slice")
     labels = np.full(volume.shape, UNLABELLED, dtype=np.int16)
     labels[chosen] = label.array[chosen]
-    backbone = load_model(resolve_model(args.backbone), device=resolve_device(args.device))
     values = sorted(int(v) for v in np.unique(label.array[chosen])) if chosen else []
-    segmenter = FewShotSegmenter(backbone, _names(args.names, values),
-                                 FewShotConfig(window=args.window, epochs=args.epochs))
+    names = _names(args.names, values)
+    if args.init:
+        from dataclasses import replace
+
+        from ..models.task_models import load_task_model
+
+        init_folder = resolve_model(args.init)
+        init = load_task_model(init_folder, TASK)
+        backbone_spec = args.backbone or init.backbone.get("path") or init.backbone.get("name") or "default"
+        backbone = load_model(resolve_model(backbone_spec), device=resolve_device(args.device))
+        segmenter = FewShotSegmenter.load(init_folder, backbone)
+        if segmenter.label_names != {value: name for value, name in names.items() if value > 0}:
+            raise LCTfoundError(f"--init model {args.init} segments {_format_names(segmenter.label_names)}, these labels "
+                                f"are {_format_names(names)}; train without --init")
+        segmenter.config = replace(segmenter.config, epochs=args.epochs)
+    else:
+        backbone = load_model(resolve_model(args.backbone or "default"), device=resolve_device(args.device))
+        segmenter = FewShotSegmenter(backbone, names, FewShotConfig(window=args.window, epochs=args.epochs))
     start = time.perf_counter()
-    with TqdmProgress("segment train", unit="step") as progress:
+    with command_progress(args.events, "segment train", unit="step") as progress:
         report = segmenter.fit(volume.array, labels, progress=progress)
     segmenter.save(output, extra={"name": args.register or output.name,
                                   "training": {"volume": str(args.volume), "slices": report.slices,
@@ -108,7 +132,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..models import load_model, resolve_model
     from ..models.task_models import load_task_model
     from ..pipelines.segmentation import POSTPROCESSING, TASK, FewShotSegmenter
-    from ..progress import TqdmProgress
+    from ..progress import command_progress
 
     steps = [s.strip() for s in args.postprocess.split(",") if s.strip()]
     unknown = [s for s in steps if s not in POSTPROCESSING]
@@ -124,7 +148,7 @@ def run_predict(args: argparse.Namespace) -> int:
     batch = source.is_dir() and not (len(inputs) == 1 and inputs[0] == source)
     if not batch:
         volume = read_volume(inputs[0])
-        with TqdmProgress("segment", unit="slice") as progress:
+        with command_progress(args.events, "segment", unit="slice") as progress:
             labels = segmenter(volume.array, progress=progress, postprocess=steps)
         write_volume(volume.with_array(labels), output)
         print(f"wrote {output}: " + ", ".join(f"{name} {int((labels == value).sum())} voxels"
@@ -146,7 +170,7 @@ def run_predict(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         try:
             volume = read_volume(path)
-            with TqdmProgress(path.name, unit="slice") as progress:
+            with command_progress(args.events, path.name, unit="slice") as progress:
                 labels = segmenter(volume.array, progress=progress, postprocess=steps)
             write_volume(volume.with_array(labels), target)
             row = {"input": str(path), "output": str(target), "status": "ok",

@@ -21,11 +21,29 @@ from .base import (
     format_seconds,
 )
 from .enhance import EnhanceModuleLogic
-from .segmentation import SegmentationModuleLogic
+from .segmentation import (
+    DIAGNOSIS,
+    FEWSHOT,
+    STRUCTURES,
+    SegmentationModuleLogic,
+    SegmentationParameters,
+    format_slices,
+    mark_slice_reviewed,
+    reviewed_slices,
+    slice_index_at,
+)
 from .train import TrainModuleLogic, TrainParameters, set_volume_class_name, volume_class_name
 
 __all__ = [
     "AUTO_DEVICE",
+    "DIAGNOSIS",
+    "FEWSHOT",
+    "STRUCTURES",
+    "SegmentationParameters",
+    "format_slices",
+    "mark_slice_reviewed",
+    "reviewed_slices",
+    "slice_index_at",
     "CHOICE_PROPERTY_NAME",
     "NODE_LIST_PROPERTY_NAME",
     "TRANSITIONS",

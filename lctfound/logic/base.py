@@ -265,12 +265,14 @@ class ModuleLogicBase:
         extra_model_folders: Iterable[os.PathLike | str] = (),
         clock: Callable[[], float] = time.monotonic,
         python: Optional[os.PathLike | str] = None,
+        runs_root: Optional[os.PathLike | str] = None,
     ) -> None:
         self._list_models = list_models
         self._available_devices = available_devices
         self.extra_model_folders: tuple[Path, ...] = tuple(Path(folder) for folder in extra_model_folders)
         self._clock = clock
         self.python = python
+        self._runs_root = Path(runs_root) if runs_root is not None else None
 
         self._state = RunState.IDLE
         self._message = ""
@@ -631,6 +633,25 @@ class ModuleLogicBase:
         """Back to Idle after a run has ended; `InvalidTransition` while busy."""
         return self._transition(RunState.IDLE, "")
 
+    # -- run folders -------------------------------------------------------------------------
+
+    def runs_root(self) -> Path:
+        """Where runs keep their exported inputs, logs and outputs (default ``<cache>/runs``)."""
+        if self._runs_root is not None:
+            return self._runs_root
+        from ..paths import cache_root
+
+        return cache_root() / "runs"
+
+    def new_run_folder(self, name: str) -> Path:
+        """A folder that does not exist yet: ``<runs>/<name>-<YYYYmmdd-HHMMSS>[-N]``."""
+        base = self.runs_root() / f"{name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        folder, number = base, 1
+        while folder.exists():
+            number += 1
+            folder = base.with_name(f"{base.name}-{number}")
+        return folder
+
     # -- jobs --------------------------------------------------------------------------------
 
     def start_job(self, args: Sequence[str], *, device: Optional[str] = None, message: str = "",
@@ -660,7 +681,14 @@ class ModuleLogicBase:
         return events
 
     def handle_event(self, event: dict[str, Any]) -> None:
-        """Turn one job event (not ``exit``) into progress; each module knows its command's events."""
+        """Turn one job event (not ``exit``) into progress. This handles the ``progress`` events
+        of `lctfound.progress.EventsProgress`; modules whose commands say more extend it."""
+        kind = event["event"]
+        if kind == "progress":
+            self.report_progress(int(event.get("done", 0)), int(event.get("total", 0)),
+                                 str(event.get("message", "")), event.get("received_at"))
+        elif kind == "log":
+            logger.info("%s: %s", self.task_name, event.get("text"))
 
     def _job_ended(self, job: "Job", exit_event: dict[str, Any]) -> None:
         state = exit_event["state"]

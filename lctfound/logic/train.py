@@ -335,9 +335,8 @@ class TrainModuleLogic(ModuleLogicBase):
     task_name = "training"
     parameters_class = TrainParameters
 
-    def __init__(self, *, runs_root: Optional[Path | str] = None, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._runs_root = Path(runs_root) if runs_root is not None else None
         #: The run folder of the current (or last) run.
         self.run_folder: Optional[Path] = None
         #: ``(step, loss)`` of the current run (with the earlier part of a resumed run).
@@ -388,22 +387,6 @@ class TrainModuleLogic(ModuleLogicBase):
         return shown
 
     # -- folders and names -------------------------------------------------------------------
-
-    def runs_root(self) -> Path:
-        if self._runs_root is not None:
-            return self._runs_root
-        from ..paths import cache_root
-
-        return cache_root() / "runs"
-
-    def new_run_folder(self, name: str) -> Path:
-        """A folder that does not exist yet: ``<runs>/<name>-<YYYYmmdd-HHMMSS>[-N]``."""
-        base = self.runs_root() / f"{name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-        folder, number = base, 1
-        while folder.exists():
-            number += 1
-            folder = base.with_name(f"{base.name}-{number}")
-        return folder
 
     @staticmethod
     def output_folder(run_folder: Path | str, task: str = PRETRAIN) -> Path:

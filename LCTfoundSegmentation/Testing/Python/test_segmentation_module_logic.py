@@ -10,7 +10,7 @@ import unittest
 from pathlib import Path
 from types import SimpleNamespace
 
-from lctfound.logic import ModuleParameters, RunState, SegmentationModuleLogic
+from lctfound.logic import DIAGNOSIS, RunState, SegmentationModuleLogic, SegmentationParameters
 
 
 class FakeVolumeNode:
@@ -34,7 +34,8 @@ class SegmentationModuleLogicTest(unittest.TestCase):
             name="lctfound-base", path=folder, source="embedded", preset="cpu-tiny", description="Built-in"
         )
         self.logic = SegmentationModuleLogic(
-            list_models=lambda extra_folders=(): [self.model], available_devices=lambda: ["cpu"]
+            list_models=lambda extra_folders=(): [self.model], available_devices=lambda: ["cpu"],
+            list_task_models=lambda extra_folders=(): [],
         )
 
     def tearDown(self):
@@ -44,7 +45,10 @@ class SegmentationModuleLogicTest(unittest.TestCase):
         volume = FakeVolumeNode()
         node = SimpleNamespace(inputVolume=volume, modelName="lctfound-base", device="cpu")
         parameters = self.logic.parameters_from(node)
-        self.assertEqual(parameters, ModuleParameters(volume, "lctfound-base", "cpu"))
+        self.assertEqual(parameters, SegmentationParameters(volume, "lctfound-base", "cpu"))
+        node.task, node.taskModel, node.keepLargest = DIAGNOSIS, "clf", True
+        parameters = self.logic.parameters_from(node)
+        self.assertEqual((parameters.task, parameters.task_model, parameters.keep_largest), (DIAGNOSIS, "clf", True))
 
     def test_status_line_says_what_is_missing_then_what_is_selected(self):
         node = SimpleNamespace(inputVolume=None, modelName="", device="auto")
@@ -53,7 +57,8 @@ class SegmentationModuleLogicTest(unittest.TestCase):
         self.assertEqual(self.logic.selection_summary(node), "Select a model.")
         self.assertEqual(self.logic.fill_defaults(node), {"model_name": "lctfound-base"})
         self.assertEqual(
-            self.logic.selection_summary(node), "Model lctfound-base (built-in, preset cpu-tiny) on Automatic (cpu)."
+            self.logic.selection_summary(node),
+            "Model lctfound-base (built-in, preset cpu-tiny) on Automatic (cpu). Select a few-shot model (train one first).",
         )
         node.device = "cuda"
         self.assertIn("not available", self.logic.selection_summary(node))
@@ -62,8 +67,8 @@ class SegmentationModuleLogicTest(unittest.TestCase):
 
     def test_nothing_runs_yet(self):
         self.assertEqual(self.logic.state, RunState.IDLE)
-        self.assertFalse(hasattr(self.logic, "process"))
-        self.assertFalse(hasattr(self.logic, "apply"))
+        self.assertFalse(self.logic.cancel_button_state().enabled)
+        self.assertFalse(self.logic.cancel())
 
 
 if __name__ == "__main__":
