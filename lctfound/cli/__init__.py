@@ -17,7 +17,7 @@ from .. import __version__
 from ..errors import LCTfoundError
 
 # Command-group modules, in the order `--help` lists them.
-COMMAND_MODULES = ("demo", "doctor", "data", "model", "features", "train", "generate", "segment", "ctfm")
+COMMAND_MODULES = ("demo", "doctor", "data", "model", "features", "train", "generate", "segment", "ctfm", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
