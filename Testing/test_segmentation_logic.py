@@ -196,3 +196,47 @@ def test_slice_positions_and_slice_lists(world):
         slice_index_at(node, [0.0, 0.0, ORIGIN[2] - 50.0])
     assert format_slices([7, 1, 2, 3, 9, 10]) == "1-3,7,9-10"
     assert format_slices([]) == ""
+
+
+@pytest.mark.slow
+def test_diagnosis_panel_shows_table_and_saliency(world, tmp_path):
+    """Classify the loaded volume with a registered classifier: a results table node (probabilities,
+    provenance, research-use note) and a saliency overlay volume on the input's grid."""
+    from lctfound.cli import main
+    from lctfound.io.volume import write_volume
+    from lctfound.models.registry import register_model
+
+    rng = np.random.default_rng(0)
+    rows = ["image,label"]
+    for index in range(4):
+        array = rng.normal(-850, 30, world.ct.shape).astype(np.float32)
+        if index % 2:
+            array[:, 10:20, 10:20] = 60.0
+        write_volume(CTVolume(array, SPACING, ORIGIN), tmp_path / f"scan{index}.nrrd")
+        rows.append(f"scan{index}.nrrd,{'opacity' if index % 2 else 'clear'}")
+    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
+    entry = world.logic.find_model("tiny")
+    assert main(["classify", "train", "--backbone", str(entry.path), "--table", str(tmp_path / "cases.csv"),
+                 "--slices-per-scan", "2", "--timesteps", "0", "-o", str(tmp_path / "run"), "--max-steps", "2",
+                 "--batch-size", "2", "--checkpoint-every", "2", "--warmup-steps", "0"]) == 0
+    register_model(tmp_path / "run" / "model", "opacity-clf")
+
+    logic = world.logic
+    logic.refresh()
+    p = SegmentationParameters(task=DIAGNOSIS, input_volume=world.node, device="cpu")
+    logic.fill_defaults(p)
+    assert p.task_model == "opacity-clf"
+    logic.start_predict(p)
+    run_job(logic)
+    row = logic.diagnosis_rows[0]
+    assert row["predicted"] in ("clear", "opacity")
+    assert abs(float(row["probability_clear"]) + float(row["probability_opacity"]) - 1) < 1e-4
+    assert "not for diagnosis" in row["note"] and len(row["model_sha256"]) == 64
+    table = logic.results_table.GetTable()
+    assert table.GetNumberOfRows() == 1 and table.GetColumnByName("predicted") is not None
+    from lctfound.mrml import ctvolume_from_volume_node
+
+    saliency = ctvolume_from_volume_node(logic.saliency_volume)
+    assert saliency.same_grid(world.ct)
+    analysed = [k for k in range(saliency.shape[0]) if saliency.array[k].any()]
+    assert len(analysed) == 2 and all(abs(saliency.array[k].max() - 1) < 1e-5 for k in analysed)

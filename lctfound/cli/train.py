@@ -10,6 +10,9 @@ from typing import Callable
 
 from ..errors import LCTfoundError
 
+#: Loop defaults of every fine-tuning command (`train finetune`, `classify train`).
+FINETUNE_LOOP_DEFAULTS = dict(batch_size=4, lr=1e-4, warmup=100, checkpoint_every=200, epochs=20.0, log_every=5)
+
 
 def add_loop_arguments(parser: argparse.ArgumentParser, *, batch_size: int, lr: float, warmup: int,
                        checkpoint_every: int, epochs: float, log_every: int) -> None:
@@ -88,13 +91,21 @@ def register(subparsers) -> None:
     finetune.add_argument("--background-slices", type=float, default=1.0,
                           help="segmentation: unlabelled slices per labelled slice to include (default 1)")
     finetune.add_argument("--timestep", type=int, default=0, help="segmentation: diffusion timestep of the input (default 0)")
-    finetune.add_argument("--table", help="classification: CSV with columns image,label (label = class name)")
-    finetune.add_argument("--slices-per-scan", type=int, default=12,
-                          help="classification: central slices used per scan, 0 = all (default 12, as the paper)")
-    finetune.add_argument("--timesteps", default="0,50,100", help="classification: timesteps (default 0,50,100)")
-    finetune.add_argument("--block", type=int, default=1, help="classification: U-Net up block to read (default 1)")
-    add_loop_arguments(finetune, batch_size=4, lr=1e-4, warmup=100, checkpoint_every=200, epochs=20.0, log_every=5)
+    add_classification_arguments(finetune, prefix="classification: ")
+    add_loop_arguments(finetune, **FINETUNE_LOOP_DEFAULTS)
     finetune.set_defaults(func=run_finetune)
+
+
+def add_classification_arguments(parser: argparse.ArgumentParser, prefix: str = "",
+                                 table_required: bool = False) -> None:
+    """The classification options of `train finetune` and `classify train` (one handler: `run_finetune`)."""
+    parser.add_argument("--table", required=table_required,
+                        help=f"{prefix}CSV with columns image,label (label = class name; paths relative to the CSV)")
+    parser.add_argument("--slices-per-scan", type=int, default=12,
+                        help=f"{prefix}central slices used per scan, 0 = all (default 12, as the paper); "
+                             "prediction uses the same choice")
+    parser.add_argument("--timesteps", default="0,50,100", help=f"{prefix}timesteps (default 0,50,100)")
+    parser.add_argument("--block", type=int, default=1, help=f"{prefix}U-Net up block to read (default 1)")
 
 
 # ---------------------------------------------------------------------------- shared running
@@ -242,6 +253,7 @@ def classification_slices(table: str, per_scan: int):
     import numpy as np
 
     from ..io.volume import read_volume
+    from ..training.finetune import central_slices
     from ..training.tables import read_case_table, table_path
 
     path = Path(table)
@@ -253,9 +265,7 @@ def classification_slices(table: str, per_scan: int):
     for row in rows:
         image_path = table_path(path, row["image"])
         volume = read_volume(image_path)
-        count = volume.shape[0] if per_scan <= 0 else min(per_scan, volume.shape[0])
-        first = (volume.shape[0] - count) // 2
-        for index in range(first, first + count):
+        for index in central_slices(volume.shape[0], per_scan):
             slices.append(volume.array[index].astype(np.float32))
             classes.append(class_names.index(row["label"]))
             scans.append(str(image_path))
@@ -288,8 +298,12 @@ def run_finetune(args: argparse.Namespace) -> int:
         if not args.table:
             raise LCTfoundError("classification needs --table CSV with columns image,label")
         slices, classes, scans, class_names = classification_slices(args.table, args.slices_per_scan)
-        timesteps = tuple(int(t) for t in args.timesteps.split(",") if t.strip())
+        try:
+            timesteps = tuple(int(t) for t in args.timesteps.split(",") if t.strip())
+        except ValueError:
+            raise LCTfoundError(f"cannot read --timesteps {args.timesteps!r}; use e.g. 0,50,100") from None
         task = SliceClassificationTask(backbone, slices, classes, scans, class_names, mode=mode, timesteps=timesteps,
-                                       block=args.block, window=args.window, seed=args.seed, name=name)
+                                       block=args.block, window=args.window, seed=args.seed, name=name,
+                                       slices_per_scan=args.slices_per_scan)
     return run_training(args, f"finetune {args.task}",
                         lambda progress, events: TrainingLoop(loop, task, args.resume, progress, events).run())

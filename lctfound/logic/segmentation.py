@@ -87,6 +87,7 @@ REVIEWED_SLICES_ATTRIBUTE = "LCTfound.ReviewedSlices"
 MODEL_ATTRIBUTE = "LCTfound.Model"
 
 JOB_FILE = "job.json"
+SALIENCY_FILE = "saliency.nii.gz"
 
 
 @dataclass
@@ -324,7 +325,8 @@ class SegmentationModuleLogic(ModuleLogicBase):
         if self.find_task_model(p.task_model, p.task) is None:
             entry = self.find_task_model(p.task_model)
             if entry is not None:
-                return f"Model '{p.task_model}' is a {entry.task} model; this panel needs {' or '.join(TASK_MODEL_KINDS[p.task])}."
+                needed = " or ".join(TASK_MODEL_KINDS[p.task])
+                return f"Model '{p.task_model}' is a {entry.task} model; this panel needs {needed}."
             return f"Model '{p.task_model}' is not installed here."
         return ""
 
@@ -488,7 +490,7 @@ class SegmentationModuleLogic(ModuleLogicBase):
                 args = ["classify", "predict", str(volume_path), "--model", str(entry.path),
                         "--output", str(run / "results.csv"), "--events"]
                 if p.saliency:
-                    args += ["--saliency", str(run / "saliency")]
+                    args += ["--saliency", str(run / SALIENCY_FILE)]
                 message = f"classifying with {p.task_model}"
             else:
                 steps = [step for step, on in (("largest", p.keep_largest), ("fill", p.fill_holes),
@@ -604,7 +606,7 @@ class SegmentationModuleLogic(ModuleLogicBase):
     def _finish_classify(self, p: SegmentationParameters) -> str:
         import numpy as np
 
-        from ..io.volume import read_volume, volume_stem
+        from ..io.volume import read_volume
         from ..mrml import ctvolume_from_volume_node, volume_node_from_ctvolume
 
         table_path = self.run_folder / "results.csv"
@@ -616,12 +618,12 @@ class SegmentationModuleLogic(ModuleLogicBase):
         scene = p.input_volume.GetScene()
         self.results_table = self._table_node(scene, rows, f"{p.input_volume.GetName()} diagnosis")
         self.saliency_volume = None
-        saliency_files = sorted((self.run_folder / "saliency").glob(f"{volume_stem('volume.nrrd')}*"))
-        if p.saliency and saliency_files:
+        saliency_file = self.run_folder / SALIENCY_FILE
+        if p.saliency and saliency_file.is_file():
             reference = ctvolume_from_volume_node(p.input_volume)
-            saliency = read_volume(saliency_files[0], validate=False)
+            saliency = read_volume(saliency_file, validate=False)
             if saliency.shape != reference.shape:
-                raise LCTfoundError(f"{saliency_files[0]}: saliency is not on the input volume's grid")
+                raise LCTfoundError(f"{saliency_file}: saliency is not on the input volume's grid")
             node = volume_node_from_ctvolume(scene, reference.with_array(saliency.array.astype(np.float32)),
                                              name=f"{p.input_volume.GetName()} saliency {p.task_model}")
             node.SetAttribute(MODEL_ATTRIBUTE, p.task_model)

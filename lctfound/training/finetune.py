@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LCTfoundError
+from ..errors import CheckpointError, LCTfoundError
 from ..models.bundle import LCTfoundModel, load_model
 from ..models.task_models import TaskModel, backbone_reference, require_parts, save_task_model
-from ..preprocessing import prepare_slices, resize_labels
+from ..preprocessing import prepare_slices, resize_labels, slice_batches
+from ..progress import Progress, ensure_progress
 from .loop import TrainingTask
 
 BACKBONE_MODES = ("frozen", "adapter", "full")
@@ -322,20 +323,42 @@ def predict_dense(dense: DenseBackbone, hu_slices: np.ndarray, batch_size: int =
 
 CLASSIFIER_MODES = ("frozen", "full")
 
+#: Layout of `ClassifierHead`, stored with every classification model; heads of another layout are refused.
+CLASSIFIER_HEAD = "conv256-pool-mlp"
+
+
+class ClassifierHead(nn.Module):
+    """Conv 3×3 to ``width`` (256) channels → ReLU → global average pool → MLP (dropout, width → mlp_width → K).
+
+    ``activation`` (the rectified convolution output) is the layer Grad-CAM explains.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 256, mlp_width: int = 64,
+                 dropout: float = 0.5):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.activation = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.mlp = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(width, mlp_width), nn.ReLU(),
+                                 nn.Linear(mlp_width, num_classes))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.pool(self.activation(self.conv(features))))
+
 
 class SliceClassifier(nn.Module):
     """Slice-level classifier on deep LCTfound features (reference §6.2, without its bugs).
 
     The output of up block ``block`` at each of ``timesteps`` (one shared noise image) is
-    concatenated → Conv 3×3 to ``hidden`` channels → ReLU → global average pool → dropout →
-    linear → K logits. Unlike the published code every timestep is used (not only the first),
-    dropout is off at evaluation, inputs are in [−1, 1] as in pretraining, and the prompt is passed.
+    concatenated and read by a `ClassifierHead` (convolution to 256 channels, pooling, MLP).
+    Unlike the published code every timestep is used (not only the first), dropout is off at
+    evaluation, inputs are in [−1, 1] as in pretraining, and the prompt is passed.
     ``mode="frozen"`` trains only the head; ``"full"`` fine-tunes the backbone too.
     """
 
     def __init__(self, model: LCTfoundModel, num_classes: int, timesteps: Sequence[int] = (0, 50, 100),
-                 block: int = 1, mode: str = "frozen", window: str = "mediastinal", hidden: int = 256,
-                 dropout: float = 0.5):
+                 block: int = 1, mode: str = "frozen", window: str = "mediastinal", width: int = 256,
+                 mlp_width: int = 64, dropout: float = 0.5):
         super().__init__()
         if mode not in CLASSIFIER_MODES:
             raise LCTfoundError(f"unknown classifier mode {mode!r}; choose one of: {', '.join(CLASSIFIER_MODES)}")
@@ -349,9 +372,8 @@ class SliceClassifier(nn.Module):
         self.unet.requires_grad_(mode == "full")
         self.register_buffer("condition", model.condition(window).detach().float().cpu(), persistent=False)
         channels = list(reversed(self.unet.config.block_out_channels))[self.block] * len(self.timesteps)
-        self.head = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                  nn.Flatten(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
-        self.num_classes = num_classes
+        self.head = ClassifierHead(channels, num_classes, width, mlp_width, dropout)
+        self.num_classes, self.width, self.mlp_width = num_classes, width, mlp_width
 
     def train(self, mode: bool = True) -> "SliceClassifier":
         super().train(mode)
@@ -378,16 +400,38 @@ class SliceClassifier(nn.Module):
 
     def settings(self) -> dict[str, Any]:
         return {"mode": self.mode, "window": self.window, "block": self.block, "timesteps": list(self.timesteps),
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "head": CLASSIFIER_HEAD, "width": self.width,
+                "mlp_width": self.mlp_width}
 
     @classmethod
     def from_task_model(cls, task_model: TaskModel, base_model: Optional[LCTfoundModel] = None) -> "SliceClassifier":
         settings = task_model.info["classifier"]
-        classifier = cls(task_model.resolve_backbone(base_model), settings["num_classes"], settings["timesteps"], settings["block"], settings["mode"],
-                         settings["window"])
+        if settings.get("head") != CLASSIFIER_HEAD:
+            layout = settings.get("head") or "conv-pool-linear"
+            raise CheckpointError(f"{task_model.folder}: its classifier head ({layout}) predates the {CLASSIFIER_HEAD} "
+                                  "head of this lctfound; train the model again")
+        classifier = cls(task_model.resolve_backbone(base_model), settings["num_classes"], settings["timesteps"],
+                         settings["block"], settings["mode"], settings["window"], settings["width"],
+                         settings["mlp_width"])
         require_parts(task_model, ["head"])
         classifier.head.load_state_dict(task_model.parts["head"])
         return classifier.eval()
+
+
+def central_slices(num_slices: int, count: int) -> list[int]:
+    """The ``count`` central slice indices of a scan (every slice for ``count`` ≤ 0), as classifiers train on."""
+    count = num_slices if count <= 0 else min(count, num_slices)
+    first = (num_slices - count) // 2
+    return list(range(first, first + count))
+
+
+def slice_noise(slice_ids: Sequence[int], shape: Sequence[int], seed: int = 0) -> torch.Tensor:
+    """One ε per slice drawn from (seed, slice index) alone, on the CPU, so results do not depend on batching."""
+    noise = torch.empty((len(slice_ids), *shape))
+    for row, slice_id in enumerate(slice_ids):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + int(slice_id))
+        noise[row] = torch.randn(tuple(shape), generator=generator)
+    return noise
 
 
 class LabelledScanSlices(torch.utils.data.Dataset):
@@ -432,8 +476,11 @@ class SliceClassificationTask(TrainingTask):
     def __init__(self, backbone: LCTfoundModel, slices: Sequence[np.ndarray], classes: Sequence[int],
                  scans: Sequence[str], class_names: Sequence[str], mode: str = "frozen",
                  timesteps: Sequence[int] = (0, 50, 100), block: int = 1, window: str = "mediastinal", seed: int = 0,
-                 name: Optional[str] = None, description: str = ""):
-        self.backbone, self.mode, self.timesteps, self.block, self.window = backbone, mode, tuple(timesteps), block, window
+                 name: Optional[str] = None, description: str = "", slices_per_scan: Optional[int] = None):
+        self.backbone, self.mode, self.timesteps, self.block = backbone, mode, tuple(timesteps), block
+        self.window = window
+        # How the slices were chosen from each scan (central N, 0 = all), so prediction chooses alike.
+        self.slices_per_scan = slices_per_scan
         self.class_names = list(class_names)
         if len(self.class_names) < 2:
             raise LCTfoundError("classification needs at least two class names")
@@ -451,7 +498,7 @@ class SliceClassificationTask(TrainingTask):
     def describe(self) -> str:
         counts = np.bincount(self.data.classes, minlength=len(self.class_names))
         return (f"{len(self.data)} slices of {len(set(self.data.scans))} scans; "
-                + ", ".join(f"{name}: {count}" for name, count in zip(self.class_names, counts)))
+                + ", ".join(f"{name}: {count}" for name, count in zip(self.class_names, counts, strict=True)))
 
     def build_module(self) -> ClassifierLossModule:
         classifier = SliceClassifier(self.backbone, len(self.class_names), self.timesteps, self.block, self.mode,
@@ -468,7 +515,10 @@ class SliceClassificationTask(TrainingTask):
                 "items": len(self.data)}
 
     def metadata(self) -> dict[str, Any]:
-        return {"name": self.model_name, "description": self.description, "classes": self.class_names}
+        metadata = {"name": self.model_name, "description": self.description, "classes": self.class_names}
+        if self.slices_per_scan is not None:
+            metadata["slice_selection"] = {"slices_per_scan": int(self.slices_per_scan)}
+        return metadata
 
     def save_model(self, module: ClassifierLossModule, folder: Path, metadata: dict[str, Any]) -> None:
         classifier = module.classifier
@@ -493,14 +543,27 @@ class SliceClassificationTask(TrainingTask):
 
 
 @torch.no_grad()
-def classify_slices(classifier: SliceClassifier, hu_slices: np.ndarray, batch_size: int = 4,
-                    seed: int = 0) -> np.ndarray:
-    """Class probabilities (N, K) of HU slices; a scan's score is the mean over its slices."""
+def classify_slices(classifier: SliceClassifier, hu_slices: np.ndarray, slices: Optional[Sequence[int]] = None,
+                    batch_size: int = 4, seed: int = 0, progress: Optional[Progress] = None) -> np.ndarray:
+    """Class probabilities (len(slices), K) of ``hu_slices[slices]`` (default: all) of a (N, H, W) HU array.
+
+    Each slice's noise comes from (seed, its index), so the result does not depend on batching;
+    a scan's score is the mean over its slices.
+    """
+    progress = ensure_progress(progress)
+    indices = list(range(len(hu_slices))) if slices is None else [int(s) for s in slices]
+    bad = [i for i in indices if not 0 <= i < len(hu_slices)]
+    if bad:
+        raise LCTfoundError(f"slice {bad[0]} is outside the volume (0..{len(hu_slices) - 1})")
     size = classifier.unet.config.sample_size
     device = next(classifier.head.parameters()).device
-    probabilities = []
-    for first in range(0, len(hu_slices), batch_size):
-        x = prepare_slices(np.asarray(hu_slices[first:first + batch_size]), classifier.window, size).to(device)
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + first)).to(device)
-        probabilities.append(torch.softmax(classifier(x, noise).float(), dim=1).cpu().numpy())
-    return np.concatenate(probabilities)
+    probabilities = np.zeros((len(indices), classifier.num_classes), dtype=np.float32)
+    done = 0
+    for batch in slice_batches(indices, batch_size):
+        progress.check_cancelled()
+        x = prepare_slices(np.asarray(hu_slices[batch]), classifier.window, size).to(device)
+        noise = slice_noise(batch, x.shape[1:], seed).to(device)
+        probabilities[done:done + len(batch)] = torch.softmax(classifier(x, noise).float(), dim=1).cpu().numpy()
+        done += len(batch)
+        progress.update(done, len(indices), f"slice {batch[-1]}")
+    return probabilities

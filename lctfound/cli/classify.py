@@ -1,0 +1,184 @@
+"""``lctfound classify``: scan classification on deep LCTfound features (research use): train and predict."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..errors import LCTfoundError
+from .train import FINETUNE_LOOP_DEFAULTS, add_classification_arguments, add_loop_arguments, run_finetune
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "classify", help="scan classification (research use): train a classifier, predict scans",
+        description="Slice- and scan-level classification from deep LCTfound features for any binary or "
+                    "multi-class label (e.g. PAP, mediastinal neoplasm, survival > 5 years, therapy response). "
+                    "Research tool, not a medical device.")
+    commands = parser.add_subparsers(dest="classify_command", metavar="SUBCOMMAND")
+    commands.required = True
+
+    train = commands.add_parser(
+        "train", help="train a classifier from a table of scans and class names",
+        description="Train a slice classifier (up-block features at the chosen timesteps → convolution to 256 "
+                    "channels → pooling → MLP) on the central slices of each scan in --table. The same command "
+                    "as `lctfound train finetune --task classification`, with classification defaults.")
+    train.add_argument("--backbone", default="default", help="backbone model name or folder (default: embedded)")
+    train.add_argument("--mode", choices=("frozen", "full"), default="frozen",
+                       help="frozen: train the head only (default); full: fine-tune the backbone too")
+    train.add_argument("--window", default="mediastinal", help="input window (default mediastinal)")
+    add_classification_arguments(train, table_required=True)
+    add_loop_arguments(train, **FINETUNE_LOOP_DEFAULTS)
+    train.set_defaults(func=run_finetune, task="classification")
+
+    predict = commands.add_parser(
+        "predict", help="classify a scan, a folder of scans or the scans of a table",
+        description="Classify scans: slice probabilities on the model's central slices (or --slices), scan "
+                    "probability = their mean. Writes one row per input to the results table OUTPUT; a table "
+                    "of the same model is continued, skipping inputs already classified, so an interrupted "
+                    "batch resumes. Exit code 1 when any input failed (its row holds the error).")
+    predict.add_argument("input", help="a CT volume (NIfTI/NRRD/MHA file or DICOM folder), a folder of volumes, "
+                                       "or a CSV table with an image column (paths relative to the table)")
+    predict.add_argument("--model", required=True, help="classification model folder or registered name")
+    predict.add_argument("--backbone", help="backbone model (default: the one the classification model names)")
+    predict.add_argument("--output", "-o", required=True, help="results table (.csv)")
+    predict.add_argument("--saliency", metavar="FILE_OR_FOLDER",
+                         help="also write Grad-CAM saliency volumes on each input's grid: a file for one volume, "
+                              "else a folder of <case>_saliency.nii.gz")
+    predict.add_argument("--slices", help="'all' or slice indices such as 10-20 (default: the model's central slices)")
+    predict.add_argument("--batch-size", type=int, default=4, help="slices per forward pass (default 4)")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    predict.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
+    predict.set_defaults(func=run_predict)
+
+
+def _inputs(source: Path) -> tuple[list[Path], bool]:
+    """The volumes to classify and whether ``source`` is one volume."""
+    from ..io.volume import find_volumes
+    from ..training.tables import read_case_table, table_path
+
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return [table_path(source, row["image"]) for row in read_case_table(source, ("image",))], False
+    inputs = find_volumes(source)
+    return inputs, len(inputs) == 1 and inputs[0] == source
+
+
+def _saliency_target(option: Optional[str], single: bool) -> Optional[Callable[[Path], Path]]:
+    from ..io.volume import WRITE_FORMATS, volume_stem
+
+    if option is None:
+        return None
+    path = Path(option).expanduser()
+    if path.name.lower().endswith(WRITE_FORMATS):
+        if not single:
+            raise LCTfoundError(f"--saliency {option}: with several inputs, give a folder for the saliency volumes")
+        return lambda _source: path
+    if path.exists() and not path.is_dir():
+        raise LCTfoundError(f"--saliency {option}: not a folder (give a folder, or a .nii.gz/.nrrd/.mha file)")
+    return lambda source: path / f"{volume_stem(source)}_saliency.nii.gz"
+
+
+def _previous_rows(output: Path, class_names: list[str], provenance: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Rows of an existing results table of the same model (keyed by input), else a clear error."""
+    from ..pipelines.diagnosis import read_results_csv
+
+    if not output.exists():
+        return {}
+    rows = read_results_csv(output, class_names)
+    for row in rows:
+        for key in ("model_sha256", "backbone_sha256"):
+            if row.get(key) and row[key] != provenance[key]:
+                raise LCTfoundError(f"{output}: holds results of another model ({row.get('model')}, {key} "
+                                    f"{row[key][:12]}…); choose a new output file")
+    return {row["input"]: row for row in rows}
+
+
+def _print_table(rows: list[dict[str, Any]], class_names: list[str]) -> None:
+    columns = ["case", "predicted"] + [f"probability_{name}" for name in class_names] + ["status"]
+    headers = ["case", "predicted"] + [f"p({name})" for name in class_names] + ["status"]
+
+    def cell(row: dict[str, Any], column: str) -> str:
+        value = row.get(column, "")
+        if column.startswith("probability_") and value not in ("", None):
+            return f"{float(value):.4f}"
+        return str(value)
+
+    cells = [[cell(row, column) for column in columns] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    for line in [headers] + cells:
+        print("  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)).rstrip())
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from ..features import parse_slices
+    from ..io.volume import read_volume, volume_stem, write_volume
+    from ..pipelines.diagnosis import (
+        RESEARCH_USE_NOTE,
+        ScanClassifier,
+        error_row,
+        results_rows,
+        saliency_volume,
+        write_results_csv,
+    )
+    from ..progress import Progress, command_progress
+
+    output = Path(args.output).expanduser()
+    if output.suffix.lower() != ".csv" or output.is_dir():
+        raise LCTfoundError(f"{output}: the results table must be a .csv file")
+    if args.batch_size < 1:
+        raise LCTfoundError("--batch-size must be at least 1")
+    if args.slices and args.slices.strip().lower() != "all":
+        parse_slices(args.slices, sys.maxsize)  # the syntax, before any work; ranges are checked per volume
+    inputs, single = _inputs(Path(args.input).expanduser().absolute())  # absolute: a resumed run may start elsewhere
+    cases: dict[str, Path] = {}
+    for path in inputs:
+        other = cases.setdefault(volume_stem(path), path)
+        if other != path:
+            raise LCTfoundError(f"{other} and {path} have the same case name {volume_stem(path)!r}; rename one")
+    saliency_target = _saliency_target(args.saliency, single)
+    classifier = ScanClassifier.from_pretrained(args.model, args.backbone, device=args.device,
+                                                batch_size=args.batch_size)
+    if args.backbone and classifier.task_model.backbone_folder() is not None:
+        print("note: this model was fine-tuned in full mode and carries its own backbone; --backbone is not used",
+              file=sys.stderr)
+    names, provenance = classifier.class_names, classifier.provenance
+    rows = _previous_rows(output, names, provenance)
+    order = [str(path) for path in inputs]
+    skipped = failures = 0
+    with command_progress(args.events, "classify", unit="scan") as bar:
+        for number, path in enumerate(inputs):
+            case = volume_stem(path)
+            target = saliency_target(path) if saliency_target else None
+            if rows.get(str(path), {}).get("status") == "ok" and (target is None or target.is_file()):
+                skipped += 1
+                continue
+
+            def report(done: int, total: int, message: str, number: int = number, case: str = case) -> None:
+                bar.update(number, len(inputs), f"{case}: {message} ({done}/{total})")
+
+            progress = Progress(report, cancel_token=bar.cancel_token)
+            try:
+                volume = read_volume(path)
+                prediction = classifier(volume, args.slices, progress, source=str(path))
+                if target is not None:
+                    saliency = saliency_volume(classifier, volume, prediction=prediction, progress=progress)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    write_volume(volume.with_array(saliency, kind="saliency"), target)
+                row = results_rows([prediction])[0]
+            except LCTfoundError as error:
+                failures += 1
+                row = error_row(str(path), str(error), names, provenance)
+            rows[str(path)] = row
+            ordered = [rows[s] for s in order if s in rows] + [r for s, r in rows.items() if s not in set(order)]
+            write_results_csv(ordered, output, names)
+            bar.update(number + 1, len(inputs), case)
+    shown = [rows[s] for s in order if s in rows]
+    _print_table(shown, names)
+    print(f"model {provenance['model']} (sha256 {provenance['model_sha256'][:12]}…), backbone {provenance['backbone']} "
+          f"(sha256 {provenance['backbone_sha256'][:12] or '?'}…), trained {provenance['trained'] or 'date unknown'}")
+    done = len(inputs) - skipped - failures
+    print(f"{done} scan(s) classified, {skipped} already in {output}, {failures} failed; results in {output}")
+    print(RESEARCH_USE_NOTE)
+    return 1 if failures else 0
