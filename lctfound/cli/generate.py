@@ -14,51 +14,99 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate", help="generate synthetic CT slices from a window prompt",
         description="Sample slices with a fast sampler (DDIM by default) and optional classifier-free guidance. "
-                    "Writes a PNG grid, or a NIfTI/NRRD/MHA volume in HU when --output ends with such an extension.")
+                    "--output decides the export: a .png grid; a NEW .nrrd/.mha/.nii.gz/.nii volume in HU (the fixed "
+                    "window mapping inverted); or a new folder (a path without extension) of per-slice PNGs. The "
+                    "provenance (prompt, window, guidance, sampler, steps, seeds, model sha256) goes to OUT.json "
+                    "(a folder: provenance.json inside; a grid: the PNG's text chunk). Image i uses seed SEED+i, "
+                    "whatever the batch size.")
     parser.add_argument("--model", default="default", help="model name or folder (default: the embedded model)")
     parser.add_argument("--window", default="lung", help="lung, mediastinal or WIDTH,LEVEL known to the model")
     parser.add_argument("--disease", help="optional disease text the model was trained with")
+    parser.add_argument("--prompt", help="a prompt the model's conditioning knows, instead of --window/--disease "
+                                         "(--window still sets the HU range of a volume)")
     parser.add_argument("--num-images", "-n", type=int, default=8, help="number of slices (default 8)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     parser.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddim", help="default ddim")
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the first image (default 0)")
     parser.add_argument("--size", type=int, help="image size (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images sampled together (default 8)")
+    parser.add_argument("--spacing", default="1", help="voxel size of a volume in mm: S or X,Y,Z (default 1)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--output", "-o", required=True, help="grid .png, or .nii.gz/.nrrd/.mha volume (HU)")
+    parser.add_argument("--output", "-o", required=True,
+                        help="grid .png, .nrrd/.mha/.nii.gz/.nii volume (HU), or a new folder for per-slice PNGs")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import numpy as np
+def parse_spacing(text: str) -> tuple[float, float, float]:
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or not all(v > 0 for v in values):
+        raise LCTfoundError(f"--spacing {text!r}: give one or three positive numbers in mm, e.g. 0.7,0.7,2.5")
+    return values[0], values[1], values[2]
 
-    from ..devices import resolve_device
-    from ..models import load_model, resolve_model
-    from ..pipelines.generation import GenerationPipeline, save_image_grid
-    from ..progress import TqdmProgress
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..io.provenance import check_new_output, write_volume_with_provenance
+    from ..pipelines.generation import (
+        GenerationPipeline,
+        images_to_volume,
+        load_diffusion_model,
+        save_image_grid,
+        save_image_slices,
+    )
+    from ..progress import command_progress, print_event
     from ..windows import get_window
 
-    output = Path(args.output)
+    output = Path(args.output).expanduser()
     name = output.name.lower()
     volume_formats = (".nii", ".nii.gz", ".nrrd", ".mha")
-    if not (name.endswith(".png") or name.endswith(volume_formats)):
-        raise LCTfoundError(f"{output}: choose a .png grid or a {', '.join(volume_formats)} volume")
-    if output.exists() and not args.overwrite:
-        raise LCTfoundError(f"{output}: already exists; choose a new name or pass --overwrite")
-    window = get_window(args.window)
-    model = load_model(resolve_model(args.model), device=resolve_device(args.device))
-    pipeline = GenerationPipeline(model, args.sampler)
-    with TqdmProgress("generate", unit="step") as progress:
-        images = pipeline(args.window, args.disease, args.num_images, args.steps, args.guidance_scale,
-                          args.seed, args.size, progress=progress)
     if name.endswith(".png"):
-        save_image_grid(images, output, columns=min(4, len(images)))
+        kind = "grid"
+    elif name.endswith(volume_formats):
+        kind = "volume"
+    elif not output.suffix:
+        kind = "slices"
     else:
-        from ..io.volume import CTVolume, write_volume
-
-        hu = images * window.width + window.low  # [0, 1] ↔ the window, as the training mapped it
-        write_volume(CTVolume(hu.astype(np.float32), spacing=(1.0, 1.0, 1.0),
-                              metadata={"generated": True}), output)
-    print(f"wrote {len(images)} slice(s) to {output}")
+        raise LCTfoundError(f"{output}: choose a .png grid, a {', '.join(volume_formats)} volume or a folder "
+                            "(a path without extension) for per-slice PNGs")
+    if kind == "slices":
+        if output.exists():
+            raise LCTfoundError(f"{output}: already exists; choose a new folder for the slices")
+    elif kind == "volume":
+        check_new_output(output, args.overwrite)
+    elif output.exists() and not args.overwrite:
+        raise LCTfoundError(f"{output}: already exists; choose a new name or pass --overwrite")
+    if args.batch_size < 1:
+        raise LCTfoundError("--batch-size must be at least 1")
+    spacing = parse_spacing(args.spacing)
+    window = get_window(args.window)
+    model = load_diffusion_model(args.model, args.device)
+    pipeline = GenerationPipeline(model, args.sampler)
+    settings = dict(window=args.window, disease=args.disease, num_images=args.num_images, steps=args.steps,
+                    guidance_scale=args.guidance_scale, seed=args.seed, size=args.size, prompt=args.prompt)
+    with command_progress(args.events, "generate", unit="step") as progress:
+        images = pipeline(**settings, batch_size=args.batch_size, progress=progress)
+    provenance = pipeline.provenance(**settings)
+    if kind == "slices":
+        save_image_slices(images, output, provenance)
+        side = output / "provenance.json"
+    elif kind == "volume":
+        side = write_volume_with_provenance(images_to_volume(images, window, spacing, provenance), output)
+    else:  # a preview: the provenance goes into the PNG's text chunk
+        save_image_grid(images, output, columns=min(4, len(images)), provenance=provenance)
+        side = None
+    where = f"; provenance in {side}" if side else ""
+    print(f"wrote {len(images)} slice(s) to {output}{where}", file=sys.stderr if args.events else sys.stdout)
+    if args.events:
+        print_event({"event": "result", "task": provenance["task"], "output": str(output),
+                     "provenance": str(side) if side else None, "name": provenance["name"]})
     return 0
