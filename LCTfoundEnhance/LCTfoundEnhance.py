@@ -1,19 +1,23 @@
-"""LCTfoundEnhance: enhance lung CT images (e.g. low-dose denoising) with LCTfound.
+"""LCTfoundEnhance: every LCTfound image task that makes a new volume — low-dose enhancement (cold
+diffusion), low-dose simulation, sparse-view reconstruction, super-resolution, virtual CT
+angiography and synthetic CT.
 
-Thin Slicer front end: choose the CT volume, an installed model and the device; the status line
-says what is selected (model source and preset, device) or what is missing. The enhancement task
-itself comes in a later version of the extension, so the panel has no Apply button yet.
-Everything that decides something lives in the Qt-free `lctfound.logic.EnhanceModuleLogic`, which is
-tested without Slicer; the panel code shared by the LCTfound modules is in `LCTfoundSlicerLib`.
+Thin Slicer front end. The task runs in a background process (`lctfound.jobs`); a QTimer polls the
+Qt-free `lctfound.logic.EnhanceModuleLogic`, which exports the input, follows the job and loads the
+result into a NEW volume node with its provenance. The result is shown over the input with a fade
+slider for comparison. That logic is tested without Slicer.
 """
 
 import os
 import sys
-from typing import Optional
+from typing import Annotated, Optional
 
+import qt
+
+import slicer
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import Decimals, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
 # A source checkout has LCTfoundSlicerLib and lctfound next to this module's folder (an installed
@@ -23,8 +27,17 @@ if os.path.isfile(os.path.join(_sourceRoot, "LCTfoundSlicerLib", "__init__.py"))
     sys.path.append(_sourceRoot)
 
 # Light imports only (no torch): this runs while Slicer starts.
-from LCTfoundSlicerLib import LCTfoundModule, LCTfoundModuleLogic, LCTfoundVolumeModuleTestMixin, LCTfoundVolumeModuleWidget  # noqa: E402
-from lctfound.logic import EnhanceModuleLogic  # noqa: E402
+from LCTfoundSlicerLib import (  # noqa: E402
+    LCTfoundModule,
+    LCTfoundModuleLogic,
+    LCTfoundVolumeModuleTestMixin,
+    LCTfoundVolumeModuleWidget,
+    pythonSlicerExecutable,
+)
+from lctfound.logic import EnhanceModuleLogic, EnhanceParameters, RunState  # noqa: E402
+
+POLL_INTERVAL_MS = 500
+_DEFAULTS = EnhanceParameters()
 
 
 #
@@ -39,9 +52,9 @@ class LCTfoundEnhance(LCTfoundModule):
             parent,
             title=_("LCTfound Enhance"),
             helpText=_(
-                "Enhance lung CT images (for example low-dose denoising) with the LCTfound diffusion foundation model; the input is never overwritten. "
-                "This version lets you choose the CT volume, the model and the device and shows what "
-                "is selected; the enhancement itself comes in a later version."
+                "Low-dose enhancement, low-dose simulation, sparse-view reconstruction, super-resolution, virtual CT "
+                "angiography and synthetic CT with the LCTfound diffusion foundation model. Every result is a new "
+                "volume with its provenance; the input is never overwritten."
             ),
         )
 
@@ -54,14 +67,32 @@ class LCTfoundEnhance(LCTfoundModule):
 @parameterNodeWrapper
 class LCTfoundEnhanceParameterNode:
     """
-    inputVolume - the CT volume to process.
-    modelName - the installed LCTfound model (filled from the model registry).
+    task - low-dose, simulate-low-dose, sparse-view, super-resolution, vcta or synthetic.
+    inputVolume - the CT volume to process (not needed for synthetic CT).
+    modelName - the LCTfound backbone used as diffusion prior.
+    taskModel - the trained low-dose enhancement or VCTA model.
+    dose, views, reconstruction, geometry, factor, axis, interpolation, window, count, guidanceScale,
+    steps, seed - the settings of the tasks (each task shows its own).
     device - "auto", "cpu", "cuda", "cuda:N" or "mps".
     """
 
+    task: str = _DEFAULTS.task
     inputVolume: vtkMRMLScalarVolumeNode
     modelName: str = ""
-    device: str = "auto"
+    taskModel: str = ""
+    dose: Annotated[float, WithinRange(0.01, 0.99), Decimals(2)] = _DEFAULTS.dose
+    views: Annotated[int, WithinRange(1, 4096)] = _DEFAULTS.views
+    reconstruction: str = _DEFAULTS.reconstruction
+    geometry: str = _DEFAULTS.geometry
+    factor: Annotated[int, WithinRange(2, 8)] = _DEFAULTS.factor
+    axis: str = _DEFAULTS.axis
+    interpolation: str = _DEFAULTS.interpolation
+    window: str = _DEFAULTS.window
+    count: Annotated[int, WithinRange(1, 1024)] = _DEFAULTS.count
+    guidanceScale: Annotated[float, WithinRange(0.0, 20.0), Decimals(1)] = _DEFAULTS.guidance_scale
+    steps: Annotated[int, WithinRange(1, 1000)] = _DEFAULTS.steps
+    seed: Annotated[int, WithinRange(0, 2147483647)] = _DEFAULTS.seed
+    device: str = _DEFAULTS.device
 
 
 #
@@ -70,12 +101,118 @@ class LCTfoundEnhanceParameterNode:
 
 
 class LCTfoundEnhanceWidget(LCTfoundVolumeModuleWidget):
-    """Volume, model and device selectors with a status line (all behaviour in LCTfoundVolumeModuleWidget)."""
+    """Task, inputs, the task's settings, Run / Cancel with progress and an input/result fade slider;
+    the parameter node, the hand-synced choice selectors and the status line are the bases'."""
 
     uiFile = "UI/LCTfoundEnhance.ui"
 
+    #: Parameter (snake_case, as `EnhanceModuleLogic.visible_fields` names them) → its label and editor.
+    FIELDS = {
+        "input_volume": ("inputVolumeLabel", "inputVolumeSelector"),
+        "model_name": ("modelLabel", "modelSelector", "refreshModelsButton"),
+        "task_model": ("taskModelLabel", "taskModelSelector"),
+        "dose": ("doseLabel", "doseSpinBox"),
+        "views": ("viewsLabel", "viewsSpinBox"),
+        "reconstruction": ("reconstructionLabel", "reconstructionSelector"),
+        "geometry": ("geometryLabel", "geometrySelector"),
+        "factor": ("factorLabel", "factorSpinBox"),
+        "axis": ("axisLabel", "axisSelector"),
+        "interpolation": ("interpolationLabel", "interpolationSelector"),
+        "window": ("windowLabel", "windowSelector"),
+        "count": ("countLabel", "countSpinBox"),
+        "guidance_scale": ("guidanceScaleLabel", "guidanceScaleSpinBox"),
+        "steps": ("stepsLabel", "stepsSpinBox"),
+        "seed": ("seedLabel", "seedSpinBox"),
+    }
+
+    def __init__(self, parent=None) -> None:
+        LCTfoundVolumeModuleWidget.__init__(self, parent)
+        self._timer = None
+        self._shownTask = None
+
     def createLogic(self) -> "LCTfoundEnhanceLogic":
         return LCTfoundEnhanceLogic()
+
+    def setupWidgets(self, uiWidget) -> None:
+        LCTfoundVolumeModuleWidget.setupWidgets(self, uiWidget)
+        self.logic.engine.set_scene(slicer.mrmlScene)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollTimer)
+        self.ui.startButton.connect("clicked(bool)", self.onStartButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.comparisonSlider.connect("valueChanged(int)", self.onComparisonSlider)
+
+    def cleanup(self) -> None:
+        LCTfoundVolumeModuleWidget.cleanup(self)
+        if self._timer:
+            self._timer.stop()
+        if self.logic and self.logic.engine.job is not None and self.logic.engine.state.busy:
+            self.logic.engine.job.cancel(timeout=2)  # do not leave a job behind
+
+    def _choiceItems(self, name: str, refresh: bool = False) -> list:
+        return self.logic.engine.choices(name, refresh=refresh, parameters=self._parameterNode)
+
+    def statusText(self) -> str:
+        engine = self.logic.engine
+        if engine.state is RunState.IDLE:
+            return LCTfoundVolumeModuleWidget.statusText(self)
+        return engine.status_summary()
+
+    def _updateStatus(self, caller=None, event=None) -> None:
+        node = self._parameterNode
+        if node and node.task != self._shownTask:
+            self._shownTask = node.task
+            node.taskModel = ""  # the trained models of the new task
+            self._fillChoiceSelectors()
+            self.logic.engine.fill_defaults(node)
+        LCTfoundVolumeModuleWidget._updateStatus(self)
+        engine = self.logic.engine
+        shown = engine.visible_fields(node) if node else set()
+        for name, widgetNames in self.FIELDS.items():
+            for widgetName in widgetNames:
+                getattr(self.ui, widgetName).visible = name in shown
+        for button, state in ((self.ui.startButton, engine.start_button_state(node) if node else None),
+                              (self.ui.cancelButton, engine.cancel_button_state())):
+            button.enabled = bool(state and state.enabled)
+            button.toolTip = state.tooltip if state else ""
+        self.ui.comparisonSlider.enabled = engine.result_volume is not None
+        bar = engine.progress_bar_state()
+        self.ui.progressBar.visible = bar.visible
+        self.ui.progressBar.maximum = bar.maximum
+        self.ui.progressBar.value = bar.value
+        self.ui.progressBar.format = bar.text
+
+    def onComparisonSlider(self, value: int) -> None:
+        if self.logic.engine.result_volume is not None:
+            slicer.util.setSliceViewerLayers(foregroundOpacity=value / 100.0)
+
+    def _showResult(self) -> None:
+        before, after = self.logic.engine.comparison()
+        slicer.util.setSliceViewerLayers(background=before or after, foreground=after if before else None,
+                                         foregroundOpacity=self.ui.comparisonSlider.value / 100.0, fit=before is None)
+
+    def onStartButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The task could not start."), waitCursor=True):
+            self.logic.engine.start(self._parameterNode)
+            self._timer.start()
+        self._updateStatus()
+
+    def onCancelButton(self) -> None:
+        self.logic.engine.cancel()  # the process tree is ended in a helper thread
+        self._updateStatus()
+
+    def onPollTimer(self) -> None:
+        engine = self.logic.engine
+        engine.poll()
+        if not engine.state.busy:
+            self._timer.stop()
+            if engine.state is RunState.FAILED and engine.job is not None:
+                slicer.util.errorDisplay(_("The task failed: {error}").format(error=engine.status().error),
+                                         detailedText=engine.job.stderr_tail)
+            elif engine.state is RunState.FINISHED:
+                self._showResult()
+        self._updateStatus()
 
 
 #
@@ -90,7 +227,7 @@ class LCTfoundEnhanceLogic(LCTfoundModuleLogic):
     parameterNodeClass = LCTfoundEnhanceParameterNode
 
     def __init__(self, engine: Optional[EnhanceModuleLogic] = None) -> None:
-        LCTfoundModuleLogic.__init__(self, engine or EnhanceModuleLogic())
+        LCTfoundModuleLogic.__init__(self, engine or EnhanceModuleLogic(python=pythonSlicerExecutable()))
 
 
 #
@@ -103,3 +240,13 @@ class LCTfoundEnhanceTest(LCTfoundVolumeModuleTestMixin, ScriptedLoadableModuleT
 
     logicClass = LCTfoundEnhanceLogic
     engineClass = EnhanceModuleLogic
+
+    def test_TaskProblems(self):
+        self.delayDisplay("Checking the task settings")
+        logic = LCTfoundEnhanceLogic(EnhanceModuleLogic(list_models=lambda extra_folders=(): [],
+                                                        list_task_models=lambda extra_folders=(): [],
+                                                        available_devices=lambda: ["cpu"]))
+        parameterNode = logic.getParameterNode()
+        parameterNode.task = "synthetic"
+        self.assertIn("No LCTfound model is installed", logic.engine.first_problem(parameterNode))
+        self.delayDisplay("Test passed")

@@ -40,7 +40,9 @@ MODULE_WIDGETS = {
                              "trainButton": "QPushButton", "predictButton": "QPushButton", "cancelButton": "QPushButton",
                              "undoButton": "QPushButton", "markReviewedButton": "QPushButton",
                              "unmarkReviewedButton": "QPushButton", "progressBar": "QProgressBar"},
-    "LCTfoundEnhance": {"inputVolumeSelector": "qMRMLNodeComboBox", "modelSelector": "QComboBox"},
+    "LCTfoundEnhance": {"inputVolumeSelector": "qMRMLNodeComboBox", "modelSelector": "QComboBox",
+                        "startButton": "QPushButton", "cancelButton": "QPushButton", "progressBar": "QProgressBar",
+                        "comparisonSlider": "QSlider"},
     "LCTfoundTrain": {"startButton": "QPushButton", "cancelButton": "QPushButton", "resumeButton": "QPushButton",
                       "progressBar": "QProgressBar", "lossCurveLabel": "QLabel"},
 }

@@ -20,7 +20,7 @@ from .base import (
     device_environment,
     format_seconds,
 )
-from .enhance import EnhanceModuleLogic
+from .enhance import EnhanceModuleLogic, EnhanceParameters
 from .segmentation import (
     DIAGNOSIS,
     FEWSHOT,
@@ -50,6 +50,7 @@ __all__ = [
     "ButtonState",
     "Choice",
     "EnhanceModuleLogic",
+    "EnhanceParameters",
     "InvalidTransition",
     "ModuleLogicBase",
     "ModuleParameters",

@@ -42,7 +42,7 @@ class EnhanceParameters(ModuleParameters):
     """``model_name`` is the LCTfound backbone (diffusion prior); ``task_model`` a trained
     enhancement model (low-dose enhancement, VCTA)."""
 
-    task: str = LOW_DOSE
+    task: str = SUPER_RESOLUTION  # works out of the box with the embedded model
     task_model: str = ""
     dose: float = 0.1
     views: int = 32

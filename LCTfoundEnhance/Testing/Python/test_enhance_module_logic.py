@@ -33,31 +33,37 @@ class EnhanceModuleLogicTest(unittest.TestCase):
             name="denoiser", path=self.folder / "denoiser", source="user", preset="cpu-base", description=""
         )
         self.logic = EnhanceModuleLogic(
-            list_models=lambda extra_folders=(): [model], available_devices=lambda: ["cuda", "cpu"]
+            list_models=lambda extra_folders=(): [model], available_devices=lambda: ["cuda", "cpu"],
+            list_task_models=lambda extra_folders=(): [],
         )
 
     def tearDown(self):
         self._tmp.cleanup()
 
     def test_fill_defaults_on_a_parameter_node(self):
-        node = SimpleNamespace(inputVolume=None, modelName="", device="")
+        node = SimpleNamespace(task="super-resolution", inputVolume=None, modelName="", device="")
         self.assertEqual(self.logic.fill_defaults(node), {"model_name": "denoiser", "device": "auto"})
         self.assertEqual((node.modelName, node.device), ("denoiser", "auto"))
 
     def test_status_line(self):
-        node = SimpleNamespace(inputVolume=FakeVolumeNode("vtkMRMLScalarVolumeNode1"), modelName="denoiser", device="auto")
-        self.assertEqual(self.logic.selection_summary(node), "Model denoiser (user, preset cpu-base) on Automatic (cuda).")
+        node = SimpleNamespace(task="super-resolution", inputVolume=FakeVolumeNode("vtkMRMLScalarVolumeNode1"),
+                               modelName="denoiser", device="auto")
+        self.assertEqual(self.logic.selection_summary(node), "Super-resolution with model denoiser on Automatic (cuda).")
         node.device = "cpu"
-        self.assertEqual(self.logic.selection_summary(node), "Model denoiser (user, preset cpu-base) on CPU.")
+        self.assertEqual(self.logic.selection_summary(node), "Super-resolution with model denoiser on CPU.")
         node.modelName = "gone"
         self.assertEqual(self.logic.selection_summary(node), "Model 'gone' is not installed here.")
+        node.task, node.interpolation = "super-resolution", "bicubic"  # no model needed
+        self.assertEqual(self.logic.selection_summary(node), "Super-resolution with no model on CPU.")
+        node.task = "low-dose"
+        self.assertIn("low-dose-enhancement model", self.logic.selection_summary(node))
 
     def test_input_file_paths_are_accepted(self):
         path = self.folder / "ct.nii.gz"
-        node = SimpleNamespace(inputVolume=str(path), modelName="denoiser", device="cpu")
+        node = SimpleNamespace(task="simulate-low-dose", inputVolume=str(path), modelName="denoiser", device="cpu")
         self.assertTrue(self.logic.selection_summary(node).startswith("Input file not found"))
         path.write_bytes(b"")
-        self.assertTrue(self.logic.selection_summary(node).startswith("Model denoiser"))
+        self.assertEqual(self.logic.selection_summary(node), "Simulate low dose with no model on CPU.")
 
 
 if __name__ == "__main__":
