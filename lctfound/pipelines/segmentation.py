@@ -107,6 +107,9 @@ class FewShotConfig:
     window: str = "mediastinal"
     resolution: Optional[int] = None  # feature grid R; default min(model size, 128) to bound the cache
     epochs: int = 30
+    #: With few labelled slices an epoch is a few optimiser steps: train at least this many steps
+    #: (benchmarks/RESULTS.md: 30 epochs on one slice under-trained the head, Dice 0.19 vs 0.28).
+    min_steps: int = 600
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
     batch_pixels: int = 4096
@@ -143,8 +146,14 @@ class FewShotSegmenter:
         self.class_values = [0] + sorted(names)
         self.label_names = names
         self.extractor = FeatureExtractor(model, config.feature_spec(model))
-        self.head = head or PixelMLPHead(self.extractor.channels, len(self.class_values))
         self._trained = head is not None
+        self.head = head if head is not None else self.new_head()
+
+    def new_head(self) -> PixelMLPHead:
+        """An untrained head whose start depends on ``config.seed`` only, not on earlier work in the process."""
+        with torch.random.fork_rng():
+            torch.manual_seed(self.config.seed)
+            return PixelMLPHead(self.extractor.channels, len(self.class_values))
 
     # ------------------------------------------------------------------ training
     def _training_rows(self, features: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
@@ -196,11 +205,12 @@ class FewShotSegmenter:
         optimizer = torch.optim.AdamW(head.parameters(), lr=self.config.learning_rate,
                                       weight_decay=self.config.weight_decay)
         steps_per_epoch = max(1, int(np.ceil(len(rows) / self.config.batch_pixels)))
-        total = steps_per_epoch * self.config.epochs
+        epochs = max(self.config.epochs, int(np.ceil(self.config.min_steps / steps_per_epoch)))
+        total = steps_per_epoch * epochs
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
         focal = FocalLoss(gamma=self.config.focal_gamma, use_softmax=True, to_onehot_y=True, reduction="none")
         losses = []
-        for epoch in range(self.config.epochs):
+        for epoch in range(epochs):
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.config.seed + epoch))
             epoch_loss = 0.0
             for start in range(0, len(rows), self.config.batch_pixels):
@@ -217,7 +227,7 @@ class FewShotSegmenter:
                 schedule.step()
                 epoch_loss += float(loss.detach()) * len(index)
             losses.append(epoch_loss / len(rows))
-            progress.update(epoch + 1, self.config.epochs, f"head epoch {epoch + 1}, loss {losses[-1]:.4f}")
+            progress.update(epoch + 1, epochs, f"head epoch {epoch + 1}, loss {losses[-1]:.4f}")
             progress.check_cancelled()
         head.eval()
         self._trained = True
