@@ -716,6 +716,9 @@ def test_widget_uses_only_widgets_that_exist_in_the_ui(module):
 GUI_ROOTS = ("qt", "ctk", "trame", "PySide", "PyQt", "qSlicer", "qMRML")
 MRML_ROOTS = ("slicer", "vtk", "vtkmodules", "mrml")
 FRONT_END_PACKAGES = ("cli",)  # thin front ends inside the package may call the module logic
+#: The web front end (trame-slicer): the only package that may import trame, and with
+#: lctfound/mrml and lctfound/logic the only one that may import Slicer.
+WEB_PACKAGE = "web"
 
 
 def _is_root(name: str, roots: tuple[str, ...]) -> bool:
@@ -766,7 +769,7 @@ def _engine_files() -> list[Path]:
 
 def _layer(path: Path) -> str:
     parts = path.relative_to(PACKAGE).parts
-    return parts[0] if len(parts) > 1 and parts[0] in ("mrml", "logic", *FRONT_END_PACKAGES) else "engine"
+    return parts[0] if len(parts) > 1 and parts[0] in ("mrml", "logic", WEB_PACKAGE, *FRONT_END_PACKAGES) else "engine"
 
 
 @pytest.mark.parametrize("path", _engine_files(), ids=lambda p: p.relative_to(REPO).as_posix())
@@ -775,18 +778,26 @@ def test_layering(path):
     where = path.relative_to(REPO).as_posix()
     for name, in_function in _imports(path):
         if _is_root(name, GUI_ROOTS):
-            pytest.fail(f"{where} imports {name}: no Qt or trame under lctfound/ (keep it in the module files or web panels)")
+            if layer == WEB_PACKAGE and _is_root(name, ("trame",)):
+                continue
+            pytest.fail(f"{where} imports {name}: no Qt under lctfound/, and trame only in lctfound/web/ "
+                        "(keep it in the module files or web panels)")
         if name.split(".")[0] == LIBRARY:
             pytest.fail(f"{where} imports {name}: the engine must not depend on the Slicer-side {LIBRARY}")
         if _is_root(name, MRML_ROOTS):
-            if layer == "mrml":
+            if layer in ("mrml", WEB_PACKAGE):
                 continue
             if layer == "logic" and in_function:
                 continue
             detail = " at import time; import MRML inside the function that needs it" if layer == "logic" else (
-                "; only lctfound/mrml/ (and lctfound/logic/, lazily) may touch Slicer, MRML or VTK")
+                "; only lctfound/mrml/, lctfound/web/ (and lctfound/logic/, lazily) may touch Slicer, MRML or VTK")
             pytest.fail(f"{where} imports {name}{detail}")
+        if name.startswith("lctfound.web") and layer != WEB_PACKAGE and not (layer in FRONT_END_PACKAGES and in_function):
+            pytest.fail(f"{where} imports {name}: only the command line may start the web front end, inside the "
+                        "function that needs it")
         if layer == "engine" and (name.startswith("lctfound.logic") or name.startswith("lctfound.mrml")):
             pytest.fail(f"{where} imports {name}: the engine must not depend on the module logic or MRML adapters")
+        if layer in ("mrml", "logic") and name.startswith("lctfound.web"):
+            pytest.fail(f"{where} imports {name}: the logic and MRML adapters must not depend on the web front end")
         if layer == "mrml" and name.startswith("lctfound.logic"):
             pytest.fail(f"{where} imports {name}: MRML adapters must not depend on the module logic")

@@ -17,7 +17,8 @@ from .. import __version__
 from ..errors import LCTfoundError
 
 # Command-group modules, in the order `--help` lists them.
-COMMAND_MODULES = ("demo", "doctor", "data", "model", "features", "train", "generate", "segment", "ctfm", "evaluate")
+COMMAND_MODULES = ("demo", "doctor", "data", "model", "features", "train", "generate", "segment", "classify", "ctfm",
+                   "evaluate", "enhance", "web")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,9 +1,12 @@
-"""``lctfound ctfm``: the CT-FM backbone — inspect a model, embed volumes, index a cohort, search it."""
+"""``lctfound ctfm``: the CT-FM backbone — inspect a model, embed volumes, index a cohort, search it,
+train and run linear probes (``probe-train``, ``probe-predict``) and segmentation decoders
+(``seg-train``, ``seg-predict``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..errors import LCTfoundError
@@ -21,8 +24,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "ctfm", help="CT-FM 3D encoder: embeddings, similarity search and heat maps",
         description="CT-FM (a 3D MONAI SegResEncoder pretrained on whole-body CT) as a second backbone: "
-                    "512-d embeddings, an embedding index of a folder of volumes, and search by scan, point or "
-                    "region with a similarity heat map. " + WEIGHTS_NOTE)
+                    "512-d embeddings, an embedding index of a folder of volumes, search by scan, point or "
+                    "region with a similarity heat map, linear probes (scan classification) and segmentation "
+                    "decoders (frozen or fully fine-tuned encoder). " + WEIGHTS_NOTE)
     groups = parser.add_subparsers(dest="ctfm_command", metavar="COMMAND")
     groups.required = True
 
@@ -68,8 +72,10 @@ def register(subparsers) -> None:
     search.add_argument("--query", required=True, help="query CT volume")
     search.add_argument("--model", required=True, help=MODEL_HELP + " Must be the model the index was built with.")
     where = search.add_mutually_exclusive_group()
-    where.add_argument("--point", help="RAS point in mm (Slicer's coordinates); write --point=-20.5,10,-140 when it starts with '-'")
-    where.add_argument("--region", help="RAS box: two opposite corners R1,A1,S1,R2,A2,S2 in mm (--region=... when it starts with '-')")
+    where.add_argument("--point", help="RAS point in mm (Slicer's coordinates); write --point=-20.5,10,-140 when it "
+                                       "starts with '-'")
+    where.add_argument("--region", help="RAS box: two opposite corners R1,A1,S1,R2,A2,S2 in mm (--region=... when it "
+                                        "starts with '-')")
     search.add_argument("--top", type=int, default=10, help="number of results (default 10)")
     search.add_argument("--heatmap", help="write the similarity heat map here (.nii.gz, .nrrd, .mha)")
     search.add_argument("--heatmap-volume", help="volume to map the similarity over (default: the query volume)")
@@ -77,6 +83,255 @@ def register(subparsers) -> None:
     search.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     search.add_argument("--no-validate", action="store_true", help="skip the CT plausibility check of the inputs")
     search.set_defaults(func=run_search)
+
+    _register_tasks(groups)
+
+
+# ---------------------------------------------------------------------------- task models
+
+def _window_options(parser: argparse.ArgumentParser, window: str = "32,128,128") -> None:
+    parser.add_argument("--window", default=window,
+                        help=f"embedding window D,H,W in preprocessed voxels, multiples of 16 (default {window})")
+    parser.add_argument("--overlap", type=float, default=0.5, help="embedding window overlap (default 0.5)")
+    parser.add_argument("--window-batch", type=int, default=2, help="windows per forward pass (default 2)")
+
+
+def _set_default(parser: argparse.ArgumentParser, dest: str, value, help_text: str) -> None:
+    """Replace the default and help of an option added by a shared helper."""
+    for action in parser._actions:  # argparse has no public accessor for one action
+        if action.dest == dest:
+            action.default, action.help = value, help_text
+
+
+def _register_tasks(groups) -> None:
+    from .train import add_loop_arguments
+
+    probe_train = groups.add_parser(
+        "probe-train", help="train a linear probe (scan classification) on frozen CT-FM embeddings",
+        description="Embed every scan of --table (CSV with columns image,label; label = class name; image paths "
+                    "relative to the table) once with CT-FM (cached per volume and model, so retraining and later "
+                    "predictions reuse the embeddings), then train a linear layer on the standardised 512-d "
+                    "embeddings with class-balanced cross-entropy on the shared training loop (checkpoints, "
+                    "--resume, --events). The result, OUTPUT/model, is a task model (ctfm-probe) that names its "
+                    "CT-FM backbone by the sha256 of its weights. " + WEIGHTS_NOTE)
+    probe_train.add_argument("--model", required=True, help=MODEL_HELP)
+    probe_train.add_argument("--table", required=True, help="CSV with columns image,label")
+    probe_train.add_argument("--aggregation", choices=("mean", "min", "whole"), default="mean",
+                             help="scan vector from the window vectors: mean (default), element-wise min, or one "
+                                  "pass of the whole volume")
+    _window_options(probe_train)
+    probe_train.add_argument("--no-cache", action="store_true", help="recompute embeddings (and do not store them)")
+    probe_train.add_argument("--no-validate", action="store_true", help="skip the CT plausibility check of the inputs")
+    add_loop_arguments(probe_train, batch_size=16, lr=1e-3, warmup=0, checkpoint_every=100, epochs=100.0,
+                       log_every=10)
+    _set_default(probe_train, "batch_size", None, "scans per optimizer step (default: all scans, at most 16)")
+    probe_train.set_defaults(func=run_probe_train)
+
+    probe_predict = groups.add_parser(
+        "probe-predict", help="classify scans with a CT-FM linear probe",
+        description="Classify a volume, every volume of a folder, or every image of a CSV table (column image) "
+                    "with a ctfm-probe task model and write a predictions CSV with the columns of `lctfound classify "
+                    "predict` (case, input, predicted, probability_<class>, model, model_sha256, backbone, "
+                    "backbone_sha256, note), ready for `lctfound evaluate classification`. " + WEIGHTS_NOTE)
+    probe_predict.add_argument("input", help="a CT volume, a folder of volumes, or a CSV table with an image column")
+    probe_predict.add_argument("--probe", required=True, help="ctfm-probe task model folder or registered name")
+    probe_predict.add_argument("--model", help=MODEL_HELP + " Default: the CT-FM folder the probe was trained on.")
+    probe_predict.add_argument("--output", "-o", required=True, help="predictions .csv file")
+    probe_predict.add_argument("--window-batch", type=int, default=2, help="windows per forward pass (default 2)")
+    probe_predict.add_argument("--no-cache", action="store_true", help="recompute embeddings (and do not store them)")
+    _predict_options(probe_predict)
+    probe_predict.set_defaults(func=run_probe_predict)
+
+    seg_train = groups.add_parser(
+        "seg-train", help="train a 3D segmentation decoder on the CT-FM encoder (frozen or full fine-tune)",
+        description="Train MONAI SegResNetDS with the CT-FM encoder on (image, label map) pairs: random patches "
+                    "(multiples of 16, half of them centred on labels) in CT-FM's preprocessing space (SPL, 3x1x1 mm, "
+                    "body crop, HU -1024..2048 -> 0..1; label maps resampled exactly, nearest neighbour), Dice + "
+                    "cross-entropy, on the shared training loop (checkpoints, --resume, --events). --mode frozen "
+                    "trains the decoder only; --mode full fine-tunes the encoder too (it is then stored in the task "
+                    "model). OUTPUT/model is a task model (ctfm-segmentation). " + WEIGHTS_NOTE)
+    seg_train.add_argument("--model", required=True, help=MODEL_HELP)
+    seg_train.add_argument("--image", action="append", default=[], help="a CT volume (repeat, paired with --labels)")
+    seg_train.add_argument("--labels", action="append", default=[], help="the label map of the --image before it")
+    seg_train.add_argument("--pairs", help="CSV with columns image,labels (paths relative to the CSV)")
+    seg_train.add_argument("--names", help="label names, e.g. 1=Lesion,2=Vessel (default Label N)")
+    seg_train.add_argument("--mode", choices=("frozen", "full"), default="frozen",
+                           help="frozen: train the decoder on the fixed encoder (default); full: fine-tune both")
+    seg_train.add_argument("--patch", default="32,128,128",
+                           help="training patch D,H,W in preprocessed voxels, multiples of 16 (default 32,128,128); "
+                                "prediction uses the same windows")
+    seg_train.add_argument("--patches-per-case", type=int, default=4,
+                           help="random patches per scan and epoch (default 4)")
+    seg_train.add_argument("--no-validate", action="store_true", help="skip the CT plausibility check of the inputs")
+    add_loop_arguments(seg_train, batch_size=2, lr=1e-3, warmup=0, checkpoint_every=100, epochs=50.0, log_every=5)
+    _set_default(seg_train, "lr", None, "AdamW learning rate (default 1e-3 for --mode frozen, 1e-4 for full)")
+    seg_train.set_defaults(func=run_seg_train)
+
+    seg_predict = groups.add_parser(
+        "seg-predict", help="segment volumes with a CT-FM segmentation decoder",
+        description="Segment a volume (OUTPUT: a label map file) or every volume of a folder (OUTPUT: a folder of "
+                    "CASE_seg.nii.gz files; volumes already done are skipped, so an interrupted batch resumes) with "
+                    "a ctfm-segmentation task model: sliding windows of the training patch in CT-FM's preprocessing "
+                    "space, Gaussian blending, arg-max, and nearest-neighbour resampling onto the input's own voxel "
+                    "grid. " + WEIGHTS_NOTE)
+    seg_predict.add_argument("input", help="a CT volume or a folder of volumes")
+    seg_predict.add_argument("--decoder", required=True, help="ctfm-segmentation task model folder or registered name")
+    seg_predict.add_argument("--model", help=MODEL_HELP + " Default: the CT-FM folder the decoder was trained on "
+                                                          "(not needed after --mode full).")
+    seg_predict.add_argument("--output", "-o", required=True, help="label map file (.nii.gz/.nrrd/.mha) or a folder")
+    seg_predict.add_argument("--overlap", type=float, default=0.5, help="window overlap (default 0.5)")
+    seg_predict.add_argument("--window-batch", type=int, default=1, help="windows per forward pass (default 1)")
+    _predict_options(seg_predict)
+    seg_predict.set_defaults(func=run_seg_predict)
+
+
+def _predict_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--no-validate", action="store_true", help="skip the CT plausibility check of the inputs")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
+
+
+def _triplet(text: str, option: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise LCTfoundError(f"cannot read {option} {text!r}; use D,H,W, e.g. 32,128,128")
+    return values
+
+
+def _recipe(args):
+    from ..ctfm.features import WindowSettings, check_windows
+    from ..ctfm.probe import EmbeddingRecipe
+
+    settings = WindowSettings(_triplet(args.window, "--window"), args.overlap, args.window_batch)
+    check_windows(settings)
+    return EmbeddingRecipe(settings, args.aggregation)
+
+
+def _training_device(args):
+    from ..devices import resolve_device
+
+    return resolve_device("cpu" if args.device == "cpu" else "auto")
+
+
+def run_probe_train(args: argparse.Namespace) -> int:
+    from ..ctfm.probe import read_probe_table, train_probe
+    from .train import loop_config_from_args, run_training
+
+    recipe = _recipe(args)
+    paths, _, _ = read_probe_table(args.table)
+    if args.batch_size is None:
+        args.batch_size = min(16, len(paths))
+    loop = loop_config_from_args(args)
+    model = _load(args.model, str(_training_device(args)))
+    name = args.name or args.register
+    return run_training(args, "probe", lambda progress, events: train_probe(
+        model, args.table, loop, recipe, use_cache=not args.no_cache,
+        validate=not args.no_validate, name=name, resume=args.resume, progress=progress, on_event=events))
+
+
+def _inputs(source: str) -> list[Path]:
+    """Volumes of a file, a folder or a CSV table with an image column."""
+    from ..io.volume import find_volumes
+    from ..training.tables import read_case_table, table_path
+
+    if source.lower().endswith(".csv"):
+        return [table_path(source, row["image"]) for row in read_case_table(source, ("image",))]
+    return find_volumes(source)
+
+
+def run_probe_predict(args: argparse.Namespace) -> int:
+    from ..ctfm.probe import LinearProbe, predict_probe
+    from ..devices import resolve_device
+    from ..progress import command_progress
+
+    output = Path(args.output)
+    if output.suffix.lower() != ".csv":
+        raise LCTfoundError(f"{output}: predictions are written as a .csv file")
+    if output.exists() and not args.overwrite:
+        raise LCTfoundError(f"{output}: already exists; choose a new file or pass --overwrite")
+    if args.window_batch < 1:
+        raise LCTfoundError("--window-batch must be at least 1")
+    inputs = _inputs(args.input)
+    device = resolve_device(args.device)
+    probe = LinearProbe.load(args.probe, args.model, device=device, batch_size=args.window_batch)
+    with command_progress(args.events, "classify", unit="scan") as progress:
+        rows = predict_probe(probe, inputs, output, validate=not args.no_validate, use_cache=not args.no_cache,
+                             overwrite=args.overwrite, progress=progress)
+    out = sys.stderr if args.events else sys.stdout
+    for row in rows:
+        print(f"{row['case']}: {row['predicted']} "
+              f"({', '.join(f'{k[12:]} {float(v):.3f}' for k, v in row.items() if k.startswith('probability_'))})",
+              file=out)
+    print(f"wrote {output} ({len(rows)} scan(s)); {rows[0]['note']}", file=out)
+    return 0
+
+
+def run_seg_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..ctfm.decoder import label_names_for, read_training_pairs, train_decoder
+    from .train import loop_config_from_args, read_pairs, run_training
+
+    images, labels = list(args.image), list(args.labels)
+    if args.pairs:
+        more_images, more_labels = read_pairs(args.pairs)
+        images, labels = images + more_images, labels + more_labels
+    roi = _triplet(args.patch, "--patch")
+    if args.lr is None:
+        args.lr = 1e-4 if args.mode == "full" else 1e-3
+    loop = loop_config_from_args(args)
+    pairs = read_training_pairs(images, labels, validate=not args.no_validate)
+    values = set().union(*(set(np.unique(label.array).tolist()) for _, _, label in pairs))
+    names = label_names_for(values, args.names)
+    model = _load(args.model, "cpu")
+    name = args.name or args.register
+    return run_training(args, f"segmentation decoder ({args.mode})", lambda progress, events: train_decoder(
+        model, pairs, loop, names, args.mode, roi, args.patches_per_case, name=name,
+        resume=args.resume, progress=progress, on_event=events))
+
+
+def run_seg_predict(args: argparse.Namespace) -> int:
+    from ..ctfm.decoder import DecoderSegmenter
+    from ..devices import resolve_device
+    from ..io.volume import WRITE_FORMATS, find_volumes, read_volume, volume_stem, write_volume
+    from ..progress import command_progress
+
+    source, output = Path(args.input), Path(args.output)
+    inputs = find_volumes(source)
+    batch = source.is_dir() and not (len(inputs) == 1 and inputs[0] == source)
+    if not batch:
+        if not any(output.name.lower().endswith(ext) for ext in WRITE_FORMATS):
+            raise LCTfoundError(f"{output}: use one of {', '.join(WRITE_FORMATS)} for the label map")
+        if output.exists() and not args.overwrite:
+            raise LCTfoundError(f"{output}: already exists; choose a new file or pass --overwrite")
+    elif output.exists() and not output.is_dir():
+        raise LCTfoundError(f"{output}: not a folder (a folder of volumes writes one label map per volume)")
+    if args.window_batch < 1:
+        raise LCTfoundError("--window-batch must be at least 1")
+    segmenter = DecoderSegmenter.load(args.decoder, args.model, device=resolve_device(args.device))
+    out = sys.stderr if args.events else sys.stdout
+    targets = [output] if not batch else [output / f"{volume_stem(path)}_seg.nii.gz" for path in inputs]
+    written = 0
+    for path, target in zip(inputs, targets, strict=True):
+        if batch and target.exists() and not args.overwrite:
+            print(f"{target.name}: already done, skipped", file=out)
+            continue
+        volume = read_volume(path, validate=not args.no_validate)
+        with command_progress(args.events, volume_stem(path), unit="window") as progress:
+            labels = segmenter.predict(volume, args.overlap, args.window_batch, progress)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_volume(labels, target)
+        written += 1
+        counts = ", ".join(f"{name} {int((labels.array == value).sum())} voxels"
+                           for value, name in sorted(segmenter.label_names.items()))
+        print(f"wrote {target}: {counts}", file=out)
+    if batch:
+        print(f"{written} of {len(inputs)} volume(s) segmented into {output}", file=out)
+    return 0
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -182,7 +437,8 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from ..ctfm.retrieval import build_index, find_volumes
+    from ..ctfm.retrieval import build_index
+    from ..io.volume import find_volumes
     from ..progress import TqdmProgress
 
     settings = _settings(args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 from typing import Any, Optional
 
@@ -73,8 +74,33 @@ def _add_classification(commands) -> None:
     parser.set_defaults(func=run_classification)
 
 
+def _add_image(commands) -> None:
+    parser = commands.add_parser(
+        "image", help="PSNR, SSIM, RMSE (HU) and VIF of a CT volume against a reference, per slice",
+        description="Image quality of a volume (e.g. an enhanced or reconstructed CT) against a reference on the "
+                    "same grid, per slice and per volume. PSNR = 10·log10(R²/MSE) with both images clipped to the HU "
+                    "range (--range, default -1000,1000: R = 2000 HU); SSIM (scikit-image, Gaussian σ 1.5) on the "
+                    "clipped images; RMSE in HU unclipped; VIF (torchmetrics VIF-P) on the clipped images scaled to "
+                    "0..255. --mask restricts PSNR, SSIM and RMSE to its non-zero voxels (VIF uses the whole "
+                    "slice). Slice summaries carry bootstrap intervals over slices (slices are not independent). "
+                    "--compare adds a second volume and paired tests over slices (Wilcoxon signed-rank, paired "
+                    "t-test). LPIPS is not offered (it needs torchvision).")
+    parser.add_argument("--prediction", "-p", required=True, help="volume to score")
+    parser.add_argument("--reference", "-r", required=True, help="reference volume on the same grid")
+    parser.add_argument("--compare", help="a second volume to compare with --prediction, slice by slice")
+    parser.add_argument("--range", dest="hu_range", default="-1000,1000", metavar="LOW,HIGH",
+                        help="HU range for PSNR/SSIM/VIF (default -1000,1000, data range 2000 HU)")
+    parser.add_argument("--mask", help="label map on the reference grid; metrics over its non-zero voxels")
+    parser.add_argument("--slices", help="evaluate only these slice indices, e.g. 20-27")
+    _add_shared_options(parser)
+    # Let "--range -1000,1000" read its negative value: argparse takes only plain negative numbers
+    # ("-5") for values, anything else starting with "-" for an option (no public setting for this).
+    parser._negative_number_matcher = re.compile(r"^-\d+(\.\d*)?(,-?\d+(\.\d*)?)?$|^-\d*\.\d+$")
+    parser.set_defaults(func=run_image)
+
+
 #: The ``evaluate`` subcommands, in the order ``--help`` lists them.
-SUBCOMMANDS = (_add_segmentation, _add_classification)
+SUBCOMMANDS = (_add_segmentation, _add_classification, _add_image)
 
 
 def _check_shared(args: argparse.Namespace) -> None:
@@ -283,3 +309,69 @@ def _print_classification(report: dict[str, Any], positive_given: Optional[str])
     print(f"intervals: {bootstrap['resamples']} bootstrap resamples, seed {bootstrap['seed']}; "
           f"{bootstrap['stratified']}")
 
+
+# --------------------------------------------------------------------------------------------
+# Image quality
+# --------------------------------------------------------------------------------------------
+
+
+def run_image(args: argparse.Namespace) -> int:
+    from ..metrics.image import evaluate_image_files, image_report, image_rows, parse_hu_range
+
+    _check_shared(args)
+    hu_range = parse_hu_range(args.hu_range)
+    with _progress("evaluate image") as progress:
+        evaluation = evaluate_image_files(args.prediction, args.reference, hu_range, args.mask, args.slices, progress)
+    compare = None
+    if args.compare:
+        with _progress("evaluate image --compare") as progress:
+            compare = evaluate_image_files(args.compare, args.reference, hu_range, args.mask, args.slices, progress)
+    report = image_report(evaluation, compare, n_resamples=args.bootstrap, seed=args.seed)
+    _print_image(report)
+    rows = image_rows(evaluation, "prediction")
+    if compare is not None:
+        rows += image_rows(compare, "compare")
+    _write_output(args, report, rows)
+    return 0
+
+
+def _print_image(report: dict[str, Any]) -> None:
+    from ..metrics.image import METRICS
+    from ..metrics.reports import format_table, p_text, value_with_interval
+
+    low, high = report["hu_range"]
+    print(f"reference: {report['reference']}" + (f"; mask: {report['mask']}" if report["mask"] else ""))
+    print(f"PSNR and SSIM over {low:g}..{high:g} HU (data range {report['data_range_hu']:g} HU); RMSE in HU unclipped")
+    labels = {"psnr": "PSNR dB", "ssim": "SSIM", "rmse_hu": "RMSE HU", "vif": "VIF"}
+    digits = {"psnr": 2, "ssim": 4, "rmse_hu": 1, "vif": 4}
+    blocks = [("prediction", report["results"])] + ([("compare", report["compare"])] if "compare" in report else [])
+    for title, block in blocks:
+        count = len(block["slices"])
+        print(f"{title}: {block['prediction']} — {count} slice{'' if count == 1 else 's'}")
+        rows = []
+        for name in METRICS:
+            summary = block["per_slice"][name]
+            volume_value = block["volume"][name]
+            rows.append([labels[name], "-" if volume_value is None else f"{volume_value:.{digits[name]}f}",
+                         value_with_interval(summary["mean"], summary["mean_ci"], digits[name]),
+                         value_with_interval(summary["median"], None, digits[name])])
+        print(format_table(["metric", "volume", "slice mean [95% CI]", "slice median"], rows))
+        for note in block["notes"]:
+            print(f"  note: {note}")
+    if "comparison" in report:
+        rows = []
+        for name in METRICS:
+            entry = report["comparison"]["metrics"][name]
+            if "wilcoxon" not in entry:
+                rows.append([labels[name], entry["n"], "-", "-", "-", entry.get("note", "")])
+                continue
+            better = "prediction" if (entry["mean_difference"] > 0) == entry["higher_is_better"] else "compare"
+            if entry["mean_difference"] == 0:
+                better = "tie"
+            rows.append([labels[name], entry["n"],
+                         value_with_interval(entry["mean_difference"], entry["mean_difference_ci"], digits[name]),
+                         p_text(entry["wilcoxon"]["p_value"]), p_text(entry["t_test"]["p_value"]), better])
+        print("paired comparison over slices (prediction − compare):")
+        print(format_table(["metric", "n", "mean difference [95% CI]", "Wilcoxon p", "t-test p", "better"], rows))
+    print(f"intervals: {report['bootstrap']['resamples']} bootstrap resamples over slices, seed "
+          f"{report['bootstrap']['seed']}")

@@ -38,8 +38,9 @@ def register(subparsers) -> None:
     train.set_defaults(func=run_train)
 
     predict = commands.add_parser("predict", help="segment a volume, or every volume of a folder",
-                                  description="Predict with a few-shot model. With a folder as input, writes one "
-                                              "label map per volume into --output and a summary.csv, skipping "
+                                  description="Predict with any segmentation task model: few-shot, structures "
+                                              "(fine-tuned) or a distilled student. With a folder as input, writes "
+                                              "one label map per volume into --output and a summary.csv, skipping "
                                               "volumes already done (so an interrupted batch resumes).")
     predict.add_argument("input", help="a CT volume or a folder of volumes (NIfTI/NRRD/MHA files or DICOM folders)")
     predict.add_argument("--model", required=True, help="task model folder or registered name")
@@ -49,6 +50,26 @@ def register(subparsers) -> None:
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     predict.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
     predict.set_defaults(func=run_predict)
+
+    distill = commands.add_parser("distill", help="distil a segmentation model into a small, fast student",
+                                  description="The teacher (any segmentation model) labels every slice of the "
+                                              "volumes; a small 2D U-Net learns to reproduce its probabilities "
+                                              "(KL divergence, T=3) and, on annotated slices, the annotation. The "
+                                              "student needs no backbone and segments a whole CT in seconds.")
+    distill.add_argument("volumes", nargs="+", metavar="VOLUME", help="CT volumes to distil on")
+    distill.add_argument("--teacher", required=True, help="segmentation task model folder or registered name")
+    distill.add_argument("--labels", nargs="+", action="extend", metavar="LABELS",
+                         help="label maps, one per VOLUME in the same order ('-' for none); slices holding a "
+                              "structure count as annotated, other slices are left to the teacher")
+    distill.add_argument("--backbone", help="the teacher's backbone (default: the one the teacher names)")
+    distill.add_argument("--epochs", type=int, default=20, help="student training epochs (default 20)")
+    distill.add_argument("--resolution", type=int,
+                         help="student working resolution, a multiple of 16 (default: the teacher's input size)")
+    distill.add_argument("--output", "-o", required=True, help="new task-model folder")
+    distill.add_argument("--register", metavar="NAME", help="also register it under NAME for every front end")
+    distill.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    distill.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
+    distill.set_defaults(func=run_distill)
 
 
 def _names(text: str | None, values: list[int]) -> dict[int, str]:
@@ -106,8 +127,8 @@ def run_train(args: argparse.Namespace) -> int:
         backbone = load_model(resolve_model(backbone_spec), device=resolve_device(args.device))
         segmenter = FewShotSegmenter.load(init_folder, backbone)
         if segmenter.label_names != {value: name for value, name in names.items() if value > 0}:
-            raise LCTfoundError(f"--init model {args.init} segments {_format_names(segmenter.label_names)}, these labels "
-                                f"are {_format_names(names)}; train without --init")
+            raise LCTfoundError(f"--init model {args.init} segments {_format_names(segmenter.label_names)}, "
+                                f"these labels are {_format_names(names)}; train without --init")
         segmenter.config = replace(segmenter.config, epochs=args.epochs)
     else:
         backbone = load_model(resolve_model(args.backbone or "default"), device=resolve_device(args.device))
@@ -127,29 +148,23 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     from ..atomic import atomic_file
-    from ..devices import resolve_device
     from ..io.volume import find_volumes, read_volume, volume_stem, write_volume
-    from ..models import load_model, resolve_model
-    from ..models.task_models import load_task_model
-    from ..pipelines.segmentation import POSTPROCESSING, TASK, FewShotSegmenter
+    from ..pipelines.predictors import load_segmentation_predictor
+    from ..pipelines.segmentation import POSTPROCESSING
     from ..progress import command_progress
 
     steps = [s.strip() for s in args.postprocess.split(",") if s.strip()]
     unknown = [s for s in steps if s not in POSTPROCESSING]
     if unknown:
         raise LCTfoundError(f"unknown post-processing {unknown[0]!r}; choose from {', '.join(POSTPROCESSING)}")
-    task_folder = resolve_model(args.model)
-    task_model = load_task_model(task_folder, TASK)
-    backbone_spec = args.backbone or task_model.backbone.get("path") or task_model.backbone.get("name") or "default"
-    backbone = load_model(resolve_model(backbone_spec), device=resolve_device(args.device))
-    segmenter = FewShotSegmenter.load(task_folder, backbone)
+    segmenter = load_segmentation_predictor(args.model, args.backbone, args.device)
     source, output = Path(args.input), Path(args.output)
     inputs = find_volumes(source)
     batch = source.is_dir() and not (len(inputs) == 1 and inputs[0] == source)
     if not batch:
         volume = read_volume(inputs[0])
         with command_progress(args.events, "segment", unit="slice") as progress:
-            labels = segmenter(volume.array, progress=progress, postprocess=steps)
+            labels = segmenter.predict(volume.array, progress=progress, postprocess=steps)
         write_volume(volume.with_array(labels), output)
         print(f"wrote {output}: " + ", ".join(f"{name} {int((labels == value).sum())} voxels"
                                               for value, name in sorted(segmenter.label_names.items())))
@@ -171,14 +186,15 @@ def run_predict(args: argparse.Namespace) -> int:
         try:
             volume = read_volume(path)
             with command_progress(args.events, path.name, unit="slice") as progress:
-                labels = segmenter(volume.array, progress=progress, postprocess=steps)
+                labels = segmenter.predict(volume.array, progress=progress, postprocess=steps)
             write_volume(volume.with_array(labels), target)
             row = {"input": str(path), "output": str(target), "status": "ok",
                    "seconds": f"{time.perf_counter() - start:.1f}",
                    **{name: int((labels == value).sum()) for value, name in sorted(segmenter.label_names.items())}}
         except LCTfoundError as error:
             failures += 1
-            row = {"input": str(path), "output": "", "status": f"error: {error}", "seconds": "", **{n: "" for n in names}}
+            row = {"input": str(path), "output": "", "status": f"error: {error}", "seconds": "",
+                   **{n: "" for n in names}}
         rows = [r for r in rows if r["input"] != str(path)] + [row]
         with atomic_file(summary_path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, ["input", "output", "status", "seconds", *names])
@@ -186,3 +202,64 @@ def run_predict(args: argparse.Namespace) -> int:
             writer.writerows(rows)
     print(f"{len(inputs) - failures} of {len(inputs)} volume(s) segmented; summary in {summary_path}")
     return 1 if failures else 0
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..io.volume import read_label_volume, read_volume
+    from ..models.registry import check_new_model_name, register_model
+    from ..pipelines.predictors import load_segmentation_predictor
+    from ..pipelines.student import UNLABELLED, StudentConfig, distill
+    from ..progress import command_progress
+
+    output = Path(args.output)
+    if output.exists():
+        raise LCTfoundError(f"{output}: already exists; choose a new folder")
+    if args.register:
+        check_new_model_name(args.register)
+    label_paths = list(args.labels or [])
+    if label_paths and len(label_paths) != len(args.volumes):
+        raise LCTfoundError(f"{len(label_paths)} label map(s) for {len(args.volumes)} volume(s); give one per volume "
+                            "('-' for a volume without labels)")
+    missing = [p for p in [*args.volumes, *(p for p in label_paths if p != "-")] if not Path(p).exists()]
+    if missing:
+        raise LCTfoundError(f"{missing[0]}: no such file or folder")
+    config = StudentConfig(epochs=args.epochs, resolution=args.resolution)
+    config.check()
+    teacher = load_segmentation_predictor(args.teacher, args.backbone, args.device)
+    current: dict = {}
+
+    # Volumes are read one at a time (the teacher reduces each to the working resolution before
+    # the next); `distill` takes volume i, then its labels, which are checked against that volume.
+    def volumes():
+        for path in args.volumes:
+            current["volume"] = read_volume(path)
+            yield current["volume"].array
+
+    def labels():
+        for path in label_paths:
+            if path == "-":
+                yield None
+                continue
+            label = read_label_volume(path, reference=current["volume"]).array
+            annotated = label.reshape(label.shape[0], -1).any(axis=1)
+            partial = np.full(label.shape, UNLABELLED, dtype=np.int16)
+            partial[annotated] = label[annotated]
+            yield partial
+
+    start = time.perf_counter()
+    with command_progress(args.events, "segment distill", unit="step") as progress:
+        student = distill(teacher, volumes(), labels() if label_paths else None, config, progress,
+                          device=teacher.device)
+    report = student.report
+    student.save(output, extra={"name": args.register or output.name,
+                                "description": f"student of {teacher.provenance['model']['name']}",
+                                "training": {"volumes": [str(p) for p in args.volumes], "labels": label_paths}})
+    agreement = ", ".join(f"{name} {dice:.3f}" for name, dice in report.agreement.items())
+    print(f"distilled on {report.slices} slices of {report.volumes} volume(s) ({report.annotated_slices} annotated) "
+          f"in {time.perf_counter() - start:.1f} s; Dice with the teacher: {agreement}; model in {output}")
+    if args.register:
+        print(f"registered as {args.register!r} in {register_model(output, args.register)}")
+    return 0
+

@@ -1,9 +1,11 @@
 """CT-FM (project-lighter) as a second backbone: a 3D MONAI SegResEncoder for embeddings, dense
-features and retrieval. Weights are never downloaded: a local folder in the published Hugging
-Face layout (or a repo already in the local cache) is required.
+features, retrieval, linear probes and segmentation decoders. Weights are never downloaded: a
+local folder in the published Hugging Face layout (or a repo already in the local cache) is required.
 
 Modules: `preprocess` (the input contract with exact geometry), `model` (strict loading and
-saving), `features` (sliding-window embeddings and maps), `retrieval` (index and search).
+saving), `features` (sliding-window embeddings and maps), `retrieval` (index and search),
+`probe` (scan classification on cached embeddings), `decoder` (a trainable segmentation decoder,
+frozen or fully fine-tuned), `tasks` (what their task models share: the backbone reference).
 """
 
 from .features import WindowSettings, dense_features, embed_point, embed_region, embed_volume, similarity_volume

@@ -12,8 +12,9 @@ windows are cut, encoded and dropped one batch at a time.
 * dense features — stage ``s`` (stride ``2**s``) maps stitched over the volume, optionally
   average-pooled by ``downsample``; cell ``n`` sits at the receptive-field centre
   ``stride·downsample·n + stride·(downsample−1)/2`` in preprocessed voxels (see `DenseFeatures.affine`);
-* similarity maps — per-window cosine similarity with a query vector, Gaussian-blended over the
-  preprocessed grid and resampled onto the source volume's grid.
+* similarity maps — per-window cosine similarity with a query vector, placed at the window centres
+  (a rectilinear grid) and interpolated linearly at every voxel of the source volume: the map
+  peaks exactly at the centre of the best window, where a viewer jumps to.
 
 Windows must be multiples of 16 voxels (CT-FM's own retrieval used 24-deep windows; 32×128×128,
 the pretraining patch, keeps every window aligned with the stride-16 grid).
@@ -49,13 +50,15 @@ class WindowSettings:
     blend: str = "gaussian"  # MONAI blend mode for stitched maps
 
     def as_dict(self) -> dict[str, Any]:
-        return {"window": list(self.window), "overlap": self.overlap, "batch_size": self.batch_size, "blend": self.blend}
+        return {"window": list(self.window), "overlap": self.overlap, "batch_size": self.batch_size,
+                "blend": self.blend}
 
 
 def check_windows(settings: WindowSettings, multiple: int = 16) -> None:
     """Windows and their step must be multiples of ``multiple`` voxels (exact stitching on the coarse grid)."""
     if len(settings.window) != 3 or any(int(w) < multiple or int(w) % multiple for w in settings.window):
-        raise LCTfoundError(f"window {'x'.join(map(str, settings.window))}: each size must be a multiple of {multiple} voxels")
+        raise LCTfoundError(f"window {'x'.join(map(str, settings.window))}: each size must be a multiple of "
+                            f"{multiple} voxels")
     if not 0.0 <= settings.overlap < 1.0:
         raise LCTfoundError(f"overlap {settings.overlap}: must be at least 0 and below 1")
     for size in settings.window:
@@ -73,7 +76,7 @@ def window_count(shape: Sequence[int], settings: WindowSettings) -> int:
     from monai.data.utils import dense_patch_slices
     from monai.inferers.utils import _get_scan_interval
 
-    size = tuple(max(int(s), int(w)) for s, w in zip(shape, settings.window))
+    size = tuple(max(int(s), int(w)) for s, w in zip(shape, settings.window, strict=True))
     interval = _get_scan_interval(size, tuple(settings.window), 3, (settings.overlap,) * 3)
     return len(dense_patch_slices(size, tuple(settings.window), interval))
 
@@ -81,7 +84,7 @@ def window_count(shape: Sequence[int], settings: WindowSettings) -> int:
 def _padded(prepared: PreparedVolume, window: Sequence[int]) -> torch.Tensor:
     """[1, 1, D, H, W] input, padded at the end (index origin unchanged) to at least one window."""
     array = prepared.array
-    pad = [max(0, int(w) - s) for s, w in zip(array.shape, window)]
+    pad = [max(0, int(w) - s) for s, w in zip(array.shape, window, strict=True)]
     if any(pad):
         array = np.pad(array, [(0, p) for p in pad], constant_values=0.0)
     return torch.from_numpy(np.ascontiguousarray(array))[None, None]
@@ -126,7 +129,7 @@ class DenseFeatures:
 
 # MONAI stitches dict outputs in sorted key order and shrinks its weight map for each smaller
 # output in turn, so the keys sort from the finest output to the coarsest.
-_SIMILARITY, _DENSE, _NONE = "0-similarity", "1-dense", "2-none"
+_DENSE, _NONE = "1-dense", "2-none"
 
 
 def _unit(vectors: torch.Tensor) -> torch.Tensor:
@@ -134,11 +137,10 @@ def _unit(vectors: torch.Tensor) -> torch.Tensor:
 
 
 def run_windows(model: CTFMModel, prepared: PreparedVolume, settings: WindowSettings = WindowSettings(),
-                dense_stage: Optional[int] = None, dense_downsample: int = 1, query: Optional[np.ndarray] = None,
+                dense_stage: Optional[int] = None, dense_downsample: int = 1,
                 max_output_bytes: int = 2 << 30, progress: Optional[Progress] = None) -> dict[str, Any]:
     """One streamed sliding-window pass; returns ``windows`` (`WindowEmbeddings`) and, on request,
-    ``dense`` (`DenseFeatures` of ``dense_stage``) and ``similarity`` (cosine similarity with
-    ``query``, blended on the preprocessed grid)."""
+    ``dense`` (`DenseFeatures` of ``dense_stage``)."""
     from monai.inferers import sliding_window_inference
 
     progress = ensure_progress(progress)
@@ -161,7 +163,6 @@ def run_windows(model: CTFMModel, prepared: PreparedVolume, settings: WindowSett
             raise LCTfoundError(f"the stage-{dense_stage} map would take {need / 2**30:.2f} GiB; raise the downsample "
                                 f"factor (now {dense_downsample}) or choose a deeper stage")
     device = model.device
-    query_unit = _unit(torch.as_tensor(np.asarray(query, dtype=np.float32))).to(device) if query is not None else None
     embeddings: list[np.ndarray] = []
     starts: list[list[int]] = []
     done = 0
@@ -180,9 +181,6 @@ def run_windows(model: CTFMModel, prepared: PreparedVolume, settings: WindowSett
             if dense_downsample > 1:
                 fmap = torch.nn.functional.avg_pool3d(fmap, dense_downsample)
             outputs[_DENSE] = fmap.cpu()
-        if query_unit is not None:
-            score = _unit(vectors) @ query_unit
-            outputs[_SIMILARITY] = score.cpu().view(-1, 1, 1, 1, 1).expand(-1, 1, *batch.shape[2:]).contiguous()
         if not outputs:  # the inferer needs an output: a one-channel map on the coarsest grid
             outputs[_NONE] = torch.zeros(batch.shape[0], 1, *(s // model.total_stride for s in batch.shape[2:]))
         done += batch.shape[0]
@@ -200,10 +198,9 @@ def run_windows(model: CTFMModel, prepared: PreparedVolume, settings: WindowSett
     if dense_stage is not None:
         factor = stride * dense_downsample
         offset = stride * (dense_downsample - 1) / 2.0
-        result["dense"] = DenseFeatures(stitched[_DENSE][0].numpy(), grid_affine(prepared.affine, factor, (offset,) * 3),
+        affine = grid_affine(prepared.affine, factor, (offset,) * 3)
+        result["dense"] = DenseFeatures(stitched[_DENSE][0].numpy(), affine,
                                         dense_stage, stride, dense_downsample)
-    if query_unit is not None:
-        result["similarity"] = stitched[_SIMILARITY][0, 0].numpy()
     return result
 
 
@@ -255,13 +252,14 @@ def embed_point(model: CTFMModel, prepared: PreparedVolume, point_ras: Sequence[
         raise InputError(f"point {_fmt(point_ras)} (RAS) lies outside the body crop of the volume "
                          f"(source IJK {_fmt(source_ijk)})")
     start = window_start_around(prepared, index, window)
-    crop = prepared.array[tuple(slice(int(s), int(s) + int(w)) for s, w in zip(start, window))]
+    crop = prepared.array[tuple(slice(int(s), int(s) + int(w)) for s, w in zip(start, window, strict=True))]
     centre = start + (np.asarray(crop.shape) - 1) / 2.0
     return embed_array(model, crop), prepared.index_to_ras(centre)
 
 
 def embed_region(model: CTFMModel, prepared: PreparedVolume, corner_a_ras: Sequence[float],
-                 corner_b_ras: Sequence[float], settings: WindowSettings = WindowSettings()) -> tuple[np.ndarray, np.ndarray]:
+                 corner_b_ras: Sequence[float],
+                 settings: WindowSettings = WindowSettings()) -> tuple[np.ndarray, np.ndarray]:
     """``(embedding, region centre in RAS)`` of a RAS box: one pass when it fits a window, else the windows' mean."""
     a, b = np.asarray(corner_a_ras, dtype=np.float64), np.asarray(corner_b_ras, dtype=np.float64)
     corners = np.array([[x, y, z] for x in (a[0], b[0]) for y in (a[1], b[1]) for z in (a[2], b[2])])
@@ -270,9 +268,9 @@ def embed_region(model: CTFMModel, prepared: PreparedVolume, corner_a_ras: Seque
     high = np.minimum(np.ceil(index.max(axis=0) - 0.5).astype(np.int64) + 1, np.asarray(prepared.shape))
     if np.any(high <= low):
         raise InputError(f"region {_fmt(a)} .. {_fmt(b)} (RAS) does not overlap the body crop of the volume")
-    crop = prepared.array[tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high))]
+    crop = prepared.array[tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high, strict=True))]
     centre = prepared.index_to_ras((low + high - 1) / 2.0)
-    if all(c <= w for c, w in zip(crop.shape, settings.window)):
+    if all(c <= w for c, w in zip(crop.shape, settings.window, strict=True)):
         return embed_array(model, crop), centre
     sub = PreparedVolume(crop, grid_affine(prepared.affine, 1.0, low), prepared.source_ijk_to_ras,
                          prepared.source_shape, prepared.settings)
@@ -280,7 +278,8 @@ def embed_region(model: CTFMModel, prepared: PreparedVolume, corner_a_ras: Seque
 
 
 def dense_features(model: CTFMModel, volume: CTVolume | PreparedVolume, stage: int = 4, downsample: int = 1,
-                   settings: WindowSettings = WindowSettings(), preprocessing: CTFMPreprocessing = DEFAULT_PREPROCESSING,
+                   settings: WindowSettings = WindowSettings(),
+                   preprocessing: CTFMPreprocessing = DEFAULT_PREPROCESSING,
                    max_output_bytes: int = 2 << 30, progress: Optional[Progress] = None) -> DenseFeatures:
     """Stage-``stage`` features stitched over the whole volume (bounded by ``max_output_bytes``)."""
     prepared = _as_prepared(volume, preprocessing)
@@ -289,7 +288,8 @@ def dense_features(model: CTFMModel, volume: CTVolume | PreparedVolume, stage: i
 
 
 def similarity_volume(model: CTFMModel, volume: CTVolume, query: np.ndarray,
-                      settings: WindowSettings = WindowSettings(), preprocessing: CTFMPreprocessing = DEFAULT_PREPROCESSING,
+                      settings: WindowSettings = WindowSettings(),
+                      preprocessing: CTFMPreprocessing = DEFAULT_PREPROCESSING,
                       prepared: Optional[PreparedVolume] = None, fill: float = 0.0,
                       progress: Optional[Progress] = None) -> tuple[CTVolume, WindowEmbeddings]:
     """Cosine similarity of every window of ``volume`` with ``query``, as a float32 `CTVolume` on the
@@ -298,11 +298,49 @@ def similarity_volume(model: CTFMModel, volume: CTVolume, query: np.ndarray,
     if np.asarray(query).shape != (model.embedding_dim,):
         raise LCTfoundError(f"query vector has shape {np.asarray(query).shape}; this model's embeddings are "
                             f"{model.embedding_dim}-d")
-    result = run_windows(model, prepared, settings, query=query, progress=progress)
-    similarity = result["similarity"][tuple(slice(0, s) for s in prepared.shape)]
-    on_source = prepared.to_source_grid(similarity, fill=fill)
+    windows = run_windows(model, prepared, settings, progress=progress)["windows"]
+    query_unit = _unit(torch.as_tensor(np.asarray(query, np.float32)))
+    scores = (_unit(torch.from_numpy(windows.embeddings)) @ query_unit).numpy()
+    on_source = window_values_on_source(prepared, windows, scores, fill)
     heatmap = volume.with_array(on_source, kind="ctfm-similarity")
-    return heatmap, result["windows"]
+    return heatmap, windows
+
+
+def window_values_on_source(prepared: PreparedVolume, windows: WindowEmbeddings, values: np.ndarray,
+                            fill: float = 0.0) -> np.ndarray:
+    """Per-window values, placed at the window centres, interpolated linearly onto the source volume's
+    (k, j, i) grid (clamped beyond the outermost centres; ``fill`` outside the prepared volume).
+
+    MONAI's windows form a full grid of starts per axis (the last one may step less), so the centres
+    are a rectilinear grid and a voxel exactly at a window's centre takes that window's value."""
+    from scipy.interpolate import RegularGridInterpolator
+
+    centres = windows.centres_index
+    axes = [np.unique(centres[:, axis]) for axis in range(3)]
+    grid = np.full([len(a) for a in axes], np.nan, dtype=np.float64)
+    positions = tuple(np.searchsorted(axes[axis], centres[:, axis]) for axis in range(3))
+    grid[positions] = np.asarray(values, dtype=np.float64)
+    if np.isnan(grid).any():
+        raise RuntimeError("window starts do not form a full grid")
+    for axis in range(3):  # linear interpolation needs two nodes per axis: a constant axis gets a twin node
+        if len(axes[axis]) == 1:
+            axes[axis] = np.array([axes[axis][0], axes[axis][0] + 1.0])
+            grid = np.concatenate([grid, grid], axis=axis)
+    interpolate = RegularGridInterpolator(axes, grid, method="linear")
+    low = np.array([a[0] for a in axes])
+    high = np.array([a[-1] for a in axes])
+    to_index = np.linalg.inv(prepared.affine) @ prepared.source_ijk_to_ras
+    nk, nj, ni = prepared.source_shape
+    jj, ii = np.meshgrid(np.arange(nj, dtype=np.float64), np.arange(ni, dtype=np.float64), indexing="ij")
+    limits = np.asarray(prepared.shape, dtype=np.float64)
+    out = np.empty((nk, nj, ni), dtype=np.float32)
+    for k in range(nk):  # slice by slice: bounded memory
+        ijk = np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, float(k))], axis=1)
+        index = ijk @ to_index[:3, :3].T + to_index[:3, 3]
+        sampled = interpolate(np.clip(index, low, high))
+        sampled[~np.all((index >= -0.5) & (index <= limits - 0.5), axis=1)] = fill
+        out[k] = sampled.reshape(nj, ni)
+    return out
 
 
 def _fmt(values) -> str:

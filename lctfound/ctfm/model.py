@@ -80,7 +80,8 @@ def check_config(config: Any, source: str = "config") -> dict[str, Any]:
         arguments["init_filters"] = int(arguments["init_filters"])
         arguments["blocks_down"] = [int(n) for n in arguments["blocks_down"]]
     except (TypeError, ValueError):
-        raise CheckpointError(f"{source}: spatial_dims, in_channels, init_filters and blocks_down must be integers") from None
+        raise CheckpointError(f"{source}: spatial_dims, in_channels, init_filters and blocks_down must be "
+                              "integers") from None
     if arguments["spatial_dims"] != 3:
         raise CheckpointError(f"{source}: spatial_dims={arguments['spatial_dims']}; CT-FM is a 3D encoder")
     if arguments["in_channels"] != 1 or arguments["init_filters"] < 1 or not arguments["blocks_down"] \
@@ -134,7 +135,8 @@ def safetensors_size(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]],
     offset = 0
     for name, (shape, dtype) in order:
         nbytes = _element_size(dtype) * int(torch.Size(shape).numel())
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     length = len(json.dumps(header, separators=(",", ":")).encode())
     return 8 + length + (-length) % 8 + offset
@@ -426,3 +428,30 @@ def encode(encoder: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 def embed_tensor(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """[B, 512] embeddings: the global average pool of the last stage (CT-FM's embedding)."""
     return encode(encoder, x)[-1].float().mean(dim=(2, 3, 4))
+
+
+def list_ctfm_models(extra_folders: Any = ()) -> list[Any]:
+    """CT-FM encoders found here: the given folders (Slicer settings, command-line paths) and the
+    published repos already in the local Hugging Face cache (never downloaded). Entries are
+    `lctfound.models.registry.ModelEntry` (preset ``ctfm``); folders that fail the strict
+    header check are skipped (loading them by path explains why)."""
+    from ..models.registry import ModelEntry
+
+    entries = []
+    for folder in extra_folders:
+        path = Path(folder).expanduser()
+        try:
+            info = inspect_model(path)
+        except CheckpointError:
+            continue
+        size = "" if info["is_ctfm_architecture"] else f", init_filters {info['config']['init_filters']}"
+        entries.append(ModelEntry(path.name, path, "folder", "ctfm",
+                                  f"CT-FM encoder, {info['parameters']:,} parameters{size}"))
+    for repo in (HF_REPO_FEATURE_EXTRACTOR, HF_REPO_SEGRESNET):
+        try:
+            path = _hf_cache_snapshot(repo)
+            inspect_model(path)
+        except CheckpointError:
+            continue
+        entries.append(ModelEntry(repo, path, "official", "ctfm", f"{repo} (local Hugging Face cache)"))
+    return entries

@@ -49,6 +49,19 @@ class CTFMPreprocessing:
                 "foreground_crop": self.foreground_crop, "foreground_threshold_hu": self.foreground_threshold_hu,
                 "size_multiple": self.size_multiple, "interpolation": self.interpolation, "pad_value_hu": self.hu_min}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CTFMPreprocessing":
+        """The settings written by `as_dict` (stored in indexes and task models)."""
+        try:
+            return cls(orientation=str(data["orientation"]),
+                       spacing=tuple(float(v) for v in data["spacing"]) if data.get("spacing") else None,
+                       hu_min=float(data["hu_window"][0]), hu_max=float(data["hu_window"][1]),
+                       foreground_crop=bool(data["foreground_crop"]),
+                       foreground_threshold_hu=float(data["foreground_threshold_hu"]),
+                       size_multiple=int(data["size_multiple"]), interpolation=str(data["interpolation"]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise InputError(f"not a CT-FM preprocessing description: {data!r}") from None
+
     def scale(self, hu: float) -> float:
         """The preprocessed intensity of ``hu``."""
         return float(np.clip((hu - self.hu_min) / (self.hu_max - self.hu_min), 0.0, 1.0))
@@ -132,6 +145,31 @@ class PreparedVolume:
             inside = np.all((coords >= -0.5) & (coords <= limits - 0.5), axis=1)
             sampled[~inside] = fill
             out[k] = sampled.reshape(nj, ni)
+        return out
+
+    def from_source_grid(self, values: np.ndarray, fill: float = 0.0, order: int = 0, dtype=None) -> np.ndarray:
+        """Resample ``values`` on the source volume's (k, j, i) grid onto this grid (same shape as
+        ``array``) through the exact index mapping; nearest neighbour by default (label maps).
+        Cells outside the source volume (padding) get ``fill``. Slice by slice (bounded memory)."""
+        from scipy.ndimage import map_coordinates
+
+        values = np.asarray(values)
+        if values.shape != tuple(self.source_shape):
+            raise InputError(f"array of shape {values.shape} does not lie on the source grid "
+                             f"{tuple(self.source_shape)}")
+        dtype = values.dtype if dtype is None else dtype
+        to_source = self.index_to_source_ijk_matrix()
+        n0, n1, n2 = self.shape
+        a1, a2 = np.meshgrid(np.arange(n1, dtype=np.float64), np.arange(n2, dtype=np.float64), indexing="ij")
+        limits = np.asarray(self.source_shape[::-1], dtype=np.float64)  # (i, j, k) sizes
+        out = np.empty(self.shape, dtype=dtype)
+        for a0 in range(n0):
+            index = np.stack([np.full(a1.size, float(a0)), a1.ravel(), a2.ravel()], axis=1)
+            ijk = index @ to_source[:3, :3].T + to_source[:3, 3]
+            sampled = map_coordinates(values, ijk[:, ::-1].T, order=order, mode="nearest")
+            inside = np.all((ijk >= -0.5) & (ijk <= limits - 0.5), axis=1)
+            sampled[~inside] = fill
+            out[a0] = sampled.reshape(n1, n2)
         return out
 
 

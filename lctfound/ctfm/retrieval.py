@@ -26,33 +26,16 @@ import numpy as np
 from .. import __version__
 from ..atomic import atomic_directory
 from ..errors import InputError, LCTfoundError
-from ..io.volume import READ_FORMATS, read_volume
+from ..io.volume import read_volume, volume_stem
 from ..progress import Progress, ensure_progress
 from .features import WindowSettings, embed_volume
 from .model import CTFMModel
 from .preprocess import DEFAULT_PREPROCESSING, CTFMPreprocessing, prepare_volume
 
+DEFAULT_SETTINGS = WindowSettings()
 INDEX_FORMAT = 1
 MANIFEST_NAME = "index.json"
 MATRIX_NAME = "embeddings.safetensors"
-
-
-def find_volumes(folder: str | os.PathLike) -> list[Path]:
-    """Volume files (NIfTI, NRRD, MetaImage) and DICOM series folders directly inside ``folder``, sorted."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise InputError(f"{folder}: no such folder")
-    found = []
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
-            continue
-        if path.is_file() and any(path.name.lower().endswith(ext) for ext in READ_FORMATS):
-            found.append(path)
-        elif path.is_dir() and any(p.is_file() for p in path.iterdir()):
-            found.append(path)  # a DICOM series folder; read_volume explains if it is not one
-    if not found:
-        raise InputError(f"{folder}: holds no volumes (.nii.gz, .nii, .nrrd, .mha or DICOM folders)")
-    return found
 
 
 @dataclass
@@ -84,7 +67,8 @@ class RetrievalIndex:
     @property
     def settings(self) -> WindowSettings:
         w = self.manifest["windows"]
-        return WindowSettings(tuple(w["window"]), float(w["overlap"]), int(w.get("batch_size", 2)), w.get("blend", "gaussian"))
+        return WindowSettings(tuple(w["window"]), float(w["overlap"]), int(w.get("batch_size", 2)),
+                              w.get("blend", "gaussian"))
 
     @property
     def aggregation(self) -> str:
@@ -104,7 +88,8 @@ class RetrievalIndex:
         """Rank indexed volumes by cosine similarity with ``query`` (``volume`` or best ``window``)."""
         query = np.asarray(query, dtype=np.float64).reshape(-1)
         if query.shape[0] != self.volumes.shape[1]:
-            raise LCTfoundError(f"query vector has {query.shape[0]} values; the index holds {self.volumes.shape[1]}-d embeddings")
+            raise LCTfoundError(f"query vector has {query.shape[0]} values; the index holds "
+                                f"{self.volumes.shape[1]}-d embeddings")
         if level == "volume":
             scores = cosine(self.volumes, query)
             order = np.argsort(-scores, kind="stable")[:top_k]
@@ -130,7 +115,7 @@ def cosine(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
 
 
 def build_index(model: CTFMModel, volumes: Iterable[str | os.PathLike], output: str | os.PathLike,
-                settings: WindowSettings = WindowSettings(), aggregation: str = "mean", windows: bool = True,
+                settings: WindowSettings = DEFAULT_SETTINGS, aggregation: str = "mean", windows: bool = True,
                 preprocessing: CTFMPreprocessing = DEFAULT_PREPROCESSING, validate: bool = True,
                 overwrite: bool = False, progress: Optional[Progress] = None) -> Path:
     """Embed every volume and write the index folder atomically (nothing appears if any volume fails)."""
@@ -159,7 +144,7 @@ def build_index(model: CTFMModel, volumes: Iterable[str | os.PathLike], output: 
             window_rows.append(per_window.embeddings)
             window_owner.append(np.full(len(per_window.embeddings), number, dtype=np.int64))
             centres.append(per_window.centres_ras)
-        entries.append({"name": _entry_name(path), "path": str(path.resolve()),
+        entries.append({"name": volume_stem(path), "path": str(path.resolve()),
                         "size_ijk": [int(n) for n in volume.shape[::-1]], "spacing": list(volume.spacing),
                         "prepared_shape": list(prepared.shape),
                         "windows": [first, sum(len(w) for w in window_rows)]})
@@ -167,7 +152,8 @@ def build_index(model: CTFMModel, volumes: Iterable[str | os.PathLike], output: 
     dim = model.embedding_dim
     tensors = {
         "volumes": torch.from_numpy(np.stack(vectors).astype(np.float32)),
-        "windows": torch.from_numpy(np.concatenate(window_rows).astype(np.float32) if window_rows else np.zeros((0, dim), np.float32)),
+        "windows": torch.from_numpy(np.concatenate(window_rows).astype(np.float32) if window_rows
+                                    else np.zeros((0, dim), np.float32)),
         "window_volume": torch.from_numpy(np.concatenate(window_owner) if window_owner else np.zeros(0, np.int64)),
         "window_centre_ras": torch.from_numpy(np.concatenate(centres) if centres else np.zeros((0, 3))),
     }
@@ -183,14 +169,6 @@ def build_index(model: CTFMModel, volumes: Iterable[str | os.PathLike], output: 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / MATRIX_NAME), metadata={"format": "pt"})
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     return output
-
-
-def _entry_name(path: Path) -> str:
-    name = path.name
-    for ext in READ_FORMATS:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 def load_index(path: str | os.PathLike) -> RetrievalIndex:
@@ -210,11 +188,13 @@ def load_index(path: str | os.PathLike) -> RetrievalIndex:
     if not isinstance(manifest, dict) or manifest.get("format") != "lctfound-ctfm-index":
         raise InputError(f"{manifest_path}: not a CT-FM index manifest")
     if int(manifest.get("format_version", 0)) > INDEX_FORMAT:
-        raise InputError(f"{path}: written by a newer LCTfound (index format {manifest['format_version']}); upgrade lctfound")
+        raise InputError(f"{path}: written by a newer LCTfound (index format {manifest['format_version']}); "
+                         "upgrade lctfound")
     try:
         tensors = load_file(str(matrix_path))
     except Exception as error:  # safetensors' own error type for damaged files
-        raise InputError(f"{matrix_path}: cannot be read ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{matrix_path}: cannot be read ({reason})") from None
     needed = ("volumes", "windows", "window_volume", "window_centre_ras")
     if any(name not in tensors for name in needed):
         raise InputError(f"{matrix_path}: lacks one of {', '.join(needed)}")
@@ -243,6 +223,7 @@ def parse_region(text: str) -> tuple[list[float], list[float]]:
     except ValueError:
         values = []
     if len(values) != 6 or not all(np.isfinite(values)):
-        raise LCTfoundError(f"cannot read region {text!r}; use six numbers R1,A1,S1,R2,A2,S2 (two opposite corners, mm)")
+        raise LCTfoundError(f"cannot read region {text!r}; use six numbers R1,A1,S1,R2,A2,S2 "
+                            "(two opposite corners, mm)")
     return values[:3], values[3:]
 

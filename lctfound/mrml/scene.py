@@ -53,12 +53,19 @@ def _application_segmentations_logic(scene: "slicer.vtkMRMLScene") -> Any | None
     return module.logic() if module is not None else None
 
 
-def ensure_segmentations_logic(scene: "slicer.vtkMRMLScene") -> "slicer.vtkSlicerSegmentationsModuleLogic":
+def ensure_segmentations_logic(
+    scene: "slicer.vtkMRMLScene", logic: Any = None
+) -> "slicer.vtkSlicerSegmentationsModuleLogic":
     """A segmentations module logic attached to ``scene`` (created once and kept alive).
 
     In Slicer, for the application scene, this is ``slicer.modules.segmentations.logic()``.
+    A front end that already runs one on ``scene`` (trame-slicer's ``SlicerApp``) passes it as
+    ``logic`` so that no second logic observes the scene.
     """
     require_scene(scene)
+    if logic is not None:
+        setattr(scene, _LOGIC_ATTR, logic)
+        return logic
     logic = getattr(scene, _LOGIC_ATTR, None)
     if logic is not None:
         return logic

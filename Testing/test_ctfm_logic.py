@@ -1,0 +1,297 @@
+"""The CT-FM module logic, headless on slicer-core: backbones and capabilities, retrieval by scan,
+point (markups) and region (ROI), the similarity heat map as a new node that peaks on the queried
+voxel of an oblique, anisotropic (and transformed) volume, the exact node → CT-FM space → node
+round trip, and the probe and decoder on loaded volumes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install 'lctfound[mrml]')")
+
+import data_factory  # noqa: E402
+
+from lctfound import mrml  # noqa: E402
+from lctfound.ctfm.decoder import DecoderSegmenter, train_decoder  # noqa: E402
+from lctfound.ctfm.features import WindowSettings  # noqa: E402
+from lctfound.ctfm.model import load_model, new_model, save_model  # noqa: E402
+from lctfound.ctfm.preprocess import prepare_volume  # noqa: E402
+from lctfound.ctfm.retrieval import build_index  # noqa: E402
+from lctfound.errors import LCTfoundError  # noqa: E402
+from lctfound.io.volume import CTVolume, write_volume  # noqa: E402
+from lctfound.logic.base import RunState  # noqa: E402
+from lctfound.logic.ctfm import CTFMLogic  # noqa: E402
+from lctfound.training.loop import LoopConfig  # noqa: E402
+
+SMALL = {"blocks_down": [1, 1, 1, 1, 1], "in_channels": 1, "init_filters": 4, "spatial_dims": 3}
+WINDOWS = WindowSettings((32, 32, 32), 0.5, 4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # other work shares this CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def encoder_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ctfm") / "encoder"
+    save_model(new_model(SMALL, seed=0), folder)
+    return folder
+
+
+@pytest.fixture
+def logic(encoder_folder, tmp_path):
+    return CTFMLogic(ctfm_folders=[encoder_folder, tmp_path], available_devices=lambda: ["cpu"])
+
+
+def oblique_volume(seed: int = 0, feature_ijk=None) -> CTVolume:
+    """128³ voxels of 0.5 × 0.5 × 1.5 mm, obliquely rotated: CT-FM's 1 × 1 × 3 mm grid then has a
+    node on every second source voxel, so window centres fall exactly on source voxel centres.
+    ``feature_ijk`` puts a unique bright sphere there."""
+    rng = np.random.default_rng(seed)
+    array = (40.0 + 15.0 * rng.standard_normal((128, 128, 128))).astype(np.float32)
+    volume = CTVolume(array, (0.5, 0.5, 1.5), (12.3, -40.7, 88.1), data_factory.rotation_matrix())
+    if feature_ijk is not None:
+        k, j, i = np.meshgrid(*[np.arange(128)] * 3, indexing="ij")
+        mm = np.stack([i - feature_ijk[0], j - feature_ijk[1], k - feature_ijk[2]], -1) * np.array([0.5, 0.5, 1.5])
+        volume.array[(mm ** 2).sum(-1) <= 4.0 ** 2] = 1200.0
+    return volume
+
+
+def node_ras(node, ijk) -> list[float]:
+    """RAS of a voxel through the node's own IJK→RAS matrix and parent transform (Slicer's path)."""
+    from lctfound.mrml._compat import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    ras = list(matrix.MultiplyPoint([float(v) for v in ijk] + [1.0])[:3])
+    transform = node.GetParentTransformNode()
+    if transform is not None:
+        to_world = vtk.vtkMatrix4x4()
+        transform.GetMatrixTransformToWorld(to_world)
+        ras = list(to_world.MultiplyPoint(ras + [1.0])[:3])
+    return ras
+
+
+# --------------------------------------------------------------------------- backbones
+
+def test_backbones_capabilities_and_models(logic, encoder_folder):
+    names = [choice.value for choice in logic.backbone_choices()]
+    assert names == ["lctfound", "ctfm"]
+    states = logic.task_states("ctfm")
+    for task in ("embedding", "retrieval", "classification-probe", "segmentation-decoder"):
+        assert states[task].enabled
+    for task in ("generation", "enhancement", "virtual-cta", "sparse-view-reconstruction"):
+        assert not states[task].enabled and "no image decoder" in states[task].tooltip
+        assert task not in logic.offered_tasks("ctfm") and task in logic.offered_tasks("lctfound")
+    assert all(state.enabled for state in logic.task_states("lctfound").values() if state.tooltip.startswith(
+        ("image enhancement", "sampling")))
+    models = logic.models()
+    assert [m.name for m in models] == ["encoder"] and models[0].preset == "ctfm"  # tmp_path is not a model
+    assert logic.check_model("encoder") == "" and "not installed" in logic.check_model("other")
+    assert logic.load_backbone("encoder") is logic.load_backbone(encoder_folder)  # loaded once
+    with pytest.raises(LCTfoundError, match="not found"):
+        logic.model_path("nowhere")
+
+
+# --------------------------------------------------------------------------- geometry
+
+@pytest.mark.parametrize("transformed", [False, True])
+def test_point_query_heat_map_peaks_on_the_queried_voxel(logic, transformed):
+    """A fiducial at a known voxel's RAS centre of an oblique, anisotropic volume node (optionally
+    under a linear transform): the heat map (a new node on the volume's grid) peaks on that voxel."""
+    scene = mrml.new_headless_scene()
+    node = mrml.volume_node_from_ctvolume(scene, oblique_volume(), "oblique")
+    if transformed:
+        transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+        matrix = mrml.volumes.vtk_matrix_from_array(np.array([[0.0, -1, 0, 20], [1, 0, 0, -5], [0, 0, 1, 7],
+                                                              [0, 0, 0, 1]]))
+        transform.SetMatrixTransformToParent(matrix)
+        node.SetAndObserveTransformNodeID(transform.GetID())
+    # The known voxel: the one at the centre of the window starting at (16, 16, 16) of CT-FM's grid
+    # (neighbour windows on every side), where the window scores are exact.
+    prepared = prepare_volume(mrml.ctvolume_from_volume_node(node))
+    voxel = prepared.index_to_source_ijk(np.array([31.5, 31.5, 31.5]))
+    assert np.allclose(voxel, np.round(voxel), atol=1e-9)
+    voxel = np.round(voxel).astype(int)  # (i, j, k)
+    mrml.update_volume_node_from_array(node, oblique_volume(feature_ijk=voxel).array)  # the unique feature
+    fiducial = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    fiducial.AddControlPointWorld(node_ras(node, voxel))
+    point = logic.point_from_markup(fiducial)
+    query = logic.query(node, "encoder", point_ras=point, settings=WINDOWS)
+    assert query.kind == "point" and np.allclose(query.centre_ras, point, atol=1e-6)
+    before = mrml.ctvolume_from_volume_node(node).array.copy()
+    heat = logic.create_heatmap_node(node, query, "encoder", WINDOWS)
+    assert heat.GetID() != node.GetID() and scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2
+    assert np.array_equal(mrml.ctvolume_from_volume_node(node).array, before)  # the input is never overwritten
+    assert np.allclose(mrml.volumes.ijk_to_ras_of(heat), mrml.volumes.ijk_to_ras_of(node))
+    assert heat.GetTransformNodeID() == node.GetTransformNodeID()
+    values = mrml.ctvolume_from_volume_node(heat, apply_transforms=False).array
+    peak = np.unravel_index(int(np.argmax(values)), values.shape)
+    assert peak == (voxel[2], voxel[1], voxel[0])
+    assert values.max() == pytest.approx(1.0, abs=1e-5)
+    assert np.sort(values, axis=None)[-2] < values.max()  # one voxel, not a plateau
+    assert np.allclose(logic.peak_ras(heat), point, atol=1e-6)
+    assert heat.GetDisplayNode().GetWindowLevelMin() == 0.0 and heat.GetDisplayNode().GetWindowLevelMax() == 1.0
+
+
+def test_node_to_ctfm_space_and_back_is_exact():
+    scene = mrml.new_headless_scene()
+    node = mrml.volume_node_from_ctvolume(scene, oblique_volume(), "oblique")
+    prepared = prepare_volume(mrml.ctvolume_from_volume_node(node))
+    index = np.array([16.0, 20.0, 24.0])
+    voxel = prepared.index_to_source_ijk(index)
+    assert np.allclose(voxel, np.round(voxel), atol=1e-9)
+    voxel = np.round(voxel).astype(int)
+    assert np.allclose(node_ras(node, voxel), prepared.index_to_ras(index), atol=1e-9)
+    assert np.allclose(prepared.source_ijk_to_index(voxel), index, atol=1e-9)
+    # a one-voxel impulse in CT-FM space comes back on exactly that voxel of the node's grid …
+    impulse = np.zeros(prepared.shape, np.float32)
+    impulse[tuple(index.astype(int))] = 1.0
+    back = prepared.to_source_grid(impulse, order=1)
+    assert np.unravel_index(int(np.argmax(back)), back.shape) == (voxel[2], voxel[1], voxel[0])
+    assert back.max() == pytest.approx(1.0, abs=1e-9)
+    # … and a one-voxel label on the node's grid lands on that CT-FM voxel
+    labels = np.zeros(node_shape := mrml.volume_shape(node), np.uint8)
+    labels[voxel[2], voxel[1], voxel[0]] = 1
+    assert node_shape == (128, 128, 128)
+    assert np.argwhere(prepared.from_source_grid(labels)).tolist() == [index.astype(int).tolist()]
+
+
+# --------------------------------------------------------------------------- retrieval
+
+def test_search_by_scan_point_and_region(logic, encoder_folder, tmp_path):
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    volumes = [oblique_volume(seed, feature_ijk=(40 + 8 * seed, 50, 30 + 10 * seed)) for seed in range(3)]
+    for number, volume in enumerate(volumes):
+        write_volume(volume, folder / f"case{number}.nrrd")  # NRRD keeps the geometry in double precision
+    index = build_index(load_model(encoder_folder), sorted(folder.iterdir()), tmp_path / "index", WINDOWS,
+                        validate=False)
+    scene = mrml.new_headless_scene()
+    node = mrml.load_volume(scene, folder / "case1.nrrd", "query")  # a scan of the cohort, loaded in Slicer
+    result = logic.search(index, node, "encoder", top_k=2)
+    assert [row["rank"] for row in result.rows] == [1, 2]
+    assert result.rows[0]["case"] == "case1" and result.rows[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert set(result.rows[0]) == {"rank", "case", "score", "path"} and result.query.level == "volume"
+
+    fiducial = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    # at the centre of one of the indexed windows of this scan: that window must come first, score 1
+    point = list(prepare_volume(mrml.ctvolume_from_volume_node(node)).index_to_ras(np.array([31.5, 31.5, 31.5])))
+    fiducial.AddControlPointWorld(point)
+    result = logic.search(index, node, "encoder", point_ras=logic.point_from_markup(fiducial), top_k=3)
+    assert result.rows[0]["case"] == "case1" and result.rows[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert np.allclose(result.rows[0]["centre_ras"], point, atol=1e-2)  # where the viewer jumps
+
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenter(*point)
+    roi.SetSize(12.0, 12.0, 12.0)
+    corners = logic.region_from_roi(roi)
+    assert np.allclose(np.mean(corners, axis=0), point)
+    result = logic.search(index, node, "encoder", region=corners, top_k=3)
+    assert result.query.kind == "region" and len(result.rows) == 3
+    assert np.linalg.norm(np.asarray(result.query.centre_ras) - point) < 2.0
+    with pytest.raises(LCTfoundError, match="no control point"):
+        logic.point_from_markup(scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode"))
+    with pytest.raises(LCTfoundError, match="not both"):
+        logic.query(node, "encoder", point_ras=point, region=corners)
+
+
+# --------------------------------------------------------------------------- task models on nodes
+
+def test_probe_and_decoder_on_loaded_volumes(logic, encoder_folder, tmp_path, empty_cache):
+    import csv
+
+    from lctfound.ctfm.probe import EmbeddingRecipe, train_probe
+
+    encoder = logic.load_backbone("encoder")
+    small = [data_factory_scan(seed) for seed in range(4)]
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    with open(folder / "cases.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label"])
+        for seed, (image, _) in enumerate(small):
+            write_volume(image, folder / f"s{seed}.nii.gz")
+            writer.writerow([f"s{seed}.nii.gz", "lesion" if seed % 2 else "clear"])
+    probe = train_probe(encoder, folder / "cases.csv", LoopConfig(str(tmp_path / "probe"), batch_size=4, max_steps=3,
+                                                                  device="cpu"),
+                        EmbeddingRecipe(WINDOWS), validate=False).model_folder
+    scene = mrml.new_headless_scene()
+    node = mrml.volume_node_from_ctvolume(scene, small[1][0], "loaded")
+    row = logic.classify_volume_node(node, probe)
+    assert row["case"] == "loaded" and row["predicted"] in ("clear", "lesion") and "research use" in row["note"]
+    assert float(row["probability_clear"]) + float(row["probability_lesion"]) == pytest.approx(1.0, abs=1e-5)
+
+    decoder = train_decoder(encoder, [("c0", *small[1])], LoopConfig(str(tmp_path / "seg"), batch_size=1, max_steps=2,
+                                                                        device="cpu"),
+                            {1: "Lesion"}, "frozen", (32, 32, 32), patches_per_case=2).model_folder
+    segmentation = logic.segment_volume_node(node, decoder)
+    expected = DecoderSegmenter.load(decoder, encoder).predict(small[1][0]).array
+    assert expected.any()
+    labels, names = mrml.labels_from_segmentation(segmentation, node)
+    assert names == {1: "Lesion"} or set(names.values()) == {"Lesion"}
+    assert np.array_equal(labels > 0, expected > 0)
+    assert segmentation.GetName() == "loaded CT-FM segmentation"
+
+
+def data_factory_scan(seed: int):
+    """A small soft-tissue scan with air in front; odd seeds hold a bright sphere (image, labels)."""
+    rng = np.random.default_rng(seed)
+    shape = (32, 64, 64)
+    array = 40.0 + 15.0 * rng.standard_normal(shape)
+    array[:, :4] = -1000.0
+    labels = np.zeros(shape, np.uint8)
+    if seed % 2:
+        k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+        inside = ((k - 16) * 3) ** 2 + (j - 32) ** 2 + (i - 30) ** 2 <= 9 ** 2
+        array[inside], labels[inside] = 900.0, 1
+    image = CTVolume(array.astype(np.float32), (1.0, 1.0, 3.0))
+    return image, image.with_array(labels)
+
+
+@pytest.mark.slow
+def test_training_jobs(logic, encoder_folder, tmp_path, empty_cache):
+    """Probe and decoder training as jobs (child processes, run side by side), with progress from their events."""
+    import csv
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    with open(folder / "cases.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label"])
+        for seed in range(4):
+            image, labels = data_factory_scan(seed)
+            write_volume(image, folder / f"s{seed}.nii.gz")
+            write_volume(labels, folder / f"s{seed}_label.nii.gz")
+            writer.writerow([f"s{seed}.nii.gz", "lesion" if seed % 2 else "clear"])
+    decoder_logic = CTFMLogic(ctfm_folders=[encoder_folder], available_devices=lambda: ["cpu"])
+    logic.start_probe_training(folder / "cases.csv", tmp_path / "run" / "probe", "encoder", max_steps=3,
+                               window=(32, 32, 32), register_as="my-probe", device="cpu")
+    decoder_logic.start_decoder_training([(folder / "s1.nii.gz", folder / "s1_label.nii.gz")], tmp_path / "run" / "seg",
+                                         "encoder", names={1: "Lesion"}, patch=(32, 32, 32), max_steps=2,
+                                         batch_size=1, register_as="my-decoder", device="cpu")
+    deadline = time.monotonic() + 300
+    while (logic.status().busy or decoder_logic.status().busy) and time.monotonic() < deadline:
+        logic.poll()
+        decoder_logic.poll()
+        time.sleep(0.2)
+    for each in (logic, decoder_logic):
+        each.poll()
+        status = each.status()
+        assert status.state is RunState.FINISHED, status.summary() + " " + each.job.stderr_tail()
+    assert logic.loss_history and logic.loss_history[-1][0] == 3
+    assert decoder_logic.loss_history and decoder_logic.loss_history[-1][0] == 2
+    assert [c.label for c in logic.task_model_choices("ctfm-probe")] == ["my-probe"]
+    assert [c.label for c in logic.task_model_choices("ctfm-segmentation")] == ["my-decoder"]
+    segmenter = DecoderSegmenter.load("my-decoder")  # found by its registered name; backbone by its reference
+    assert segmenter.label_names == {1: "Lesion"}
+    with pytest.raises(LCTfoundError, match="already holds a run"):
+        logic.start_probe_training(folder / "cases.csv", tmp_path / "run" / "probe", "encoder", device="cpu")

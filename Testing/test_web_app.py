@@ -1,0 +1,292 @@
+"""The web app in-process (trame-slicer scene and panels, no browser, no server started):
+uploads (size limit, bad files), server-side opening inside the data roots, window presets,
+reviewed slices, diagnosis display, and every export read back (.seg.nrrd, NIfTI labelmap,
+DICOM SEG against a derived or the original DICOM series, volumes)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+pytest.importorskip("trame_slicer", reason="the web app needs trame-slicer (pip install 'lctfound[web]')")
+pytest.importorskip("slicer")
+
+from data_factory import synthetic_ct, write_dicom_series  # noqa: E402
+
+from lctfound.io.dicom_seg import read_dicom_seg_labels  # noqa: E402
+from lctfound.io.volume import read_volume, write_volume  # noqa: E402
+
+pytestmark = [pytest.mark.mrml, pytest.mark.slow]
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    ct = synthetic_ct()
+    write_volume(ct, root / "chest.nrrd")
+    write_dicom_series(ct, root / "dicom")
+    (root / "notes.txt").write_text("not an image")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    write_volume(ct, outside / "other.nrrd")
+    return root
+
+
+@pytest.fixture
+def web(tmp_path, data_root, empty_cache):
+    """A fresh app on its own trame server (not started), run inside one event loop."""
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkOSOpenGLRenderWindow")
+    from trame.app import get_server
+
+    from lctfound.web.app import LCTfoundWebApp
+    from lctfound.web.config import WebConfig
+    from lctfound.web.security import DataRoots
+
+    config = WebConfig(data_roots=DataRoots([data_root]), max_upload_bytes=200_000,
+                       export_dir=tmp_path / "exports", runs_root=tmp_path / "runs")
+    server = get_server(f"lctfound-test-{tmp_path.name}", client_type="vue3")
+    return LCTfoundWebApp(config, server)
+
+
+def run_in_loop(body):
+    async def main():
+        return await body()
+
+    return asyncio.run(main())
+
+
+async def finish_load(app):
+    if app._load_task is not None:
+        await asyncio.wait_for(asyncio.shield(app._load_task), 60)
+
+
+def upload(app, name: str, content: bytes) -> None:
+    app.upload_chunk([{"name": name, "size": len(content), "content": content}])
+    app.upload_chunk([])
+
+
+def test_uploads_are_size_limited_and_checked(web, data_root):
+    async def body():
+        upload(web, "big.nrrd", b"\0" * 300_000)
+        assert "upload refused" in web.state.lct_error and "200.0 KB" in web.state.lct_error
+        assert web.volume_node is None
+        upload(web, "notes.txt", b"hello")
+        assert "not a CT file" in web.state.lct_error
+        upload(web, "broken.nrrd", b"NRRD0004\nnot really\n")
+        await finish_load(web)
+        assert web.volume_node is None and web.state.lct_error
+        upload(web, "chest.nrrd", (data_root / "chest.nrrd").read_bytes())
+        await finish_load(web)
+        assert web.state.lct_error == ""
+        assert web.volume_node is not None and web.state.lct_volume_name == "chest"
+        assert web.state.lct_volume_summary.startswith("48 × 40 × 12 voxels")
+
+    run_in_loop(body)
+
+
+def test_server_paths_stay_inside_the_data_roots(web, data_root):
+    async def body():
+        web.browse("")
+        names = [entry["name"] for entry in web.state.lct_browse_entries]
+        assert names == ["dicom", "chest.nrrd"]  # folders first; notes.txt is not a CT file
+        web.open_server_path("../elsewhere/other.nrrd")
+        assert "outside the data folders" in web.state.lct_browse_error and web.volume_node is None
+        web.open_server_path(str(data_root.parent / "elsewhere" / "other.nrrd"))
+        assert "outside the data folders" in web.state.lct_browse_error
+        web._browse_clicked("dicom", True)  # a DICOM folder opens instead of being entered
+        await finish_load(web)
+        assert web.volume_node is not None and web.dicom_source[0] == (data_root / "dicom").resolve()
+
+    run_in_loop(body)
+
+
+def paint_lesion(app, k: int = 5):
+    """Add a segment and fill a square on slice ``k`` through the Segment Editor's API."""
+    editor = app.editor
+    segment_id = editor.add_empty_segment(segment_name="Lesion")
+    mask = np.zeros(editor.get_segment_labelmap(segment_id, as_numpy_array=True).shape, np.uint8)
+    mask[k, 10:20, 15:30] = 1
+    editor.active_segment_modifier.set_segment_labelmap(segment_id, mask)
+    return mask.astype(bool)
+
+
+def test_exports_read_back(web, data_root, tmp_path):
+    from lctfound.web.export import export
+
+    async def body():
+        web.open_server_path("chest.nrrd")
+        await finish_load(web)
+        mask = paint_lesion(web)
+        web._update_voxels(force=True)
+        assert web.state.lct_voxels == {"Lesion": int(mask.sum())}
+        folder = tmp_path / "exports"
+        results = {kind: export(kind, web.volume_node, web.segmentation_node, folder)
+                   for kind in ("seg_nrrd", "labelmap", "dicom_seg", "volume_nifti", "volume_nrrd")}
+        return mask, results
+
+    mask, results = run_in_loop(body)
+    import SimpleITK as sitk
+
+    seg = sitk.ReadImage(str(results["seg_nrrd"].path))
+    assert seg.GetMetaData("Segment0_Name") == "Lesion"
+    assert np.array_equal(sitk.GetArrayFromImage(seg) > 0, mask)
+    labels = read_volume(results["labelmap"].path, labels=True)
+    assert np.array_equal(labels.array > 0, mask) and "= Lesion" in results["labelmap"].note
+    ct = read_volume(data_root / "chest.nrrd")
+    for kind in ("volume_nifti", "volume_nrrd"):
+        assert np.array_equal(read_volume(results[kind].path).array, ct.array)
+    # The CT came from NRRD: the SEG references a derived CT series, both in the zip.
+    bundle = results["dicom_seg"]
+    assert bundle.path.suffix == ".zip" and bundle.download_name.endswith("_seg_and_ct.zip")
+    with zipfile.ZipFile(bundle.path) as archive:
+        archive.extractall(tmp_path / "unzipped")
+    import pydicom
+
+    sources = sorted((pydicom.dcmread(str(p)) for p in (tmp_path / "unzipped").glob("*_ct/*.dcm")),
+                     key=lambda ds: int(ds.InstanceNumber))
+    assert len(sources) == 12
+    derived = np.stack([ds.pixel_array for ds in sources])
+    assert np.array_equal(derived, ct.array)
+    seg_labels, names = read_dicom_seg_labels(next((tmp_path / "unzipped").glob("*.seg.dcm")), sources)
+    assert names == {1: "Lesion"} and np.array_equal(seg_labels == 1, mask)
+    # Nothing is overwritten: a second export gets a new name.
+    first = results["seg_nrrd"].path
+    assert first.exists() and first.name == "Segmentation.seg.nrrd" or first.name.endswith(".seg.nrrd")
+
+
+def test_dicom_seg_references_the_original_series(web, data_root, tmp_path):
+    from lctfound.web.export import export
+
+    async def body():
+        web.open_server_path("dicom")
+        await finish_load(web)
+        mask = paint_lesion(web, k=3)
+        return mask, export("dicom_seg", web.volume_node, web.segmentation_node, tmp_path / "exports",
+                            web.dicom_source)
+
+    mask, result = run_in_loop(body)
+    assert result.path.suffix == ".dcm" and "original CT series" in result.note
+    import pydicom
+
+    originals = sorted((pydicom.dcmread(str(p), stop_before_pixels=True) for p in (data_root / "dicom").iterdir()),
+                       key=lambda ds: float(ds.ImagePositionPatient[2]))
+    labels, names = read_dicom_seg_labels(result.path, originals)
+    assert names == {1: "Lesion"} and np.array_equal(labels == 1, mask)
+    seg = pydicom.dcmread(str(result.path))
+    assert seg.StudyInstanceUID == originals[0].StudyInstanceUID
+
+
+def test_exports_need_data(web, tmp_path):
+    from lctfound.errors import LCTfoundError
+    from lctfound.web.export import export
+
+    with pytest.raises(LCTfoundError, match="open a CT first"):
+        export("seg_nrrd", None, None, tmp_path)
+    assert web.export_panel.export("seg_nrrd") is None
+    assert "export failed: open a CT first" in web.state.lct_error
+
+
+def test_review_window_and_slice_navigation(web):
+    async def body():
+        web.open_server_path("chest.nrrd")
+        await finish_load(web)
+        panel = web.segmentation_panel
+        web.go_to_slice(7)
+        assert web.current_slice() == 7
+        web._update_axial()
+        assert web.state.lct_axial["k"] == 7 and web.state.lct_axial["slices"] == 12
+        panel.mark_reviewed(True)
+        web.go_to_slice(2)
+        panel.mark_reviewed(True)
+        assert panel.get("reviewed") == "2,7"
+        panel.mark_reviewed(False)
+        assert panel.get("reviewed") == "7"
+        web.apply_window("lung")
+        display = web.volume_node.GetDisplayNode()
+        assert (display.GetWindow(), display.GetLevel()) == (1500.0, -500.0)
+        # The panel's parameters reach the module logic: no painted slice, no model name problem.
+        panel.set("new_model_name", "")
+        panel.refresh()
+        assert panel.get("new_model_name") == "fewshot"
+        panel.set("new_model_name", "bad name!")
+        panel.refresh()
+        assert not panel.get("train")["enabled"] and "model name" in panel.get("train")["tooltip"]
+
+    run_in_loop(body)
+
+
+def test_diagnosis_rows_and_saliency_overlay(web):
+    from lctfound.mrml import ctvolume_from_volume_node, volume_node_from_ctvolume
+
+    async def body():
+        web.open_server_path("chest.nrrd")
+        await finish_load(web)
+        panel = web.segmentation_panel
+        ct = ctvolume_from_volume_node(web.volume_node)
+        saliency = volume_node_from_ctvolume(web.scene, ct.with_array(np.random.rand(*ct.shape).astype(np.float32)),
+                                             name="saliency")
+        panel.logic.diagnosis_rows = [{"predicted": "nodule", "probability_nodule": "0.9", "note": "research"}]
+        panel.logic.saliency_volume = saliency
+        panel._show_diagnosis()
+        assert panel.get("diagnosis_rows")[0]["predicted"] == "nodule"
+        assert [h["key"] for h in panel.get("diagnosis_headers")] == ["predicted", "probability_nodule", "note"]
+        views = web.slicer.view_manager.get_slice_views()
+        assert all(view.get_foreground_volume_id() == saliency.GetID() for view in views)
+        panel._show_saliency(False)
+        assert all(view.get_foreground_volume_id() is None for view in views)
+
+    run_in_loop(body)
+
+
+def test_train_panel_starts_cancels_and_stops_jobs_at_exit(web):
+    """A real training job from the loaded CT: Start, progress published, Cancel (process tree
+    ended), then a second run stopped by the app's shutdown (no job outlives the server)."""
+    import psutil
+
+    from lctfound.logic import RunState
+
+    async def wait_busy_end(panel, timeout=60.0):
+        deadline = asyncio.get_event_loop().time() + timeout
+        while panel.busy:
+            assert asyncio.get_event_loop().time() < deadline, panel.logic.status_summary()
+            panel.tick()
+            await asyncio.sleep(0.1)
+        panel.tick()
+
+    async def body():
+        web.open_server_path("chest.nrrd")
+        await finish_load(web)
+        panel = web.train_panel
+        panel.set("task", "pretrain")
+        panel.refresh()
+        panel.set("data_source", "volumes")
+        for name, value in (("resolution", 32), ("patch_size", 0), ("batch_size", 1), ("max_steps", 50),
+                            ("checkpoint_every", 25), ("new_model_name", "web-pretrain")):
+            panel.set(name, value)
+        panel.refresh()
+        assert panel.get("start")["enabled"], panel.get("start")["tooltip"]
+        panel.start()
+        assert web.state.lct_error == "" and panel.busy
+        assert panel.get("progress")["visible"] and panel.get("runs") == 1
+        assert panel.get("cancel_button")["enabled"]
+        process = psutil.Process(panel.logic.job.pid)
+        panel.cancel()
+        await wait_busy_end(panel)
+        assert panel.logic.state is RunState.CANCELLED and "Cancelled" in panel.get("status")
+        assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+        assert not panel.get("resume")["enabled"] and "Nothing to resume" in panel.get("resume")["tooltip"]
+        # Opening another CT is refused while a job runs; the app's exit stops the job.
+        panel.start()
+        assert panel.busy
+        web.open_server_path("chest.nrrd")
+        assert "cancel it first" in web.state.lct_error
+        process = psutil.Process(panel.logic.job.pid)
+        web.shutdown()
+        process.wait(timeout=30)
+
+    run_in_loop(body)
