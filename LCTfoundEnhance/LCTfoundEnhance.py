@@ -12,7 +12,6 @@ import os
 import sys
 from typing import Annotated, Optional
 
-import qt
 
 import slicer
 from slicer import vtkMRMLScalarVolumeNode
@@ -28,15 +27,14 @@ if os.path.isfile(os.path.join(_sourceRoot, "LCTfoundSlicerLib", "__init__.py"))
 
 # Light imports only (no torch): this runs while Slicer starts.
 from LCTfoundSlicerLib import (  # noqa: E402
+    LCTfoundJobModuleWidget,
     LCTfoundModule,
     LCTfoundModuleLogic,
     LCTfoundVolumeModuleTestMixin,
-    LCTfoundVolumeModuleWidget,
     pythonSlicerExecutable,
 )
-from lctfound.logic import EnhanceModuleLogic, EnhanceParameters, RunState  # noqa: E402
+from lctfound.logic import EnhanceModuleLogic, EnhanceParameters  # noqa: E402
 
-POLL_INTERVAL_MS = 500
 _DEFAULTS = EnhanceParameters()
 
 
@@ -100,7 +98,7 @@ class LCTfoundEnhanceParameterNode:
 #
 
 
-class LCTfoundEnhanceWidget(LCTfoundVolumeModuleWidget):
+class LCTfoundEnhanceWidget(LCTfoundJobModuleWidget):
     """Task, inputs, the task's settings, Run / Cancel with progress and an input/result fade slider;
     the parameter node, the hand-synced choice selectors and the status line are the bases'."""
 
@@ -126,38 +124,17 @@ class LCTfoundEnhanceWidget(LCTfoundVolumeModuleWidget):
     }
 
     def __init__(self, parent=None) -> None:
-        LCTfoundVolumeModuleWidget.__init__(self, parent)
-        self._timer = None
+        LCTfoundJobModuleWidget.__init__(self, parent)
         self._shownTask = None
 
     def createLogic(self) -> "LCTfoundEnhanceLogic":
         return LCTfoundEnhanceLogic()
 
     def setupWidgets(self, uiWidget) -> None:
-        LCTfoundVolumeModuleWidget.setupWidgets(self, uiWidget)
+        LCTfoundJobModuleWidget.setupWidgets(self, uiWidget)
         self.logic.engine.set_scene(slicer.mrmlScene)
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_INTERVAL_MS)
-        self._timer.connect("timeout()", self.onPollTimer)
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.comparisonSlider.connect("valueChanged(int)", self.onComparisonSlider)
-
-    def cleanup(self) -> None:
-        LCTfoundVolumeModuleWidget.cleanup(self)
-        if self._timer:
-            self._timer.stop()
-        if self.logic and self.logic.engine.job is not None and self.logic.engine.state.busy:
-            self.logic.engine.job.cancel(timeout=2)  # do not leave a job behind
-
-    def _choiceItems(self, name: str, refresh: bool = False) -> list:
-        return self.logic.engine.choices(name, refresh=refresh, parameters=self._parameterNode)
-
-    def statusText(self) -> str:
-        engine = self.logic.engine
-        if engine.state is RunState.IDLE:
-            return LCTfoundVolumeModuleWidget.statusText(self)
-        return engine.status_summary()
 
     def _updateStatus(self, caller=None, event=None) -> None:
         node = self._parameterNode
@@ -166,28 +143,23 @@ class LCTfoundEnhanceWidget(LCTfoundVolumeModuleWidget):
             node.taskModel = ""  # the trained models of the new task
             self._fillChoiceSelectors()
             self.logic.engine.fill_defaults(node)
-        LCTfoundVolumeModuleWidget._updateStatus(self)
+        LCTfoundJobModuleWidget._updateStatus(self)
         engine = self.logic.engine
         shown = engine.visible_fields(node) if node else set()
         for name, widgetNames in self.FIELDS.items():
             for widgetName in widgetNames:
                 getattr(self.ui, widgetName).visible = name in shown
-        for button, state in ((self.ui.startButton, engine.start_button_state(node) if node else None),
-                              (self.ui.cancelButton, engine.cancel_button_state())):
-            button.enabled = bool(state and state.enabled)
-            button.toolTip = state.tooltip if state else ""
+        state = engine.start_button_state(node) if node else None
+        self.ui.startButton.enabled = bool(state and state.enabled)
+        self.ui.startButton.toolTip = state.tooltip if state else ""
         self.ui.comparisonSlider.enabled = engine.result_volume is not None
-        bar = engine.progress_bar_state()
-        self.ui.progressBar.visible = bar.visible
-        self.ui.progressBar.maximum = bar.maximum
-        self.ui.progressBar.value = bar.value
-        self.ui.progressBar.format = bar.text
+        self._showProgress()
 
     def onComparisonSlider(self, value: int) -> None:
         if self.logic.engine.result_volume is not None:
             slicer.util.setSliceViewerLayers(foregroundOpacity=value / 100.0)
 
-    def _showResult(self) -> None:
+    def _onJobEnded(self) -> None:
         before, after = self.logic.engine.comparison()
         slicer.util.setSliceViewerLayers(background=before or after, foreground=after if before else None,
                                          foregroundOpacity=self.ui.comparisonSlider.value / 100.0, fit=before is None)
@@ -195,23 +167,7 @@ class LCTfoundEnhanceWidget(LCTfoundVolumeModuleWidget):
     def onStartButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("The task could not start."), waitCursor=True):
             self.logic.engine.start(self._parameterNode)
-            self._timer.start()
-        self._updateStatus()
-
-    def onCancelButton(self) -> None:
-        self.logic.engine.cancel()  # the process tree is ended in a helper thread
-        self._updateStatus()
-
-    def onPollTimer(self) -> None:
-        engine = self.logic.engine
-        engine.poll()
-        if not engine.state.busy:
-            self._timer.stop()
-            if engine.state is RunState.FAILED and engine.job is not None:
-                slicer.util.errorDisplay(_("The task failed: {error}").format(error=engine.status().error),
-                                         detailedText=engine.job.stderr_tail)
-            elif engine.state is RunState.FINISHED:
-                self._showResult()
+            self._startPolling()
         self._updateStatus()
 
 

@@ -28,15 +28,14 @@ if os.path.isfile(os.path.join(_sourceRoot, "LCTfoundSlicerLib", "__init__.py"))
 
 # Light imports only (no torch): this runs while Slicer starts.
 from LCTfoundSlicerLib import (  # noqa: E402
+    LCTfoundJobModuleWidget,
     LCTfoundModule,
     LCTfoundModuleLogic,
     LCTfoundVolumeModuleTestMixin,
-    LCTfoundVolumeModuleWidget,
     pythonSlicerExecutable,
 )
 from lctfound.logic import (  # noqa: E402
     DIAGNOSIS,
-    RunState,
     SegmentationModuleLogic,
     SegmentationParameters,
     format_slices,
@@ -45,7 +44,6 @@ from lctfound.logic import (  # noqa: E402
     slice_index_at,
 )
 
-POLL_INTERVAL_MS = 500
 _DEFAULTS = SegmentationParameters()
 
 
@@ -112,43 +110,28 @@ class LCTfoundSegmentationParameterNode:
 #
 
 
-class LCTfoundSegmentationWidget(LCTfoundVolumeModuleWidget):
+class LCTfoundSegmentationWidget(LCTfoundJobModuleWidget):
     """Task, inputs, few-shot training, prediction and results; the parameter node, the hand-synced
     choice selectors and the status line are the bases'."""
 
     uiFile = "UI/LCTfoundSegmentation.ui"
 
     def __init__(self, parent=None) -> None:
-        LCTfoundVolumeModuleWidget.__init__(self, parent)
-        self._timer = None
+        LCTfoundJobModuleWidget.__init__(self, parent)
         self._shownTask = None
 
     def createLogic(self) -> "LCTfoundSegmentationLogic":
         return LCTfoundSegmentationLogic()
 
     def setupWidgets(self, uiWidget) -> None:
-        LCTfoundVolumeModuleWidget.setupWidgets(self, uiWidget)
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_INTERVAL_MS)
-        self._timer.connect("timeout()", self.onPollTimer)
+        LCTfoundJobModuleWidget.setupWidgets(self, uiWidget)
         self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
         self.ui.predictButton.connect("clicked(bool)", self.onPredictButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.undoButton.connect("clicked(bool)", self.onUndoButton)
         self.ui.markReviewedButton.connect("clicked(bool)", lambda: self.onMarkReviewed(True))
         self.ui.unmarkReviewedButton.connect("clicked(bool)", lambda: self.onMarkReviewed(False))
 
-    def cleanup(self) -> None:
-        LCTfoundVolumeModuleWidget.cleanup(self)
-        if self._timer:
-            self._timer.stop()
-        if self.logic and self.logic.engine.job is not None and self.logic.engine.state.busy:
-            self.logic.engine.job.cancel(timeout=2)  # do not leave a job behind
-
     # -- selectors ----------------------------------------------------------------------------
-
-    def _choiceItems(self, name: str, refresh: bool = False) -> list:
-        return self.logic.engine.choices(name, refresh=refresh, parameters=self._parameterNode)
 
     def _onTaskShown(self) -> None:
         """A new task: its trained models in the model selector, and a default one chosen."""
@@ -161,16 +144,10 @@ class LCTfoundSegmentationWidget(LCTfoundVolumeModuleWidget):
 
     # -- state to widgets ---------------------------------------------------------------------
 
-    def statusText(self) -> str:
-        engine = self.logic.engine
-        if engine.state is RunState.IDLE:
-            return LCTfoundVolumeModuleWidget.statusText(self)
-        return engine.status_summary()
-
     def _updateStatus(self, caller=None, event=None) -> None:
         if self._parameterNode and self._parameterNode.task != self._shownTask:
             self._onTaskShown()  # may modify the parameter node, which calls this again
-        LCTfoundVolumeModuleWidget._updateStatus(self)
+        LCTfoundJobModuleWidget._updateStatus(self)
         engine = self.logic.engine
         node = self._parameterNode
         shown = engine.visible_fields(node) if node else set()
@@ -194,18 +171,14 @@ class LCTfoundSegmentationWidget(LCTfoundVolumeModuleWidget):
         for button, state in (
             (self.ui.trainButton, engine.train_button_state(node) if node else None),
             (self.ui.predictButton, engine.predict_button_state(node) if node else None),
-            (self.ui.cancelButton, engine.cancel_button_state()),
         ):
             button.enabled = bool(state and state.enabled)
             button.toolTip = state.tooltip if state else ""
-        self.ui.markReviewedButton.enabled = self.ui.unmarkReviewedButton.enabled = bool(annotation and node.inputVolume)
+        markable = bool(annotation and node.inputVolume)
+        self.ui.markReviewedButton.enabled = self.ui.unmarkReviewedButton.enabled = markable
         result = engine.result_segmentation
         self.ui.undoButton.enabled = bool(result and engine.undo_stack(result).can_undo)
-        bar = engine.progress_bar_state()
-        self.ui.progressBar.visible = bar.visible
-        self.ui.progressBar.maximum = bar.maximum
-        self.ui.progressBar.value = bar.value
-        self.ui.progressBar.format = bar.text
+        self._showProgress()
 
     def _showDiagnosis(self) -> None:
         rows = self.logic.engine.diagnosis_rows
@@ -240,17 +213,13 @@ class LCTfoundSegmentationWidget(LCTfoundVolumeModuleWidget):
     def onTrainButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
             self.logic.engine.start_train(self._parameterNode)
-            self._timer.start()
+            self._startPolling()
         self._updateStatus()
 
     def onPredictButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Prediction could not start."), waitCursor=True):
             self.logic.engine.start_predict(self._parameterNode)
-            self._timer.start()
-        self._updateStatus()
-
-    def onCancelButton(self) -> None:
-        self.logic.engine.cancel()  # the process tree is ended in a helper thread
+            self._startPolling()
         self._updateStatus()
 
     def onUndoButton(self) -> None:
@@ -269,25 +238,18 @@ class LCTfoundSegmentationWidget(LCTfoundVolumeModuleWidget):
             mark_slice_reviewed(node.annotationSegmentation, index, reviewed)
         self._updateStatus()
 
-    def onPollTimer(self) -> None:
-        engine = self.logic.engine
-        engine.poll()
-        if not engine.state.busy:
-            self._timer.stop()
-            if engine.state is RunState.FAILED and engine.job is not None:
-                slicer.util.errorDisplay(_("The job failed: {error}").format(error=engine.status().error),
-                                         detailedText=engine.job.stderr_tail)
-            if engine.state is RunState.FINISHED and self._parameterNode:
-                action = engine._job_info.get("action")
-                if action == "train":
-                    self._fillChoiceSelectors()
-                    self._parameterNode.taskModel = self._parameterNode.newModelName.strip()
-                    self._parameterNode.newModelName = ""
-                elif action == "classify":
-                    self._showDiagnosis()
-                else:
-                    self._showSegmentation()
-        self._updateStatus()
+    def _onJobEnded(self) -> None:
+        action = self.logic.engine._job_info.get("action")
+        if not self._parameterNode:
+            return
+        if action == "train":
+            self._fillChoiceSelectors()
+            self._parameterNode.taskModel = self._parameterNode.newModelName.strip()
+            self._parameterNode.newModelName = ""
+        elif action == "classify":
+            self._showDiagnosis()
+        else:
+            self._showSegmentation()
 
 
 #

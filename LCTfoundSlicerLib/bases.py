@@ -25,7 +25,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 # Light imports only (no torch): this runs while Slicer starts.
-from lctfound.logic import CHOICE_PROPERTY_NAME
+from lctfound.logic import CHOICE_PROPERTY_NAME, RunState
 
 CITATION = (
     '"A lung CT vision foundation model facilitating disease diagnosis and medical imaging", '
@@ -238,6 +238,75 @@ class LCTfoundVolumeModuleWidget(LCTfoundModuleWidget):
         if self._parameterNode:
             self.logic.engine.fill_defaults(self._parameterNode)
         self._updateStatus()
+
+
+class LCTfoundJobModuleWidget(LCTfoundVolumeModuleWidget):
+    """A volume module whose work runs as background jobs of its engine (Segmentation, Enhance): a
+    timer polls the engine while a job runs, Cancel ends the job's process tree, the progress bar and
+    status line follow the engine, and leaving Slicer does not leave a job behind. The module calls
+    `_startPolling()` after starting a job and implements `_onJobEnded()`."""
+
+    POLL_INTERVAL_MS = 500
+
+    def __init__(self, parent=None) -> None:
+        LCTfoundVolumeModuleWidget.__init__(self, parent)
+        self._timer = None
+
+    def setupWidgets(self, uiWidget) -> None:
+        LCTfoundVolumeModuleWidget.setupWidgets(self, uiWidget)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.onPollTimer)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+
+    def cleanup(self) -> None:
+        LCTfoundVolumeModuleWidget.cleanup(self)
+        if self._timer:
+            self._timer.stop()
+        if self.logic and self.logic.engine.job is not None and self.logic.engine.state.busy:
+            self.logic.engine.job.cancel(timeout=2)  # do not leave a job behind
+
+    def _choiceItems(self, name: str, refresh: bool = False) -> list:
+        return self.logic.engine.choices(name, refresh=refresh, parameters=self._parameterNode)
+
+    def statusText(self) -> str:
+        engine = self.logic.engine
+        if engine.state is RunState.IDLE:
+            return LCTfoundVolumeModuleWidget.statusText(self)
+        return engine.status_summary()
+
+    def _showProgress(self) -> None:
+        engine = self.logic.engine
+        state = engine.cancel_button_state()
+        self.ui.cancelButton.enabled = state.enabled
+        self.ui.cancelButton.toolTip = state.tooltip
+        bar = engine.progress_bar_state()
+        self.ui.progressBar.visible = bar.visible
+        self.ui.progressBar.maximum = bar.maximum
+        self.ui.progressBar.value = bar.value
+        self.ui.progressBar.format = bar.text
+
+    def _startPolling(self) -> None:
+        self._timer.start()
+
+    def onCancelButton(self) -> None:
+        self.logic.engine.cancel()  # the process tree is ended in a helper thread
+        self._updateStatus()
+
+    def onPollTimer(self) -> None:
+        engine = self.logic.engine
+        engine.poll()
+        if not engine.state.busy:
+            self._timer.stop()
+            if engine.state is RunState.FAILED and engine.job is not None:
+                slicer.util.errorDisplay(_("The job failed: {error}").format(error=engine.status().error),
+                                         detailedText=engine.job.stderr_tail)
+            elif engine.state is RunState.FINISHED:
+                self._onJobEnded()
+        self._updateStatus()
+
+    def _onJobEnded(self) -> None:
+        """Show the results of a finished job (new nodes, tables)."""
 
 
 #

@@ -266,6 +266,7 @@ class ModuleLogicBase:
         clock: Callable[[], float] = time.monotonic,
         python: Optional[os.PathLike | str] = None,
         runs_root: Optional[os.PathLike | str] = None,
+        list_task_models: Optional[Callable[..., Sequence[Any]]] = None,
     ) -> None:
         self._list_models = list_models
         self._available_devices = available_devices
@@ -273,6 +274,8 @@ class ModuleLogicBase:
         self._clock = clock
         self.python = python
         self._runs_root = Path(runs_root) if runs_root is not None else None
+        self._list_task_models = list_task_models
+        self._task_models: Optional[list[Any]] = None
 
         self._state = RunState.IDLE
         self._message = ""
@@ -453,6 +456,21 @@ class ModuleLogicBase:
         """Forget cached models and devices (after importing a model, plugging a GPU, …)."""
         self._models = None
         self._devices = None
+        self._task_models = None
+
+    def task_models(self, refresh: bool = False) -> list[Any]:
+        """Installed task models (`lctfound.models.task_models.list_task_models` entries with ``name``,
+        ``path``, ``task``, ``backbone``, ``description``); cached, ``refresh=True`` scans again."""
+        if self._task_models is None or refresh:
+            lister = self._list_task_models
+            if lister is None:
+                from ..models.task_models import list_task_models as lister
+            try:
+                self._task_models = list(lister(extra_folders=self.extra_model_folders))
+            except LCTfoundError as error:
+                logger.warning("cannot list task models: %s", error)
+                self._task_models = []
+        return list(self._task_models)
 
     # -- parameters --------------------------------------------------------------------------
 

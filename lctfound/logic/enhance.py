@@ -135,10 +135,8 @@ class EnhanceModuleLogic(ModuleLogicBase):
     task_name = "enhancement"
     parameters_class = EnhanceParameters
 
-    def __init__(self, *, list_task_models: Any = None, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._list_task_models = list_task_models
-        self._task_models: Optional[list[Any]] = None
         self.run_folder: Optional[Path] = None
         self._job_info: dict[str, Any] = {}
         self._target: Optional[EnhanceParameters] = None
@@ -147,22 +145,6 @@ class EnhanceModuleLogic(ModuleLogicBase):
         self.result_volume: Any = None
 
     # -- models ---------------------------------------------------------------------------
-
-    def task_models(self, refresh: bool = False) -> list[Any]:
-        if self._task_models is None or refresh:
-            lister = self._list_task_models
-            if lister is None:
-                from ..models.task_models import list_task_models as lister
-            try:
-                self._task_models = list(lister(extra_folders=self.extra_model_folders))
-            except LCTfoundError as error:
-                logger.warning("cannot list task models: %s", error)
-                self._task_models = []
-        return list(self._task_models)
-
-    def refresh(self) -> None:
-        super().refresh()
-        self._task_models = None
 
     def _task(self, p: EnhanceParameters) -> EnhanceTask:
         task = TASKS.get(p.task)

@@ -227,10 +227,8 @@ class SegmentationModuleLogic(ModuleLogicBase):
     task_name = "segmentation"
     parameters_class = SegmentationParameters
 
-    def __init__(self, *, list_task_models: Any = None, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._list_task_models = list_task_models
-        self._task_models: Optional[list[Any]] = None
         self.run_folder: Optional[Path] = None
         self._job_info: dict[str, Any] = {}
         #: Nodes and names of the last finished run (read by the widget and tests).
@@ -243,22 +241,6 @@ class SegmentationModuleLogic(ModuleLogicBase):
         self._result_target: Optional[SegmentationParameters] = None
 
     # -- task models ----------------------------------------------------------------------
-
-    def task_models(self, refresh: bool = False) -> list[Any]:
-        if self._task_models is None or refresh:
-            lister = self._list_task_models
-            if lister is None:
-                from ..models.task_models import list_task_models as lister
-            try:
-                self._task_models = list(lister(extra_folders=self.extra_model_folders))
-            except LCTfoundError as error:
-                logger.warning("cannot list task models: %s", error)
-                self._task_models = []
-        return list(self._task_models)
-
-    def refresh(self) -> None:
-        super().refresh()
-        self._task_models = None
 
     def find_task_model(self, name: str, task: Optional[str] = None) -> Optional[Any]:
         kinds = TASK_MODEL_KINDS.get(task or "", None)
