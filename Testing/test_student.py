@@ -17,7 +17,7 @@ from lctfound.progress import Progress
 
 SIZE = 64
 # Small and quick for tests; the defaults (16..256 at 256²) are for real CTs.
-TEST_STUDENT = dict(features=(8, 16, 32, 64, 128), resolution=64, epochs=12, batch_size=2, learning_rate=5e-3)
+TEST_STUDENT = dict(features=(8, 16, 32, 64, 128), resolution=64, epochs=10, batch_size=2, learning_rate=5e-3)
 
 
 def lesion_volume(slices: int = 6, seed: int = 0):
@@ -48,7 +48,7 @@ def models(tmp_path_factory):
         volume, lesion = lesion_volume()
         labels = np.full(volume.shape, UNLABELLED, dtype=np.int16)
         labels[[1, 4]] = lesion[[1, 4]]
-        teacher = FewShotSegmenter(backbone, {1: "Lesion"}, FewShotConfig(epochs=10))
+        teacher = FewShotSegmenter(backbone, {1: "Lesion"}, FewShotConfig(timesteps=(0, 100), epochs=10))
         teacher.fit(volume, labels)
         teacher.save(root / "teacher", extra={"name": "teacher"})
         predictor = load_segmentation_predictor(root / "teacher", device="cpu")
@@ -78,7 +78,7 @@ def test_student_agrees_with_its_teacher(models):
     assert report.slices == 6 and report.annotated_slices == 0 and report.agreement["Lesion"] >= 0.8
     assert report.losses[-1] < report.losses[0]
     messages = [message for _, _, message in models["progress"]]
-    assert any(m.startswith("teacher, volume 1") for m in messages) and "student epoch 12/12" in messages[-1]
+    assert any(m.startswith("teacher, volume 1") for m in messages) and "student epoch 10/10" in messages[-1]
 
 
 def test_student_loads_and_predicts_without_a_backbone(models, monkeypatch):

@@ -290,3 +290,53 @@ def test_train_panel_starts_cancels_and_stops_jobs_at_exit(web):
         process.wait(timeout=30)
 
     run_in_loop(body)
+
+
+def test_enhance_panel_runs_a_task_and_compares(web):
+    """A real enhancement job (bicubic super-resolution, no model needed) through the Enhance
+    panel, then the input/result comparison as a slider and side by side."""
+    from lctfound.logic import RunState
+    from lctfound.web.enhance_panel import COMPARE_LAYOUT, RESULT_VIEW
+
+    async def body():
+        web.open_server_path("chest.nrrd")
+        await finish_load(web)
+        panel = web.enhance_panel
+        panel.set("task", "super-resolution")
+        panel.set("interpolation", "bicubic")
+        panel.set("factor", 2)
+        panel.refresh()
+        assert "model_name" not in panel.get("visible") or panel.get("start")["enabled"]
+        assert panel.get("start")["enabled"], panel.get("start")["tooltip"]
+        panel.start()
+        deadline = asyncio.get_event_loop().time() + 600
+        while panel.busy or panel.logic.job is None:
+            assert asyncio.get_event_loop().time() < deadline, panel.logic.status_summary()
+            panel.tick()
+            await asyncio.sleep(0.2)
+        panel.tick()
+        assert panel.logic.state is RunState.FINISHED, panel.logic.status_summary()
+        result = panel.logic.result_volume
+        assert panel.get("result_name") == result.GetName() and panel.get("has_input")
+        assert result.GetImageData().GetDimensions() == (96, 80, 12)
+        red = web.axial_view()
+        assert red.get_background_volume_id() == web.volume_node.GetID()
+        assert red.get_foreground_volume_id() == result.GetID()
+        panel.set("opacity", 0.3)
+        panel._set_opacity()
+        assert abs(red.get_foreground_opacity() - 0.3) < 1e-6
+        panel.set("compare_mode", "side")
+        panel.show_comparison()
+        web.state.flush()
+        assert web.layout_logic.layout_manager.layout_id == COMPARE_LAYOUT
+        side = web.slicer.view_manager.get_view(RESULT_VIEW)
+        assert side.get_background_volume_id() == result.GetID() and red.get_foreground_volume_id() is None
+        web.go_to_slice(9)
+        web.sync_result_view()
+        assert side.get_slice_value() == red.get_slice_value()
+        web.open_server_path("chest.nrrd")  # a new CT ends the comparison
+        await finish_load(web)
+        web.state.flush()
+        assert panel.get("result_name") == "" and web.layout_logic.layout_manager.layout_id != COMPARE_LAYOUT
+
+    run_in_loop(body)

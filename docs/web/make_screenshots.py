@@ -2,7 +2,8 @@
 
 Starts ``lctfound web`` on the lung2 sample (shrunk 2× in-plane, slices 16-27), paints the
 lesion on two slices, trains and predicts with the built-in backbone, runs a short fine-tuning
-in the Train panel, exports, and saves one 1200×800 PNG per panel (palette-reduced below
+in the Train panel and a super-resolution in the Enhance panel, exports, and saves one 1200×800 PNG
+per panel (palette-reduced below
 300 KB). Takes several minutes on a 2-core CPU.
 
     .venv/bin/python docs/web/make_screenshots.py
@@ -151,8 +152,21 @@ def main() -> int:
                 before = state(page, "lct_train_runs")
                 page.locator("#lct-train-start").click()
                 wait_run(page, "lct_train", before)
+                page.locator("#lct-train-loss").scroll_into_view_if_needed()
                 page.wait_for_timeout(1500)
                 save(page, "train")
+
+                page.locator("#lct-tool-enhance").click()
+                page.locator(".v-select:has(#lct-enh-interpolation)").click()
+                page.get_by_role("option", name="Bicubic").first.click()
+                page.locator("#lct-enh-factor").fill("2")
+                wait_state(page, "s('lct_enh_start').enabled", 30)
+                before = state(page, "lct_enh_runs")
+                page.locator("#lct-enh-start").click()
+                wait_run(page, "lct_enh", before)
+                page.locator("#lct-enh-compare-side").click()
+                page.wait_for_timeout(2500)
+                save(page, "enhance")
 
                 page.locator("#lct-tool-export").click()
                 for kind in ("seg-nrrd", "dicom-seg"):

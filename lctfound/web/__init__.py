@@ -8,6 +8,7 @@ a trame-slicer scene; the Segment Editor tools are trame-slicer's. Submodules:
   export              .seg.nrrd, NIfTI labelmap, DICOM SEG and volume exports from the scene (no trame)
   app                 the trame app: views, Segment Editor, loading, window presets
   segmentation_panel  few-shot train/predict, structures, diagnosis, reviewed slices
+  enhance_panel       every enhancement task, input/result comparison (slider or side by side)
   train_panel         pretrain / fine-tune jobs with progress, loss curve, cancel, resume
   export_panel        export buttons and downloads
   server              start-up: the access gate on the web server, the URL line

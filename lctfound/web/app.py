@@ -72,6 +72,8 @@ FAVICON = "data:image/png;base64," + base64.b64encode(bytes.fromhex(
 TOOLS = (
     ("segmentation", "mdi-auto-fix", "LCTfound segmentation: train, predict, review"),
     ("editor", "mdi-format-paint", "Segment Editor: paint, erase, threshold, islands, scissors, smoothing"),
+    ("enhance", "mdi-image-filter-center-focus",
+     "LCTfound enhancement: low dose, sparse view, super-resolution, virtual CTA, synthetic CT"),
     ("train", "mdi-school", "LCTfound training: pretrain or fine-tune models"),
     ("export", "mdi-download", "Export segmentation and volume files"),
     ("volume", "mdi-tune-variant", "Volume display properties"),
@@ -118,14 +120,16 @@ class LCTfoundWebApp(TrameApp):
         self._poll_task: Optional[asyncio.Task] = None
         self._info_at = 0.0
 
+        from .enhance_panel import EnhancePanel
         from .export_panel import ExportPanel
         from .segmentation_panel import SegmentationPanel
         from .train_panel import TrainPanel
 
         self.segmentation_panel = SegmentationPanel(self)
+        self.enhance_panel = EnhancePanel(self)
         self.train_panel = TrainPanel(self)
         self.export_panel = ExportPanel(self)
-        self.panels = (self.segmentation_panel, self.train_panel, self.export_panel)
+        self.panels = (self.segmentation_panel, self.enhance_panel, self.train_panel, self.export_panel)
 
         self._init_state()
         self.editor.segmentation_modified.connect(self._mark_voxels_dirty)
@@ -433,10 +437,16 @@ class LCTfoundWebApp(TrameApp):
     # -- slice views -------------------------------------------------------------------------
 
     def axial_view(self):
-        for view in self.slicer.view_manager.get_slice_views():
-            if view.get_orientation() == "Axial":
-                return view
-        return None
+        """The main axial view (Slicer's "Red"; the Enhance panel may add a second axial view)."""
+        return self.slicer.view_manager.get_view("Red")
+
+    def sync_result_view(self) -> None:
+        """Scroll the side-by-side result view with the axial view."""
+        from .enhance_panel import RESULT_VIEW
+
+        red, result = self.axial_view(), self.slicer.view_manager.get_view(RESULT_VIEW)
+        if red is not None and result is not None:
+            result.set_slice_value(red.get_slice_value())
 
     def current_slice(self) -> Optional[int]:
         """The axial slice (K index of the volume) shown in the axial view."""
@@ -488,6 +498,7 @@ class LCTfoundWebApp(TrameApp):
         }
         for panel in self.panels:
             panel.on_slice_changed(k)
+        self.sync_result_view()
 
     # -- voxel counts --------------------------------------------------------------------------
 
@@ -538,7 +549,8 @@ class LCTfoundWebApp(TrameApp):
                 self._build_open_controls()
                 v3.VSpacer()
                 html.Div("{{ lct_volume_name }} {{ lct_volume_summary ? '(' + lct_volume_summary + ')' : '' }}",
-                         classes="text-caption mx-2", id="lct-volume")
+                         classes="text-caption mx-2", id="lct-volume", title=("lct_volume_summary",),
+                         style="white-space: nowrap; overflow: hidden; text-overflow: ellipsis; max-width: 45vw;")
                 with v3.VBtnToggle(v_model=("lct_window",), mandatory=True, density="compact", classes="mx-2",
                                    update_modelValue=(self.apply_window, "[$event]")):
                     v3.VBtn("Lung", value="lung", id="lct-window-lung", size="small")
@@ -550,27 +562,30 @@ class LCTfoundWebApp(TrameApp):
                 html.Span("LCTfound web — one user per server process", classes="text-caption text-grey")
 
             with v3.VMain():
-                # Messages float over the views so that they never resize them.
-                with html.Div(style="position: absolute; top: 4px; left: 50%; transform: translateX(-50%); "
-                                    "z-index: 20; width: min(720px, 90%);"):
-                    v3.VProgressLinear(v_if="lct_loading", indeterminate=True, color="primary", height=4)
-                    with v3.VAlert(v_if="lct_loading", density="compact", type="info", classes="mb-1",
-                                   id="lct-loading"):
-                        html.Span("{{ lct_load_message }}…")
-                        v3.VBtn("Cancel", size="small", variant="text", click=self.cancel_load, classes="ml-2")
-                    v3.VAlert(v_if="lct_error", text=("lct_error",), type="error", density="compact",
-                              closable=True, classes="mb-1", id="lct-error", click_close="lct_error = ''")
-                    v3.VAlert(v_if="lct_info && !lct_error", text=("lct_info",), type="success",
-                              density="compact", closable=True, classes="mb-1", id="lct-info",
-                              click_close="lct_info = ''")
-                with html.Div(classes="d-flex flex-row fill-height"):
-                    self.layout_logic.layout_manager.initialize_layout_grid(self.ui)
+                with html.Div(style="position: relative; height: 100%;"):
+                    # Messages float over the views so that they never resize them.
+                    with html.Div(style="position: absolute; top: 4px; left: 50%; transform: translateX(-50%); "
+                                        "z-index: 20; width: min(720px, 90%);"):
+                        v3.VProgressLinear(v_if="lct_loading", indeterminate=True, color="primary", height=4)
+                        with v3.VAlert(v_if="lct_loading", density="compact", type="info", classes="mb-1",
+                                       id="lct-loading"):
+                            html.Span("{{ lct_load_message }}…")
+                            v3.VBtn("Cancel", size="small", variant="text", click=self.cancel_load, classes="ml-2")
+                        v3.VAlert(v_if="lct_error", text=("lct_error",), type="error", density="compact",
+                                  closable=True, classes="mb-1", id="lct-error", click_close="lct_error = ''")
+                        v3.VAlert(v_if="lct_info && !lct_error", text=("lct_info",), type="success",
+                                  density="compact", closable=True, classes="mb-1", id="lct-info",
+                                  click_close="lct_info = ''")
+                    with html.Div(classes="d-flex flex-row fill-height"):
+                        self.layout_logic.layout_manager.initialize_layout_grid(self.ui)
 
             with v3.VNavigationDrawer(disable_resize_watcher=True, disable_route_watcher=True, permanent=True,
                                       location="left", v_model=(names.is_drawer_visible,), width=380):
                 with html.Div(v_if=(self._tool_active("segmentation"),)):
                     self.segmentation_panel.build_ui()
                 self.editor_ui = SegmentEditorUI(v_if=(self._tool_active("editor"),))
+                with html.Div(v_if=(self._tool_active("enhance"),)):
+                    self.enhance_panel.build_ui()
                 with html.Div(v_if=(self._tool_active("train"),)):
                     self.train_panel.build_ui()
                 with html.Div(v_if=(self._tool_active("export"),)):

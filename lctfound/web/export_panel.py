@@ -50,12 +50,12 @@ class ExportPanel:
                 app.show_error(f"export failed: {type(error).__name__}: {error}")
             return None
         folder = app.config.export_dir
-        rows = [{"kind": KINDS[kind][0],
-                 "name": path.relative_to(folder).as_posix() if path.is_relative_to(folder) else path.name,
-                 "size": f"{path.stat().st_size / 1e6:.2f} MB"}
-                for path in result.files if path.is_file()][:8]
+        others = len(result.files) - 1
+        name = result.path.relative_to(folder).as_posix() if result.path.is_relative_to(folder) else result.path.name
+        rows = [{"kind": KINDS[kind][0], "name": name + (f" (+ {others} files beside it)" if others > 0 else ""),
+                 "size": f"{result.path.stat().st_size / 1e6:.2f} MB"}]
         with app.state:
-            app.state.lct_export_files = rows + list(app.state.lct_export_files)[:20]
+            app.state.lct_export_files = rows + list(app.state.lct_export_files)[:12]
             app.state.lct_export_last = {"kind": kind, "path": str(result.path),
                                          "files": [str(p) for p in result.files]}
             app.show_info(f"exported {result.path.name}" + (f" ({result.note})" if result.note else ""))
