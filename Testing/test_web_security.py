@@ -131,6 +131,8 @@ def test_bad_paths_give_clear_errors(roots):
         data_roots.resolve("cases/missing.nrrd")
     with pytest.raises(InputError, match="no data root number"):
         data_roots.resolve("cases", root=3)
+    with pytest.raises(InputError, match="no data root number"):
+        data_roots.resolve("cases", root="../etc")
     with pytest.raises(InputError, match="--data-root"):
         DataRoots([]).resolve("anything")
 

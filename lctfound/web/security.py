@@ -147,8 +147,13 @@ class DataRoots:
         text = str(path or "").strip()
         if "\x00" in text:
             raise InputError("the path contains a NUL character")
-        if root is not None and not 0 <= int(root) < len(self.roots):
-            raise InputError(f"no data root number {root}")
+        if root is not None:
+            try:
+                root = int(root)
+            except (TypeError, ValueError):
+                raise InputError(f"no data root number {root!r}") from None
+            if not 0 <= root < len(self.roots):
+                raise InputError(f"no data root number {root}")
         base = self.roots[int(root or 0)]
         candidate = Path(text) if os.path.isabs(text) else base / text
         real = Path(os.path.realpath(candidate))
