@@ -16,6 +16,7 @@ pytest.importorskip("trame_slicer", reason="the web app needs trame-slicer (pip 
 pytest.importorskip("slicer")
 
 from data_factory import synthetic_ct, write_dicom_series  # noqa: E402
+from event_loop import run_coroutine  # noqa: E402
 
 from lctfound.io.dicom_seg import read_dicom_seg_labels  # noqa: E402
 from lctfound.io.volume import read_volume, write_volume  # noqa: E402
@@ -57,7 +58,7 @@ def run_in_loop(body):
     async def main():
         return await body()
 
-    return asyncio.run(main())
+    return run_coroutine(main())
 
 
 async def finish_load(app):

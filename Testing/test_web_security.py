@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from event_loop import run_coroutine
 
 from lctfound.errors import InputError
 from lctfound.web.security import (
@@ -179,7 +180,7 @@ class Clock:
 
 
 def run(coroutine):
-    return asyncio.run(coroutine)
+    return run_coroutine(coroutine)
 
 
 async def _with_client(gate, body):

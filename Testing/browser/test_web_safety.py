@@ -12,6 +12,7 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+from event_loop import run_coroutine
 from web_harness import STATE_READY, WebServer, free_port, make_cache, require_browser, state, wait_state
 
 from lctfound.web.security import OWNER_GRACE_S
@@ -74,11 +75,11 @@ def test_token_guards_page_assets_and_websocket(token_server):
         assert refused.value.code == 401 and "access token" in refused.value.read().decode()
     assert urllib.request.urlopen(f"{url}/index.html?secret={TOKEN}", timeout=10).status == 200
 
-    status, _ = asyncio.run(_wslink_hello(url, {}, TOKEN))
+    status, _ = run_coroutine(_wslink_hello(url, {}, TOKEN))
     assert status == 401  # no cookie, no upgrade: the token in a websocket message is not enough
-    status, _ = asyncio.run(_wslink_hello(url, {"lctfound_token": "wrong-token-000000000"}, "wslink-secret"))
+    status, _ = run_coroutine(_wslink_hello(url, {"lctfound_token": "wrong-token-000000000"}, "wslink-secret"))
     assert status == 401
-    status, reply = asyncio.run(_wslink_hello(url, {"lctfound_token": TOKEN}, "wslink-secret"))
+    status, reply = run_coroutine(_wslink_hello(url, {"lctfound_token": TOKEN}, "wslink-secret"))
     assert status == 101 and "result" in reply and reply["result"]["clientID"]
     # That client was the server's one user; it keeps the server a few seconds after leaving.
     time.sleep(OWNER_GRACE_S + 0.5)

@@ -151,6 +151,11 @@ class StudentSegmenter:
         self.teacher = dict(teacher or {})
         self.report: Optional[DistillReport] = None
 
+    @property
+    def input_size(self) -> int:
+        """The slice size the network reads: a student distilled from this one defaults to it."""
+        return int(self.config.resolution)
+
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
     def logits(self, hu_volume: np.ndarray, batch: Sequence[int]) -> torch.Tensor:
