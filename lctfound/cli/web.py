@@ -10,9 +10,9 @@ from ..errors import InputError
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "web", help="serve the segmentation, training and export panels in a web browser",
+        "web", help="serve the segmentation, enhancement, training and export panels in a web browser",
         description=(
-            "Serve the LCTfound panels (few-shot segmentation with the Segment Editor, training, export) in a "
+            "Serve the LCTfound panels (segmentation with the Segment Editor, enhancement, training, export) in a "
             "browser, over the same logic as the 3D Slicer modules. Listens on 127.0.0.1 by default; any other "
             "address needs an access token. One user per server process. Needs `pip install 'lctfound[web]'`."),
     )
