@@ -335,6 +335,10 @@ def test_enhance_panel_runs_a_task_and_compares(web):
         web.go_to_slice(9)
         web.sync_result_view()
         assert side.get_slice_value() == red.get_slice_value()
+        # the same framing (the ×2 result is not shown zoomed in)
+        red_node, side_node = red.get_view_node(), side.get_view_node()
+        assert np.allclose(side_node.GetFieldOfView(), red_node.GetFieldOfView())
+        assert np.allclose(side_node.GetXYZOrigin(), red_node.GetXYZOrigin())
         web.open_server_path("chest.nrrd")  # a new CT ends the comparison
         await finish_load(web)
         web.state.flush()

@@ -441,12 +441,18 @@ class LCTfoundWebApp(TrameApp):
         return self.slicer.view_manager.get_view("Red")
 
     def sync_result_view(self) -> None:
-        """Scroll the side-by-side result view with the axial view."""
+        """Show in the side-by-side result view what the axial view shows: same slice, same framing."""
         from .enhance_panel import RESULT_VIEW
 
         red, result = self.axial_view(), self.slicer.view_manager.get_view(RESULT_VIEW)
-        if red is not None and result is not None:
-            result.set_slice_value(red.get_slice_value())
+        if red is None or result is None:
+            return
+        red_node, result_node = red.get_view_node(), result.get_view_node()
+        # Same field of view and in-plane position, so a higher-resolution result is not shown zoomed.
+        result_node.SetFieldOfView(*red_node.GetFieldOfView())
+        result_node.SetXYZOrigin(*red_node.GetXYZOrigin())
+        result_node.GetSliceToRAS().DeepCopy(red_node.GetSliceToRAS())
+        result_node.UpdateMatrices()
 
     def current_slice(self) -> Optional[int]:
         """The axial slice (K index of the volume) shown in the axial view."""

@@ -128,7 +128,6 @@ class EnhancePanel(LogicPanel):
             view = self._result_view()
             if view is not None:
                 view.set_background_volume_id(result.GetID())
-                view.fit_view_to_content()
             self.app.sync_result_view()
         else:
             if layout.layout_manager.layout_id == COMPARE_LAYOUT:
