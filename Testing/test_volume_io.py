@@ -67,6 +67,20 @@ def test_round_trip_float_and_compression(tmp_path, oblique_ct):
     assert_geometry(back, volume, 1e-12)
 
 
+def test_slab_keeps_world_positions(oblique_ct):
+    slab = oblique_ct.slab(2, 5)
+    assert slab.shape == (3, *oblique_ct.shape[1:])
+    np.testing.assert_array_equal(slab.array, oblique_ct.array[2:5])
+    # voxel (i, j, k) of the slab is voxel (i, j, k + 2) of the volume, in world millimetres
+    for ijk in ((0, 0, 0), (3, 1, 2)):
+        inside = slab.ijk_to_ras() @ np.array([*ijk, 1.0])
+        whole = oblique_ct.ijk_to_ras() @ np.array([ijk[0], ijk[1], ijk[2] + 2, 1.0])
+        np.testing.assert_allclose(inside, whole, atol=1e-9)
+    assert oblique_ct.slab(-2, 100).shape[0] == 2
+    with pytest.raises(ValueError, match="no slices"):
+        oblique_ct.slab(5, 5)
+
+
 def test_write_overwrites_atomically_and_refuses_unsupported_formats(tmp_path, synthetic_ct):
     target = tmp_path / "out.mha"
     write_volume(synthetic_ct, target)

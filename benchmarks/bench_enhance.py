@@ -10,9 +10,9 @@ Tasks (``--task``, default both):
   scan, not evaluated) by mean PSNR. The reference is the full-dose slice (itself noisy). With
   ``--cold-diffusion-steps N`` (or an existing ``--low-dose-model``) the LCTfound cold-diffusion
   enhancer is a fourth method: `lctfound enhance train-low-dose` on the embedded backbone for N
-  optimiser steps, on the same scans' slices outside the evaluated block ±2 (simulated at the
-  same dose by the same code, other noise), then 10 cold-diffusion steps on the evaluated slices,
-  their low-dose neighbours as context.
+  optimiser steps, on the same scans' slices outside the evaluated block ±2 (``--training-slices``
+  on each side; simulated at the same dose by the same code, other noise), then 10 cold-diffusion
+  steps on the evaluated slices, their low-dose neighbours as context.
 * ``sparse-view`` — the same slices resampled to the model's 128² (anti-aliased, 2.3 mm pixels;
   values below −1000 HU set to −1000, i.e. μ = 0), noise-free parallel-beam sinograms of
   ``--views`` (default 16 and 32), reconstructed by FBP (ramp), TV (50 FISTA-SIRT iterations,
@@ -173,13 +173,15 @@ def train_cold_diffusion(args, volumes, evaluated: dict[str, list[int]]) -> Path
                str(args.cold_diffusion_steps), "--seed", "1", "--device", "cpu"]
     for name, volume in volumes.items():
         first, last = evaluated[name][0] - 2, evaluated[name][-1] + 2
-        for part, (start, stop) in (("below", (0, first)), ("above", (last + 1, volume.shape[0]))):
+        n = args.training_slices
+        below, above = (max(0, first - n), first), (last + 1, min(volume.shape[0], last + 1 + n))
+        for start, stop in (below, above):
             if stop - start >= 3:
-                path = data / f"{name}_{part}.nii.gz"
+                path = data / f"{name}_{start}-{stop - 1}.nii.gz"
                 if not path.is_file():
-                    write_volume(volume.with_array(volume.array[start:stop]), path)
+                    write_volume(volume.slab(start, stop), path)
                 command += ["--full-dose", str(path)]
-    run = workdir / f"cold-diffusion-{args.cold_diffusion_steps}"
+    run = workdir / f"cold-diffusion-{args.cold_diffusion_steps}-{args.training_slices}"
     if not (run / "model").is_dir():
         with Clock() as clock:
             code = lctfound(command + ["-o", str(run)] + (["--resume"] if run.is_dir() else []))
@@ -268,7 +270,8 @@ def run_low_dose(args, volumes) -> dict:
         "held_out_slices": HELD_OUT_SLICE, "reference": "full-dose slice", "mask": "none (whole slice)",
         "cold_diffusion": None if enhancer is None else {
             "model": args.low_dose_model, "training_steps": args.cold_diffusion_steps, "steps": enhancer.steps,
-            "training_slices": "outside the evaluated block ±2, simulated at the same dose with seeds 1-4 (evaluation: seed 0)"}},
+            "training_slices": f"{args.training_slices} per side outside the evaluated block ±2, simulated at the "
+                               "same dose with seeds 1-4 (evaluation: seed 0)"}},
         "results": rows, "tests": tests}
 
 
@@ -358,6 +361,8 @@ def main() -> int:
                         help="also run the diffusion warm-started from TV at this strength (e.g. 0.3)")
     parser.add_argument("--cold-diffusion-steps", type=int, default=0,
                         help="train the LCTfound cold-diffusion enhancer for this many steps and evaluate it")
+    parser.add_argument("--training-slices", type=int, default=8,
+                        help="cold-diffusion training slices per side of each scan's evaluated block (default 8)")
     parser.add_argument("--low-dose-model", help="an existing low-dose enhancement model to evaluate instead")
     parser.add_argument("--workdir", default="/tmp/lctfound-bench-enhance", help="training data and runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

@@ -187,7 +187,7 @@ def speed(args, workdir: Path, samples: dict, student: Path, teacher: Path | Non
         part = workdir / f"big_{args.teacher_slices}.nii.gz"
         if not part.is_file():
             volume = read_volume(big)
-            write_volume(volume.with_array(volume.array[:args.teacher_slices]), part)
+            write_volume(volume.slab(0, args.teacher_slices), part)
         cache = workdir / f"teacher-cache-{time.time_ns()}"
         measured = run_cli(["segment", "predict", str(part), "--model", str(teacher), "-o",
                             str(workdir / "teacher_out.nii.gz")], args.threads, {"LCTFOUND_CACHE_DIR": str(cache)})

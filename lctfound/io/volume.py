@@ -122,6 +122,15 @@ class CTVolume:
             raise ValueError(f"array shape {array.shape} differs from the volume grid {self.array.shape}")
         return CTVolume(array, self.spacing, self.origin, self.direction.copy(), {**self.metadata, **metadata})
 
+    def slab(self, first: int, stop: int) -> "CTVolume":
+        """Slices ``first`` … ``stop − 1`` as a new volume whose voxels keep their world positions."""
+        first, stop, _ = slice(first, stop).indices(self.shape[0])
+        if stop <= first:
+            raise ValueError(f"no slices in {first}:{stop} of a volume with {self.shape[0]} slices")
+        origin = np.asarray(self.origin) + first * self.spacing[2] * self.direction[:, 2]
+        return CTVolume(np.ascontiguousarray(self.array[first:stop]), self.spacing, tuple(origin),
+                        self.direction.copy(), dict(self.metadata))
+
 
 # --------------------------------------------------------------------------------------------
 # Reading, writing and validating volumes (SimpleITK; imported lazily to keep this module light)

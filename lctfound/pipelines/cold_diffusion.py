@@ -326,6 +326,22 @@ def backbone_provenance(model) -> dict[str, Any]:
             "backbone_sha256": record["model_sha256"]}
 
 
+def load_task_network(network_class, model: str | Path, task: str, label: str, backbone: Optional[str | Path],
+                      device: str) -> tuple[nn.Module, dict[str, Any]]:
+    """``network_class.from_task_model`` of a task model (folder or registered name) on ``device``, with the
+    provenance record (task model and backbone checksums) of the pipelines built on it."""
+    from ..devices import resolve_device
+
+    torch_device = resolve_device(device)
+    task_model = open_task_model(model, task, label)
+    base = backbone_for(task_model, backbone, torch_device)
+    network = network_class.from_task_model(task_model, base).to(torch_device)
+    record = task_model_provenance(task_model)
+    if base is not None:
+        record.update(backbone_provenance(base))
+    return network, record
+
+
 # --------------------------------------------------------------------------------------------
 # The enhancer
 # --------------------------------------------------------------------------------------------
@@ -363,15 +379,7 @@ class ColdDiffusionEnhancer:
     def load(cls, model: str | Path, backbone: Optional[str | Path] = None, device: str = "auto",
              **options: Any) -> "ColdDiffusionEnhancer":
         """The enhancer of a low-dose enhancement task model (folder or registered name)."""
-        from ..devices import resolve_device
-
-        torch_device = resolve_device(device)
-        task_model = open_task_model(model, TASK, TASK_LABEL)
-        base = backbone_for(task_model, backbone, torch_device)
-        network = ColdDiffusionNetwork.from_task_model(task_model, base).to(torch_device)
-        record = task_model_provenance(task_model)
-        if base is not None:
-            record.update(backbone_provenance(base))
+        network, record = load_task_network(ColdDiffusionNetwork, model, TASK, TASK_LABEL, backbone, device)
         return cls(network, provenance=record, **options)
 
     # ------------------------------------------------------------------ one batch

@@ -50,13 +50,10 @@ from .cold_diffusion import (
     _check_slices,
     _ranges,
     _source_name,
-    backbone_for,
-    backbone_provenance,
     context_slices,
     hu_to_model,
+    load_task_network,
     model_to_window_hu,
-    open_task_model,
-    task_model_provenance,
 )
 
 TASK = "vcta"
@@ -200,15 +197,7 @@ class VCTAPipeline:
     def load(cls, model: str | Path, backbone: Optional[str | Path] = None, device: str = "auto",
              **options: Any) -> "VCTAPipeline":
         """The pipeline of a VCTA task model (folder or registered name)."""
-        from ..devices import resolve_device
-
-        torch_device = resolve_device(device)
-        task_model = open_task_model(model, TASK, TASK_LABEL)
-        base = backbone_for(task_model, backbone, torch_device)
-        network = VCTANetwork.from_task_model(task_model, base).to(torch_device)
-        record = task_model_provenance(task_model)
-        if base is not None:
-            record.update(backbone_provenance(base))
+        network, record = load_task_network(VCTANetwork, model, TASK, TASK_LABEL, backbone, device)
         return cls(network, provenance=record, **options)
 
     def make_scheduler(self, steps: int):

@@ -55,16 +55,17 @@ def parse_slice_range(text: str) -> tuple[int, int]:
 def shrink(volume: CTVolume, options: SampleOptions, labels: bool = False) -> CTVolume:
     """Crop slices and block-average (labels: majority of the block) in-plane; the geometry
     follows (origin at the centre of the first block)."""
-    array = np.asarray(volume.array)
+    count = volume.shape[0]
     first = options.first_slice or 0
-    last = array.shape[0] - 1 if options.last_slice is None else min(options.last_slice, array.shape[0] - 1)
+    last = count - 1 if options.last_slice is None else min(options.last_slice, count - 1)
     if first > last:
-        raise InputError(f"slice range {first}-{last} is outside the sample's {array.shape[0]} slices")
-    array = array[first:last + 1]
+        raise InputError(f"slice range {first}-{last} is outside the sample's {count} slices")
+    volume = volume.slab(first, last + 1)
+    array = volume.array
     factor = max(int(options.downsample), 1)
     spacing = np.asarray(volume.spacing, dtype=np.float64)
     direction = np.asarray(volume.direction, dtype=np.float64)
-    origin = np.asarray(volume.origin, dtype=np.float64) + first * spacing[2] * direction[:, 2]
+    origin = np.asarray(volume.origin, dtype=np.float64)
     if factor > 1:
         from skimage.measure import block_reduce
 
