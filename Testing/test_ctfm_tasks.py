@@ -244,14 +244,9 @@ def test_cli_probe_and_decoder_round_trip(encoder_folder, tmp_path, run_cli, mon
                               tmp_path / "p.csv", "--device", "cpu"], groups=groups)
     assert code == 0, err
     assert "research use" in out and (tmp_path / "p.csv").is_file()
-    try:
-        import lctfound.cli.evaluate  # noqa: F401  (written in parallel; evaluated when present)
-    except ImportError:
-        pass
-    else:
-        code, out, err = run_cli(["evaluate", "classification", "--predictions", tmp_path / "p.csv", "--truth", table,
-                                  "--bootstrap", "100"], groups=groups)
-        assert code == 0, err
+    code, out, err = run_cli(["evaluate", "classification", "--predictions", tmp_path / "p.csv", "--truth", table,
+                              "--bootstrap", "100"], groups=groups)
+    assert code == 0, err
 
     image, labels = scan(3, True)
     write_volume(image, tmp_path / "data" / "seg_image.nii.gz")
@@ -269,16 +264,11 @@ def test_cli_probe_and_decoder_round_trip(encoder_folder, tmp_path, run_cli, mon
     assert code == 0, err
     predicted = read_volume(tmp_path / "pred" / "seg_image_seg.nii.gz", labels=True)
     assert predicted.same_grid(image) and "Blob" in out
-    try:
-        import lctfound.cli.evaluate  # noqa: F401,F811
-    except ImportError:
-        pass
-    else:
-        code, out, err = run_cli(["evaluate", "segmentation", "-p", tmp_path / "pred" / "seg_image_seg.nii.gz", "-r",
-                                  tmp_path / "data" / "seg_label.nii.gz", "--model", tmp_path / "seg" / "model"],
-                                 groups=groups)
-        assert code == 0, err
-        assert "Blob" in out
+    code, out, err = run_cli(["evaluate", "segmentation", "-p", tmp_path / "pred" / "seg_image_seg.nii.gz", "-r",
+                              tmp_path / "data" / "seg_label.nii.gz", "--model", tmp_path / "seg" / "model"],
+                             groups=groups)
+    assert code == 0, err
+    assert "Blob" in out
 
     # one-line errors, exit code 2
     code, _, err = run_cli(["ctfm", "seg-predict", tmp_path / "data" / "seg_image.nii.gz", "--decoder",

@@ -315,6 +315,11 @@ def test_stratified_bootstrap_keeps_rare_classes():
     intervals = bootstrap_intervals([np.flatnonzero(truth == 0), np.flatnonzero(truth == 1)], counts,
                                     n_resamples=100, method="percentile")
     assert [(i.low, i.high) for i in intervals] == [(20, 20), (2, 2)]
+    # one case per class (two scans): no interval, said in words instead of a scipy error
+    single = classification_metrics(ClassificationCases("p.csv", ["a", "b"], ["no", "yes"], np.array([0, 1]),
+                                                        np.array([[0.8, 0.2], [0.3, 0.7]]), 1), n_resamples=100)
+    assert single["auroc"]["value"] == 1.0 and single["auroc"]["ci"]["low"] is None
+    assert "two cases in every class" in single["auroc"]["ci"]["note"]
 
 
 def test_matching_positive_class_and_paired_comparison():

@@ -84,6 +84,8 @@ def bootstrap_intervals(
     estimate = np.atleast_1d(np.asarray(statistic(*samples), dtype=np.float64))
     if sum(len(sample) for sample in samples) < 2:
         return [not_available("n=1: a bootstrap interval needs at least two cases")] * len(estimate)
+    if min(len(sample) for sample in samples) < 2:  # resampling a group of one case gives nothing
+        return [not_available("a stratified bootstrap needs at least two cases in every class")] * len(estimate)
 
     def as_float(*args, **kwargs):
         return np.asarray(statistic(*args, **kwargs), dtype=np.float64)
