@@ -24,7 +24,7 @@ from lctfound.ctfm.retrieval import build_index  # noqa: E402
 from lctfound.errors import LCTfoundError  # noqa: E402
 from lctfound.io.volume import CTVolume, write_volume  # noqa: E402
 from lctfound.logic.base import RunState  # noqa: E402
-from lctfound.logic.ctfm import CTFMLogic  # noqa: E402
+from lctfound.logic.ctfm import ACTIONS, HEATMAP_ATTRIBUTE, CTFMLogic, CTFMParameters, Query, SearchResult  # noqa: E402
 from lctfound.training.loop import LoopConfig  # noqa: E402
 
 SMALL = {"blocks_down": [1, 1, 1, 1, 1], "in_channels": 1, "init_filters": 4, "spatial_dims": 3}
@@ -295,3 +295,154 @@ def test_training_jobs(logic, encoder_folder, tmp_path, empty_cache):
     assert segmenter.label_names == {1: "Lesion"}
     with pytest.raises(LCTfoundError, match="already holds a run"):
         logic.start_probe_training(folder / "cases.csv", tmp_path / "run" / "probe", "encoder", device="cpu")
+
+
+# --------------------------------------------------------------------------- the panel (LCTfoundCTFM)
+
+def test_panel_choices_fields_and_problems(logic, tmp_path, empty_cache):
+    """What the panel offers and why a button is disabled: one parameters object, most important problem first."""
+    p = CTFMParameters(device="cpu")
+    assert [c.value for c in logic.choices("queryKind")] == ["scan", "point", "region"]
+    assert [c.value for c in logic.choices("trainingKind")] == ["probe", "decoder"]
+    assert [c.value for c in logic.choices("decoderMode")] == ["frozen", "full"]
+    assert logic.choices("probeModel") == [] and logic.choices("decoderModel") == []  # an empty model folder
+    assert logic.fill_defaults(p) == {"model_name": "encoder"} and p.model_name == "encoder"
+    panel_only = {"query_point", "query_region", "decoder_mode", "training_segmentation"}
+    assert not panel_only & logic.visible_fields(p)
+    p.query_kind, p.training_kind = "region", "decoder"
+    assert panel_only & logic.visible_fields(p) == {"query_region", "decoder_mode", "training_segmentation"}
+
+    assert logic.action_problems("index", p) == ["Choose the folder of volumes to index."]
+    p.cohort_folder = str(tmp_path / "nowhere")
+    assert logic.action_problems("index", p) == [f"Folder not found: {tmp_path / 'nowhere'}"]
+    p.cohort_folder = str(tmp_path)
+    assert logic.action_state("index", p).enabled and logic.action_state("index", p).tooltip == ACTIONS["index"]
+
+    assert logic.action_problems("search", p) == ["Select an input volume.",
+                                                  "Choose an index folder (or build one from a folder of volumes).",
+                                                  "Choose the region (markups ROI) to query by."]
+    p.index_folder, p.top_k = str(tmp_path), 0
+    assert logic.action_problems("search", p)[1:] == [f"{tmp_path} is not a CT-FM index (no index.json).",
+                                                      "Choose the region (markups ROI) to query by.",
+                                                      "The number of results must be at least 1."]
+    assert logic.action_problems("classify", p) == ["Select an input volume.",
+                                                    "Select a ctfm-probe model (train one below)."]
+    p.decoder_model = str(tmp_path)
+    assert logic.action_problems("segment", p)[1] == f"'{tmp_path}' is not an installed ctfm-segmentation model."
+
+    assert logic.action_problems("train", p) == [
+        "Choose a CSV table with the columns image,labels, or a segmentation of the input volume.",
+        "Name the new model (it is registered under that name)."]
+    p.training_table, p.new_model_name, p.decoder_mode = str(tmp_path / "cases.csv"), "bad name!", "half"
+    problems = logic.action_problems("train", p)
+    assert problems[0] == f"Table not found: {tmp_path / 'cases.csv'}" and "frozen or full" in problems[1]
+    assert problems[2].startswith("model name 'bad name!': use 1-64 letters")
+    with pytest.raises(LCTfoundError, match="Table not found"):
+        logic.start_training(p)  # the button's first problem, not a failed job
+
+    p.encoder_folder = str(tmp_path)
+    assert logic.selection_summary(p).startswith("The encoder folder is not a CT-FM encoder:")
+    none_here = CTFMLogic(list_models=lambda extra_folders=(): [], available_devices=lambda: ["cpu"])
+    assert none_here.check_model("").startswith("No CT-FM encoder is available")
+
+
+def test_in_process_work_fails_cancels_and_finishes(logic):
+    def broken(progress):
+        raise LCTfoundError("no such thing")
+
+    with pytest.raises(LCTfoundError, match="no such thing"):
+        logic.run_in_process("trying", broken)
+    assert logic.state is RunState.FAILED and "no such thing" in logic.status_summary()
+
+    def windows(progress):
+        for done in range(1, 5):
+            progress.update(done, 4, f"window {done}/4")
+            progress.check_cancelled()
+        return "result", "all done"
+
+    assert logic.run_in_process("again", windows, on_update=logic.cancel) is None  # Cancel clicked at once
+    assert logic.state is RunState.CANCELLED and logic.status().done == 1
+    seen = []
+    assert logic.run_in_process("third", windows, on_update=lambda: seen.append(logic.status().done)) == "result"
+    assert logic.state is RunState.FINISHED and logic.status_summary().endswith("all done")
+    assert seen == [0, 1, 2, 3, 4]
+    assert not logic.cancel()
+
+
+def test_results_table_and_loading_a_match(tmp_path):
+    import json
+
+    from lctfound.io.volume import read_volume
+
+    scene = mrml.new_headless_scene()
+    path = write_volume(data_factory_scan(1)[0], tmp_path / "match.nrrd")
+    scan_result = SearchResult(Query(np.zeros(4), "volume", "scan"),
+                               [{"rank": 1, "case": "match", "score": 0.93, "path": str(path)}])
+    table = CTFMLogic.results_table_node(scene, scan_result, "search")
+    columns = table.GetTable()
+    assert [columns.GetColumnName(i) for i in range(columns.GetNumberOfColumns())] == ["rank", "case", "score", "path"]
+    assert columns.GetValueByName(0, "score").ToDouble() == pytest.approx(0.93)
+    node, centre = CTFMLogic.load_match(table, 0)
+    assert centre is None and node.GetName() == "match" and node.GetScene() is scene
+    assert np.array_equal(mrml.ctvolume_from_volume_node(node).array, read_volume(path).array)
+    with pytest.raises(LCTfoundError, match="select a result row"):
+        CTFMLogic.load_match(table, 1)
+
+    point_result = SearchResult(Query(np.zeros(4), "window", "point", [1.0, 2.0, 3.0]),
+                                [{"rank": 1, "case": "match", "score": 0.5, "path": str(path),
+                                  "centre_ras": [1.5, -2.0, 30.0]}])
+    first, table = table, CTFMLogic.results_table_node(scene, point_result, "search")
+    assert table.GetName() != first.GetName()  # a new node every search
+    assert json.loads(table.GetAttribute(HEATMAP_ATTRIBUTE)) == {"kind": "point", "level": "window",
+                                                                  "centre_ras": [1.0, 2.0, 3.0]}
+    assert CTFMLogic.load_match(table, 0)[1] == [1.5, -2.0, 30.0]
+    with pytest.raises(LCTfoundError, match="not a CT-FM search result"):
+        CTFMLogic.load_match(scene.AddNewNodeByClass("vtkMRMLTableNode"), 0)
+
+
+def _wait(logic, seconds: float = 300.0) -> None:
+    deadline = time.monotonic() + seconds
+    while logic.status().busy and time.monotonic() < deadline:
+        logic.poll()
+        time.sleep(0.2)
+    logic.poll()
+
+
+def test_index_job_and_decoder_training_from_the_panel(encoder_folder, tmp_path, empty_cache):
+    """Build index runs `ctfm index` as a job into a new folder that then becomes the index folder;
+    training a decoder on a segmentation of the loaded volume exports the pair first, and Cancel ends it."""
+    from lctfound.ctfm.retrieval import load_index
+    from lctfound.io.volume import read_volume
+
+    logic = CTFMLogic(ctfm_folders=[encoder_folder], available_devices=lambda: ["cpu"], runs_root=tmp_path / "runs")
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    image, labels = data_factory_scan(1)
+    write_volume(image, cohort / "s1.nii.gz")
+    p = CTFMParameters(model_name="encoder", device="cpu", cohort_folder=str(cohort))
+    job = logic.start_index(p)
+    assert job.command[3:6] == ["ctfm", "index", str(cohort.resolve())]
+    _wait(logic)
+    assert logic.state is RunState.FINISHED, logic.status_summary() + " " + job.stderr_tail()
+    assert logic.status().message == f"index in {logic.run_output}"
+    assert logic.apply_finished_job(p) == {"index_folder": logic.run_output} and p.index_folder == logic.run_output
+    index = load_index(p.index_folder)
+    assert [entry["name"] for entry in index.entries] == ["s1"] and index.settings.window == (32, 128, 128)
+    assert logic.action_problems("search", p) == ["Select an input volume."]  # the new index is usable
+
+    scene = mrml.new_headless_scene()
+    node = mrml.volume_node_from_ctvolume(scene, image, "loaded")
+    segmentation = mrml.segmentation_node_from_labels(scene, labels.array, node, {1: "Lesion"})
+    p.input_volume, p.training_kind, p.training_segmentation = node, "decoder", segmentation
+    p.new_model_name, p.max_steps = "panel-decoder", 2
+    job = logic.start_training(p)
+    data = logic.run_output.parent / "data"
+    assert ["--image", str((data / "image.nrrd").resolve()), "--labels", str((data / "labels.nrrd").resolve())] == \
+        job.command[job.command.index("--image"):job.command.index("--image") + 4]
+    assert "--names" in job.command and "--max-steps" in job.command and "panel-decoder" in job.command
+    exported = read_volume(data / "labels.nrrd", labels=True)
+    assert np.array_equal(exported.array > 0, labels.array > 0) and exported.same_grid(image)
+    assert logic.cancel()
+    _wait(logic, 60)
+    assert logic.state is RunState.CANCELLED
+    assert logic.apply_finished_job(p) == {}  # nothing to point at

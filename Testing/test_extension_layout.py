@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lctfound"
-MODULES = ("LCTfoundSegmentation", "LCTfoundEnhance", "LCTfoundTrain")
+MODULES = ("LCTfoundSegmentation", "LCTfoundEnhance", "LCTfoundTrain", "LCTfoundCTFM")
 #: The Slicer-side package shared by the modules (bases of their Module/Widget/Logic/Test classes).
 LIBRARY = "LCTfoundSlicerLib"
 LIBRARY_DIR = REPO / LIBRARY
@@ -31,7 +31,7 @@ CHOICE_PROPERTY = "LCTfoundChoiceParameterName"
 NODE_LIST_PROPERTY = "LCTfoundNodeListParameterName"
 #: The Qt-free logic class behind each module (fills its CHOICE_PROPERTY selectors).
 MODULE_LOGICS = {"LCTfoundSegmentation": "SegmentationModuleLogic", "LCTfoundEnhance": "EnhanceModuleLogic",
-                 "LCTfoundTrain": "TrainModuleLogic"}
+                 "LCTfoundTrain": "TrainModuleLogic", "LCTfoundCTFM": "CTFMLogic"}
 #: Widgets each panel must have. "A button either works or does not exist": the image modules have no
 #: Apply button until their task exists; the training panel starts, cancels and resumes real jobs.
 COMMON_WIDGETS = {"deviceSelector": "QComboBox", "statusLabel": "QLabel"}
@@ -45,6 +45,11 @@ MODULE_WIDGETS = {
                         "comparisonSlider": "QSlider"},
     "LCTfoundTrain": {"startButton": "QPushButton", "cancelButton": "QPushButton", "resumeButton": "QPushButton",
                       "progressBar": "QProgressBar", "lossCurveLabel": "QLabel"},
+    "LCTfoundCTFM": {"inputVolumeSelector": "qMRMLNodeComboBox", "modelSelector": "QComboBox",
+                     "buildIndexButton": "QPushButton", "searchButton": "QPushButton", "loadMatchButton": "QPushButton",
+                     "classifyButton": "QPushButton", "segmentButton": "QPushButton", "trainButton": "QPushButton",
+                     "cancelButton": "QPushButton", "progressBar": "QProgressBar", "resultsTableView": "qMRMLTableView",
+                     "capabilitiesList": "QListWidget"},
 }
 IGNORED_NAMES = {"__pycache__", ".DS_Store"}
 

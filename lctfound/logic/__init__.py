@@ -20,6 +20,7 @@ from .base import (
     device_environment,
     format_seconds,
 )
+from .ctfm import CTFMLogic, CTFMParameters
 from .enhance import EnhanceModuleLogic, EnhanceParameters
 from .segmentation import (
     DIAGNOSIS,
@@ -49,6 +50,8 @@ __all__ = [
     "TRANSITIONS",
     "ButtonState",
     "Choice",
+    "CTFMLogic",
+    "CTFMParameters",
     "EnhanceModuleLogic",
     "EnhanceParameters",
     "InvalidTransition",

@@ -15,8 +15,15 @@ nodes it
 * classifies a volume with a linear probe (a row in the columns of ``lctfound classify predict``)
   and segments it with a trained decoder into a NEW segmentation node.
 
-Training (probe, decoder) runs as a job (`lctfound.jobs`): ``lctfound ctfm probe-train`` /
-``seg-train`` with ``--events``; `poll()` turns the events into progress and a loss history.
+Training (probe, decoder) and indexing run as jobs (`lctfound.jobs`): ``lctfound ctfm probe-train``
+/ ``seg-train`` with ``--events``, ``ctfm index``; `poll()` turns the events into progress and a loss
+history.
+
+A panel (the Slicer module LCTfoundCTFM) drives all of it from one parameters object
+(`CTFMParameters`, a dataclass or a parameter node): `choices`, `visible_fields`, `action_state`,
+then `start_index` / `start_training` (jobs) or `run_search` / `run_classify` / `run_segment`,
+which run here because they read the scene's nodes, under the same run state with a real Cancel
+(`run_in_process`).
 
 Geometry: node → `CTVolume` (`lctfound.mrml.ctvolume_from_volume_node`, parent linear transform
 applied, so points in world RAS match) → CT-FM's prepared space (`prepare_volume`, exact affine)
@@ -28,13 +35,16 @@ Nothing here imports Qt, Slicer or torch at import time; MRML nodes are used thr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from ..errors import LCTfoundError
-from .base import AUTO_DEVICE, ButtonState, Choice, ModuleLogicBase
+from ..errors import Cancelled, InputError, LCTfoundError
+from .base import AUTO_DEVICE, ButtonState, Choice, ModuleLogicBase, RunState, _camel_case, _snake_case
+from .train import chosen_path
 
 if TYPE_CHECKING:
     from ..jobs import Job
@@ -51,6 +61,29 @@ QUERY_KINDS = (
 )
 #: Slicer colour table of heat-map overlays (used when the scene has it; headless scenes do not).
 HEATMAP_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileColdToHotRainbow.txt"
+TRAINING_KINDS = (
+    Choice("probe", "Linear probe (scan classification)",
+           "A linear layer on frozen CT-FM embeddings, trained from a CSV table with the columns image,label."),
+    Choice("decoder", "Segmentation decoder",
+           "A 3D decoder on the CT-FM encoder, trained from a CSV table with the columns image,labels and/or the "
+           "input volume with a segmentation."),
+)
+DECODER_MODES = (
+    Choice("frozen", "Frozen encoder", "Train the decoder only (faster, less memory)."),
+    Choice("full", "Full fine-tune", "Fine-tune the encoder too; it is then stored in the task model."),
+)
+#: The panel's actions (one button each) and what they do.
+ACTIONS = {
+    "index": "Index every volume of the folder for search, in the background",
+    "search": "Rank the indexed scans by similarity with the query and map the similarity over the input volume",
+    "classify": "Classify the input volume with the probe",
+    "segment": "Segment the input volume with the decoder (a new segmentation)",
+    "train": "Train the task model in the background and register it under the new name",
+}
+#: Task-model parameters → the task their models do.
+TASK_MODEL_PARAMETERS = {"probe_model": "ctfm-probe", "decoder_model": "ctfm-segmentation"}
+#: Window of indexes built from the panel: CT-FM's published window (multiples of 16).
+INDEX_WINDOW = (32, 128, 128)
 
 
 @dataclass
@@ -64,6 +97,22 @@ class CTFMParameters:
     index_folder: Any = ""
     query_kind: str = "scan"
     top_k: int = 10
+    #: A CT-FM encoder folder (published layout) offered besides the listed ones.
+    encoder_folder: Any = ""
+    #: The folder of volumes `start_index` indexes.
+    cohort_folder: Any = ""
+    query_point: Any = None  # markups fiducial node: its first control point
+    query_region: Any = None  # markups ROI node
+    show_heatmap: bool = True
+    results_table: Any = None  # the table node of the last search (front ends show it)
+    probe_model: str = ""  # a ctfm-probe task model (its folder, as `task_model_choices` gives it)
+    decoder_model: str = ""  # a ctfm-segmentation task model
+    training_kind: str = "probe"
+    training_table: Any = ""  # CSV: image,label (probe) or image,labels (decoder)
+    training_segmentation: Any = None  # decoder: a segmentation of the input volume, exported as one more pair
+    decoder_mode: str = "frozen"
+    max_steps: int = 0  # 0: the command's default length
+    new_model_name: str = ""
 
 
 @dataclass
@@ -82,6 +131,7 @@ class Query:
 class SearchResult:
     query: Query
     rows: list[dict[str, Any]] = field(default_factory=list)
+    settings: Any = None  # the index's window settings (a heat map of the query uses them too)
 
 
 def _node_name(node: Any) -> str:
@@ -109,6 +159,10 @@ class CTFMLogic(ModuleLogicBase):
         self._loaded: dict[tuple[str, str], Any] = {}
         self.run_output: Optional[Path] = None
         self.loss_history: list[tuple[int, float]] = []
+        #: What the current (or last) job does: index, probe or decoder; and the name it registers.
+        self.job_kind = ""
+        self.registered_name = ""
+        self._cancel_token: Any = None  # set while `run_in_process` runs
 
     # -- backbones and what they can do ------------------------------------------------------
 
@@ -260,7 +314,7 @@ class CTFMLogic(ModuleLogicBase):
         matches = index.search(query.vector, query.level, top_k)
         rows = [{"rank": m.rank, "case": m.name, "score": m.score, "path": m.path,
                  **({"centre_ras": m.centre_ras} if m.centre_ras is not None else {})} for m in matches]
-        return SearchResult(query, rows)
+        return SearchResult(query, rows, index.settings)
 
     def create_heatmap_node(self, volume_node: Any, query: Query, model: Any = None, settings: Any = None,
                             name: Optional[str] = None, progress: Any = None) -> Any:
@@ -370,7 +424,7 @@ class CTFMLogic(ModuleLogicBase):
         args = ["ctfm", "probe-train", "--table", str(Path(table).resolve()),
                 "--window", ",".join(str(int(v)) for v in window),
                 *self._training_arguments(model, output, max_steps, learning_rate, batch_size, register_as, device)]
-        return self._launch(args, output, device, "probe: embedding the scans")
+        return self._launch(args, output, device, "probe: embedding the scans", "probe", register_as)
 
     def start_decoder_training(self, pairs: Sequence[tuple[Any, Any]], output: Any, model: Any = None, *,
                                mode: str = "frozen", names: Optional[dict[int, str]] = None,
@@ -385,14 +439,27 @@ class CTFMLogic(ModuleLogicBase):
         if names:
             args += ["--names", ",".join(f"{int(k)}={v}" for k, v in sorted(names.items()))]
         args += self._training_arguments(model, output, max_steps, learning_rate, batch_size, register_as, device)
-        return self._launch(args, output, device, f"decoder ({mode}): preparing the scans")
+        return self._launch(args, output, device, f"decoder ({mode}): preparing the scans", "decoder", register_as)
 
-    def _launch(self, args: list[str], output: Path, device: str, message: str) -> "Job":
+    def start_indexing(self, folder: Any, output: Any, model: Any = None, *, window: Sequence[int] = INDEX_WINDOW,
+                       aggregation: str = "mean", device: str = AUTO_DEVICE) -> "Job":
+        """Index every volume of ``folder`` as a job (``lctfound ctfm index``) into the NEW folder ``output``,
+        which appears only once the index is complete (Cancel stops the job before that)."""
+        folder, output = Path(folder).resolve(), Path(output).resolve()
+        if output.exists():
+            raise LCTfoundError(f"{output}: already exists; choose a new index folder")
+        args = ["ctfm", "index", str(folder), "--model", str(self.model_path(model)), "-o", str(output),
+                "--window", ",".join(str(int(v)) for v in window), "--aggregation", aggregation,
+                "--device", "cpu" if device == "cpu" else "auto"]
+        return self._launch(args, output, device, f"indexing {folder.name}", "index", "")
+
+    def _launch(self, args: list[str], output: Path, device: str, message: str, kind: str, register_as: str) -> "Job":
         if output.exists() and any(output.iterdir()):
             raise LCTfoundError(f"{output}: already holds a run; choose a new folder")
         output.parent.mkdir(parents=True, exist_ok=True)
         job = self.start_job(args, device=device, message=message, cwd=output.parent)
         self.run_output, self.loss_history = output, []
+        self.job_kind, self.registered_name = kind, register_as
         return job
 
     def handle_event(self, event: dict[str, Any]) -> None:
@@ -412,5 +479,393 @@ class CTFMLogic(ModuleLogicBase):
 
     def on_job_finished(self, job: "Job") -> str:
         self.refresh()
+        if self.job_kind == "index":
+            return f"index in {self.run_output}"
         loss = f", loss {self.loss_history[-1][1]:.4f}" if self.loss_history else ""
-        return f"model in {self.run_output / 'model' if self.run_output else '?'}{loss}"
+        registered = f", registered as '{self.registered_name}'" if self.registered_name else ""
+        return f"model in {self.run_output / 'model' if self.run_output else '?'}{registered}{loss}"
+
+    # -- the panel: choices, checks and actions from one parameters object ------------------
+
+    def choices(self, parameter_name: str, refresh: bool = False, parameters: Any = None) -> list[Choice]:
+        """Items of the selector of ``parameter_name``: encoders and devices (the base's), query kinds,
+        training kinds, decoder modes, and the installed probes and decoders."""
+        name = _snake_case(parameter_name)
+        fixed = {"query_kind": QUERY_KINDS, "training_kind": TRAINING_KINDS, "decoder_mode": DECODER_MODES}
+        if name in fixed:
+            return list(fixed[name])
+        if name in TASK_MODEL_PARAMETERS:
+            return self.task_model_choices(TASK_MODEL_PARAMETERS[name])
+        return super().choices(parameter_name, refresh)
+
+    def visible_fields(self, parameters: Any) -> set[str]:
+        """Parameters whose editors the panel shows for this query kind and training kind."""
+        p = self.parameters_from(parameters)
+        unused = {"point": {"query_region"}, "region": {"query_point"}}
+        hidden = set(unused.get(p.query_kind, {"query_point", "query_region"}))
+        if p.training_kind != "decoder":
+            hidden |= {"decoder_mode", "training_segmentation"}
+        return {f.name for f in dataclasses.fields(CTFMParameters)} - hidden
+
+    def default_values(self, parameters: Any) -> dict[str, Any]:
+        defaults = super().default_values(parameters)
+        p = self.parameters_from(parameters)
+        for name in TASK_MODEL_PARAMETERS:
+            if not getattr(p, name):
+                choices = self.choices(name)
+                if choices:
+                    defaults[name] = choices[-1].value
+        return defaults
+
+    def use_encoder_folder(self, folder: Any) -> str:
+        """Offer the CT-FM encoder in ``folder`` besides the listed ones; its model name, or ``""`` when
+        ``folder`` is empty or not an encoder (`check_encoder_folder` says why)."""
+        path = chosen_path(folder)
+        if path is None:
+            return ""
+        path = path.resolve()
+        if path not in {Path(f).expanduser().resolve() for f in self.extra_model_folders}:
+            self.extra_model_folders = (*self.extra_model_folders, path)
+            self._models = None
+        return next((m.name for m in self.models() if Path(m.path).resolve() == path), "")
+
+    @staticmethod
+    def check_encoder_folder(folder: Any) -> str:
+        """Why ``folder`` is not a CT-FM encoder in the published layout, or ``""`` (also when empty)."""
+        path = chosen_path(folder)
+        if path is None:
+            return ""
+        from ..ctfm.model import inspect_model
+
+        try:
+            inspect_model(path)
+        except LCTfoundError as error:
+            return f"The encoder folder is not a CT-FM encoder: {error}"
+        return ""
+
+    def check_model(self, name: Optional[str]) -> str:
+        if not name and not self.models() and not self.models_error:
+            return ("No CT-FM encoder is available: choose the folder of a local copy of "
+                    "project-lighter/ct_fm_feature_extractor as encoder folder (LCTfound never downloads weights).")
+        return super().check_model(name)
+
+    def parameter_problems(self, parameters: Any) -> list[str]:
+        """Problems every action shares (the encoder and the device); `action_problems` adds the rest."""
+        p = self.parameters_from(parameters)
+        problems = [self.check_encoder_folder(p.encoder_folder), self.check_model(p.model_name),
+                    self.check_device(p.device)]
+        return [problem for problem in problems if problem]
+
+    def action_problems(self, action: str, parameters: Any) -> list[str]:
+        """Every reason why ``action`` (one of `ACTIONS`) cannot run with these parameters."""
+        if action not in ACTIONS:
+            raise LCTfoundError(f"unknown CT-FM action {action!r}; choose one of: {', '.join(ACTIONS)}")
+        p = self.parameters_from(parameters)
+        problems = self.parameter_problems(p)
+        if action in ("search", "classify", "segment"):
+            problems.append(self.check_input_volume(p.input_volume))
+        if action == "index":
+            folder = chosen_path(p.cohort_folder)
+            problems.append("Choose the folder of volumes to index." if folder is None
+                            else "" if folder.is_dir() else f"Folder not found: {folder}")
+        elif action == "search":
+            problems += [self._index_problem(p.index_folder), self._query_problem(p),
+                         "" if int(p.top_k) >= 1 else "The number of results must be at least 1."]
+        elif action in ("classify", "segment"):
+            parameter = "probe_model" if action == "classify" else "decoder_model"
+            value, task = getattr(p, parameter), TASK_MODEL_PARAMETERS[parameter]
+            if not value:
+                problems.append(f"Select a {task} model (train one below).")
+            elif value not in {choice.value for choice in self.task_model_choices(task)}:
+                problems.append(f"'{value}' is not an installed {task} model.")
+        else:
+            problems += self._training_problems(p)
+        return [problem for problem in problems if problem]
+
+    @staticmethod
+    def _index_problem(index_folder: Any) -> str:
+        from ..ctfm.retrieval import MANIFEST_NAME
+
+        folder = chosen_path(index_folder)
+        if folder is None:
+            return "Choose an index folder (or build one from a folder of volumes)."
+        return "" if (folder / MANIFEST_NAME).is_file() else f"{folder} is not a CT-FM index (no {MANIFEST_NAME})."
+
+    @staticmethod
+    def _query_problem(p: CTFMParameters) -> str:
+        if p.query_kind not in {kind.value for kind in QUERY_KINDS}:
+            return f"Unknown query kind '{p.query_kind}'; choose one of: {', '.join(k.value for k in QUERY_KINDS)}."
+        if p.query_kind == "point":
+            if p.query_point is None:
+                return "Choose the point (markups) to query by."
+            if p.query_point.GetNumberOfControlPoints() < 1:
+                return f"Place a point on '{_node_name(p.query_point)}' to query by."
+        if p.query_kind == "region" and p.query_region is None:
+            return "Choose the region (markups ROI) to query by."
+        return ""
+
+    def _training_problems(self, p: CTFMParameters) -> list[str]:
+        from ..models.registry import check_new_model_name
+
+        if p.training_kind not in {kind.value for kind in TRAINING_KINDS}:
+            return [f"Unknown training kind '{p.training_kind}'; choose probe or decoder."]
+        problems = []
+        table = chosen_path(p.training_table)
+        if table is not None and not table.is_file():
+            problems.append(f"Table not found: {table}")
+        if p.training_kind == "probe":
+            if table is None:
+                problems.append("Choose a CSV table with the columns image,label (one line per scan).")
+        else:
+            if p.decoder_mode not in {mode.value for mode in DECODER_MODES}:
+                problems.append(f"Unknown decoder mode '{p.decoder_mode}'; choose frozen or full.")
+            if table is None and p.training_segmentation is None:
+                problems.append("Choose a CSV table with the columns image,labels, or a segmentation of the input "
+                                "volume.")
+            if p.training_segmentation is not None:
+                problems.append(self.check_input_volume(p.input_volume))
+        name = str(p.new_model_name or "").strip()
+        if not name:
+            problems.append("Name the new model (it is registered under that name).")
+        else:
+            try:
+                check_new_model_name(name)
+            except LCTfoundError as error:
+                problems.append(str(error))
+        return problems
+
+    def action_state(self, action: str, parameters: Any) -> ButtonState:
+        """Whether the button of ``action`` can be clicked, with the first problem (or what it does) as tooltip."""
+        if self.state.busy:
+            return ButtonState(False, f"{self.task_name} is running")
+        problems = self.action_problems(action, parameters)
+        return ButtonState(not problems, problems[0] if problems else ACTIONS[action])
+
+    def cancel_button_state(self) -> ButtonState:
+        return ButtonState(self.state.busy, "Stop the running work" if self.state.busy else "Nothing is running")
+
+    def _ready(self, action: str, parameters: Any) -> CTFMParameters:
+        p = self.parameters_from(parameters)
+        if self.state.busy:
+            raise LCTfoundError(f"{self.task_name} is already running; wait for it or cancel it first")
+        problems = self.action_problems(action, p)
+        if problems:
+            raise LCTfoundError(problems[0])
+        return p
+
+    # -- panel actions: jobs -----------------------------------------------------------------
+
+    def start_index(self, parameters: Any) -> "Job":
+        """Index the cohort folder into a NEW folder under the runs folder (a job); `apply_finished_job`
+        then makes it the index folder."""
+        from ..io.volume import find_volumes
+
+        p = self._ready("index", parameters)
+        folder = chosen_path(p.cohort_folder)
+        if not find_volumes(folder):
+            raise InputError(f"{folder}: holds no CT volumes (NIfTI, NRRD, MHA files or DICOM series folders)")
+        return self.start_indexing(folder, self.new_run_folder("ctfm-index"), p.model_name, device=p.device)
+
+    def start_training(self, parameters: Any) -> "Job":
+        """Train the chosen task model (a job) in a NEW run folder, registered under the new model name.
+        A decoder's segmentation of the input volume is exported there (image and label map) first."""
+        from ..training.tables import read_case_table, table_path
+
+        p = self._ready("train", parameters)
+        run = self.new_run_folder(f"ctfm-{p.training_kind}")
+        name, steps = str(p.new_model_name).strip(), int(p.max_steps) or None
+        table = chosen_path(p.training_table)
+        if p.training_kind == "probe":
+            return self.start_probe_training(table, run / "training", p.model_name, max_steps=steps,
+                                             register_as=name, device=p.device)
+        pairs: list[tuple[Any, Any]] = []
+        if table is not None:
+            pairs += [(table_path(table, row["image"]), table_path(table, row["labels"]))
+                      for row in read_case_table(table, ("image", "labels"))]
+        names = None
+        try:
+            if p.training_segmentation is not None:
+                image, labels, names = self._export_pair(p.input_volume, p.training_segmentation, run / "data")
+                pairs.append((image, labels))
+            return self.start_decoder_training(pairs, run / "training", p.model_name, mode=p.decoder_mode, names=names,
+                                               max_steps=steps, register_as=name, device=p.device)
+        except BaseException:
+            shutil.rmtree(run, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def _export_pair(volume_node: Any, segmentation_node: Any, folder: Path) -> tuple[Path, Path, dict[int, str]]:
+        """The loaded volume and its segmentation (as a label map on the volume's grid) as files."""
+        from ..io.volume import write_volume
+        from ..mrml import ctvolume_from_volume_node, labels_from_segmentation
+
+        labels, names = labels_from_segmentation(segmentation_node, volume_node)
+        if not labels.any():
+            raise LCTfoundError(f"segmentation '{_node_name(segmentation_node)}' has no labelled voxels on "
+                                f"'{_node_name(volume_node)}'")
+        ct = ctvolume_from_volume_node(volume_node)
+        folder.mkdir(parents=True)
+        return (write_volume(ct, folder / "image.nrrd", compress=False),
+                write_volume(ct.with_array(labels), folder / "labels.nrrd"), names)
+
+    def apply_finished_job(self, target: Any) -> dict[str, Any]:
+        """After a finished job, point ``target`` (parameters: a dataclass, dict or parameter node) at
+        what it made: the new index folder, or the newly registered probe or decoder. Returns what was set."""
+        if self.state is not RunState.FINISHED or not self.job_kind:
+            return {}
+        values: dict[str, Any] = {}
+        if self.job_kind == "index" and self.run_output is not None:
+            values["index_folder"] = Path(self.run_output)
+        elif self.job_kind in ("probe", "decoder") and self.registered_name:
+            parameter = "probe_model" if self.job_kind == "probe" else "decoder_model"
+            found = [c.value for c in self.task_model_choices(TASK_MODEL_PARAMETERS[parameter])
+                     if c.label == self.registered_name]
+            if found:
+                values[parameter], values["new_model_name"] = found[0], ""
+        for name, value in values.items():
+            if isinstance(target, dict):
+                target[_camel_case(name) if _camel_case(name) in target and name not in target else name] = value
+            elif dataclasses.is_dataclass(target) or hasattr(target, name):
+                setattr(target, name, value)
+            else:
+                setattr(target, _camel_case(name), value)
+        return values
+
+    # -- panel actions in this process (they read and add the scene's nodes) ----------------
+
+    def run_in_process(self, message: str, work: Callable[[Any], tuple[Any, str]],
+                       on_update: Optional[Callable[[], None]] = None) -> Any:
+        """Run ``work(progress)`` → ``(result, finished message)`` here under the module's run state:
+        its progress reports move the state, `cancel()` stops it at the next window (state Cancelled,
+        result None, nothing added). ``on_update`` runs after every change (Slicer: refresh the panel
+        and process events, so that Cancel can be clicked). Other errors fail the run and propagate."""
+        from ..progress import CancelToken, Progress
+
+        def report(done: int, total: int, text: str) -> None:
+            self.report_progress(done, total, text)
+            if on_update is not None:
+                on_update()
+
+        self.begin(message)
+        self.job_kind, self._cancel_token = "", CancelToken()
+        try:
+            if on_update is not None:
+                on_update()
+            result, finished = work(Progress(report, self._cancel_token))
+        except Cancelled:
+            self.mark_cancelled("nothing was added")
+            return None
+        except BaseException as error:
+            self.fail(error)
+            raise
+        finally:
+            self._cancel_token = None
+        self.finish(finished)
+        return result
+
+    def cancel(self) -> bool:
+        """Stop the running work: a job's process tree, or in-process work at its next window."""
+        token = self._cancel_token
+        if token is None:
+            return super().cancel()
+        if not self.request_cancel("stopping"):
+            return False
+        token.cancel()
+        return True
+
+    def run_search(self, parameters: Any, on_update: Optional[Callable[[], None]] = None) -> Optional[tuple[Any, Any]]:
+        """Search the index by the whole input volume, the point's first control point or the ROI;
+        returns ``(NEW results table node, NEW heat-map node or None)``, or None when cancelled."""
+        p = self._ready("search", parameters)
+
+        def work(progress: Any) -> tuple[tuple[Any, Any], str]:
+            encoder = self.load_backbone(p.model_name, p.device)
+            point = self.point_from_markup(p.query_point) if p.query_kind == "point" else None
+            region = self.region_from_roi(p.query_region) if p.query_kind == "region" else None
+            result = self.search(chosen_path(p.index_folder), p.input_volume, encoder, point, region, int(p.top_k),
+                                 progress)
+            heatmap = None
+            if p.show_heatmap:
+                heatmap = self.create_heatmap_node(p.input_volume, result.query, encoder, result.settings,
+                                                   progress=progress)
+            table = self.results_table_node(p.input_volume.GetScene(), result,
+                                            f"{_node_name(p.input_volume)} CT-FM {p.query_kind} search")
+            best = result.rows[0] if result.rows else None
+            summary = f"best '{best['case']}' (similarity {best['score']:.3f})" if best else "no indexed scan"
+            return (table, heatmap), f"{len(result.rows)} result(s), {summary}"
+
+        return self.run_in_process(f"{p.query_kind} query", work, on_update)
+
+    def run_classify(self, parameters: Any, on_update: Optional[Callable[[], None]] = None) -> Optional[dict[str, str]]:
+        """Classify the input volume with the probe: a prediction row, or None when cancelled."""
+        p = self._ready("classify", parameters)
+
+        def work(progress: Any) -> tuple[dict[str, str], str]:
+            row = self.classify_volume_node(p.input_volume, p.probe_model, self.load_backbone(p.model_name, p.device),
+                                            progress)
+            probabilities = ", ".join(f"{key[len('probability_'):]} {float(value):.3f}"
+                                      for key, value in row.items() if key.startswith("probability_"))
+            return row, f"predicted '{row['predicted']}' ({probabilities}). {row.get('note', '')}".strip()
+
+        return self.run_in_process("classifying", work, on_update)
+
+    def run_segment(self, parameters: Any, on_update: Optional[Callable[[], None]] = None) -> Any:
+        """Segment the input volume with the decoder: a NEW segmentation node, or None when cancelled."""
+        p = self._ready("segment", parameters)
+
+        def work(progress: Any) -> tuple[Any, str]:
+            node = self.segment_volume_node(p.input_volume, p.decoder_model,
+                                            self.load_backbone(p.model_name, p.device), progress=progress)
+            return node, f"new segmentation '{node.GetName()}'"
+
+        return self.run_in_process("segmenting", work, on_update)
+
+    # -- results in the scene ----------------------------------------------------------------
+
+    @staticmethod
+    def results_table_node(scene: Any, result: SearchResult, name: str = "CT-FM search") -> Any:
+        """A NEW table node of the ranked rows: rank, case, score, path and, for point/region queries,
+        the best window's centre (centre_R, centre_A, centre_S in mm). The query is a node attribute."""
+        import json
+
+        from ..mrml._compat import vtk
+
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+        columns = [("rank", vtk.vtkIntArray, lambda row: row["rank"]),
+                   ("case", vtk.vtkStringArray, lambda row: row["case"]),
+                   ("score", vtk.vtkDoubleArray, lambda row: row["score"]),
+                   ("path", vtk.vtkStringArray, lambda row: row["path"])]
+        if any("centre_ras" in row for row in result.rows):
+            columns += [(f"centre_{axis}", vtk.vtkDoubleArray, lambda row, a=a: row["centre_ras"][a])
+                        for a, axis in enumerate("RAS")]
+        table = node.GetTable()
+        for title, array_class, value in columns:
+            column = array_class()
+            column.SetName(title)
+            for row in result.rows:
+                column.InsertNextValue(value(row))
+            table.AddColumn(column)
+        query = result.query
+        node.SetAttribute(HEATMAP_ATTRIBUTE, json.dumps({"kind": query.kind, "level": query.level,
+                                                         "centre_ras": query.centre_ras}))
+        node.Modified()
+        return node
+
+    @staticmethod
+    def load_match(table_node: Any, row: int) -> tuple[Any, Optional[list[float]]]:
+        """Load the scan of result ``row`` (0-based) of a results table into a NEW volume node; returns it
+        with the matched window's centre (RAS, to jump to) for point/region queries, else None."""
+        from ..io.volume import read_volume
+        from ..mrml import volume_node_from_ctvolume
+
+        table = table_node.GetTable()
+        if table.GetColumnByName("path") is None or table.GetColumnByName("case") is None:
+            raise LCTfoundError(f"table '{_node_name(table_node)}' is not a CT-FM search result")
+        if not 0 <= row < table.GetNumberOfRows():
+            raise LCTfoundError("select a result row first")
+        path = table.GetValueByName(row, "path").ToString()
+        volume = read_volume(path, validate=False)
+        node = volume_node_from_ctvolume(table_node.GetScene(), volume, table.GetValueByName(row, "case").ToString())
+        if table.GetColumnByName("centre_R") is None:
+            return node, None
+        return node, [table.GetValueByName(row, f"centre_{axis}").ToDouble() for axis in "RAS"]

@@ -1,0 +1,304 @@
+"""LCTfoundCTFM: CT-FM (a 3D whole-body CT encoder) as a second backbone — index a folder of volumes,
+search it by the loaded scan, a point or a region with a similarity heat map over the scan, classify
+and segment the loaded scan with trained probes and decoders, and train new ones.
+
+Thin Slicer front end over the Qt-free `lctfound.logic.CTFMLogic`, which decides what each button
+may do and why not, runs indexing and training as background jobs (a QTimer polls it), and runs the
+query, heat map, probe and decoder in this process because they read the scene's nodes (each under
+the same run state with a real Cancel). That logic is tested without Slicer.
+"""
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import qt
+import slicer
+from slicer import (
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTableNode,
+)
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
+
+# A source checkout has LCTfoundSlicerLib and lctfound next to this module's folder (an installed
+# extension has them in qt-scripted-modules, on sys.path already); the library cannot add itself.
+_sourceRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_sourceRoot, "LCTfoundSlicerLib", "__init__.py")) and _sourceRoot not in sys.path:
+    sys.path.append(_sourceRoot)
+
+# Light imports only (no torch): this runs while Slicer starts.
+from lctfound.logic import CTFMLogic, CTFMParameters  # noqa: E402
+from LCTfoundSlicerLib import (  # noqa: E402
+    LCTfoundJobModuleWidget,
+    LCTfoundModule,
+    LCTfoundModuleLogic,
+    LCTfoundModuleTestMixin,
+    pythonSlicerExecutable,
+)
+
+_DEFAULTS = CTFMParameters()
+
+
+#
+# LCTfoundCTFM
+#
+
+
+class LCTfoundCTFM(LCTfoundModule):
+    def __init__(self, parent):
+        LCTfoundModule.__init__(
+            self,
+            parent,
+            title=_("LCTfound CT-FM retrieval"),
+            helpText=_(
+                "CT-FM, a 3D foundation encoder of whole-body CT, as a second backbone: index a folder of volumes, "
+                "find the most similar scans to the loaded one, to a point or to a region (with a similarity heat "
+                "map over the scan), classify and segment the loaded scan with trained probes and decoders, and "
+                "train new ones. CT-FM has no image decoder, so enhancement and generation stay with LCTfound. "
+                "CT-FM weights are not bundled and never downloaded: choose a local copy of "
+                "project-lighter/ct_fm_feature_extractor. A research tool, not a diagnosis."
+            ),
+        )
+
+
+#
+# Parameters
+#
+
+
+@parameterNodeWrapper
+class LCTfoundCTFMParameterNode:
+    """
+    inputVolume - the CT volume to query by, classify or segment.
+    encoderFolder - a local CT-FM encoder folder (published layout), listed besides the cached ones.
+    modelName - the CT-FM encoder.
+    device - "auto", "cpu", "cuda", "cuda:N" or "mps".
+    cohortFolder - the folder of volumes Build index indexes; indexFolder - the index searched.
+    queryKind - scan, point (queryPoint's first control point) or region (queryRegion).
+    topK, showHeatmap - number of results; whether to map the similarity over the input volume.
+    resultsTable - the table of the last search (shown in the panel).
+    probeModel, decoderModel - trained CT-FM task models (folders).
+    trainingKind (probe/decoder), trainingTable (CSV), trainingSegmentation, decoderMode (frozen/full),
+    maxSteps (0: default), newModelName - training settings.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    encoderFolder: Path
+    modelName: str = ""
+    device: str = _DEFAULTS.device
+    cohortFolder: Path
+    indexFolder: Path
+    queryKind: str = _DEFAULTS.query_kind
+    queryPoint: vtkMRMLMarkupsFiducialNode
+    queryRegion: vtkMRMLMarkupsROINode
+    topK: Annotated[int, WithinRange(1, 1000)] = _DEFAULTS.top_k
+    showHeatmap: bool = _DEFAULTS.show_heatmap
+    resultsTable: vtkMRMLTableNode
+    probeModel: str = ""
+    decoderModel: str = ""
+    trainingKind: str = _DEFAULTS.training_kind
+    trainingTable: Path
+    trainingSegmentation: vtkMRMLSegmentationNode
+    decoderMode: str = _DEFAULTS.decoder_mode
+    maxSteps: Annotated[int, WithinRange(0, 1_000_000)] = _DEFAULTS.max_steps
+    newModelName: str = ""
+
+
+#
+# LCTfoundCTFMWidget
+#
+
+
+class LCTfoundCTFMWidget(LCTfoundJobModuleWidget):
+    """Inputs, capabilities, index, search, classify/segment and training; the parameter node, the
+    hand-synced choice selectors, progress, Cancel and the job timer are the bases'."""
+
+    uiFile = "UI/LCTfoundCTFM.ui"
+
+    #: Parameter (snake_case, as `CTFMLogic.visible_fields` names them) → its widgets.
+    FIELDS = {
+        "query_point": ("queryPointLabel", "queryPointSelector", "queryPointPlaceWidget"),
+        "query_region": ("queryRegionLabel", "queryRegionSelector", "queryRegionPlaceWidget"),
+        "training_segmentation": ("trainingSegmentationLabel", "trainingSegmentationSelector"),
+        "decoder_mode": ("decoderModeLabel", "decoderModeSelector"),
+    }
+    #: Action (`CTFMLogic.action_state`) → its button.
+    ACTION_BUTTONS = {"index": "buildIndexButton", "search": "searchButton", "classify": "classifyButton",
+                      "segment": "segmentButton", "train": "trainButton"}
+
+    def __init__(self, parent=None) -> None:
+        LCTfoundJobModuleWidget.__init__(self, parent)
+        self._shownEncoderFolder = None
+
+    def createLogic(self) -> "LCTfoundCTFMLogic":
+        return LCTfoundCTFMLogic()
+
+    def setupWidgets(self, uiWidget) -> None:
+        LCTfoundJobModuleWidget.setupWidgets(self, uiWidget)
+        self.ui.buildIndexButton.connect("clicked(bool)", self.onBuildIndexButton)
+        self.ui.searchButton.connect("clicked(bool)", self.onSearchButton)
+        self.ui.loadMatchButton.connect("clicked(bool)", self.onLoadMatchButton)
+        self.ui.classifyButton.connect("clicked(bool)", self.onClassifyButton)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self._showCapabilities()
+
+    def _showCapabilities(self) -> None:
+        """Every task of the backbone registry; the ones CT-FM cannot do are greyed out with the reason."""
+        self.ui.capabilitiesList.clear()
+        for task, state in self.logic.engine.task_states("ctfm").items():
+            item = qt.QListWidgetItem(task)
+            item.setToolTip(state.tooltip)
+            item.setFlags(qt.Qt.ItemIsEnabled if state.enabled else qt.Qt.NoItemFlags)
+            self.ui.capabilitiesList.addItem(item)
+
+    # -- state to widgets ---------------------------------------------------------------------
+
+    def _updateStatus(self, caller=None, event=None) -> None:
+        node = self._parameterNode
+        engine = self.logic.engine
+        if node and str(node.encoderFolder) != self._shownEncoderFolder:
+            self._shownEncoderFolder = str(node.encoderFolder)
+            name = engine.use_encoder_folder(node.encoderFolder)
+            self._fillChoiceSelectors()
+            if name and node.modelName != name:
+                node.modelName = name  # calls this again
+        LCTfoundJobModuleWidget._updateStatus(self)
+        shown = engine.visible_fields(node) if node else set()
+        for name, widgetNames in self.FIELDS.items():
+            for widgetName in widgetNames:
+                getattr(self.ui, widgetName).visible = name in shown
+        for action, buttonName in self.ACTION_BUTTONS.items():
+            state = engine.action_state(action, node) if node else None
+            button = getattr(self.ui, buttonName)
+            button.enabled = bool(state and state.enabled)
+            button.toolTip = state.tooltip if state else ""
+        self.ui.loadMatchButton.enabled = bool(node and node.resultsTable and not engine.state.busy)
+        self._showProgress()
+
+    def _onInProcessProgress(self) -> None:
+        """Show progress of work running in this process and let Qt handle clicks (Cancel) meanwhile."""
+        self._updateStatus()
+        slicer.app.processEvents()
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def onBuildIndexButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Indexing could not start."), waitCursor=True):
+            self.logic.engine.start_index(self._parameterNode)
+            self._startPolling()
+        self._updateStatus()
+
+    def onTrainButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
+            self.logic.engine.start_training(self._parameterNode)
+            self._startPolling()
+        self._updateStatus()
+
+    def _onJobEnded(self) -> None:
+        if self._parameterNode:
+            self._fillChoiceSelectors()  # a newly registered probe or decoder
+            self.logic.engine.apply_finished_job(self._parameterNode)
+
+    def onSearchButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The search failed."), waitCursor=True):
+            result = self.logic.engine.run_search(self._parameterNode, self._onInProcessProgress)
+            if result is not None:
+                table, heatmap = result
+                self._parameterNode.resultsTable = table
+                if heatmap is not None:
+                    slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, foreground=heatmap,
+                                                     foregroundOpacity=0.5)
+                    self._jumpTo(self.logic.engine.peak_ras(heatmap))
+        self._updateStatus()
+
+    def onLoadMatchButton(self) -> None:
+        view = self.ui.resultsTableView
+        row = view.sortFilterProxyModel().mapToSource(view.currentIndex()).row()
+        with slicer.util.tryWithErrorDisplay(_("The scan could not be loaded."), waitCursor=True):
+            volume, centre = self.logic.engine.load_match(self._parameterNode.resultsTable, row)
+            slicer.util.setSliceViewerLayers(background=volume, foreground=None, fit=True)
+            if centre is not None:
+                self._jumpTo(centre)
+
+    def onClassifyButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Classification failed."), waitCursor=True):
+            self.logic.engine.run_classify(self._parameterNode, self._onInProcessProgress)
+        self._updateStatus()  # the status line shows the prediction
+
+    def onSegmentButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
+            self.logic.engine.run_segment(self._parameterNode, self._onInProcessProgress)  # a new segmentation node
+        self._updateStatus()
+
+    @staticmethod
+    def _jumpTo(ras) -> None:
+        slicer.modules.markups.logic().JumpSlicesToLocation(ras[0], ras[1], ras[2], True)
+
+
+#
+# LCTfoundCTFMLogic
+#
+
+
+class LCTfoundCTFMLogic(LCTfoundModuleLogic):
+    """Slicer side of the module logic; all behaviour is in `self.engine`
+    (`lctfound.logic.CTFMLogic`). Can be used without the GUI widget:
+
+        logic = LCTfoundCTFMLogic()
+        table, heatmap = logic.engine.run_search(parameterNode)
+    """
+
+    parameterNodeClass = LCTfoundCTFMParameterNode
+
+    def __init__(self, engine: Optional[CTFMLogic] = None) -> None:
+        LCTfoundModuleLogic.__init__(self, engine or CTFMLogic(python=pythonSlicerExecutable()))
+
+
+#
+# LCTfoundCTFMTest
+#
+
+
+class LCTfoundCTFMTest(LCTfoundModuleTestMixin, ScriptedLoadableModuleTest):
+    """Runs inside Slicer (ctest py_LCTfoundCTFM); the headless tests are in Testing/Python and
+    Testing/test_ctfm_logic.py."""
+
+    @staticmethod
+    def _engine() -> CTFMLogic:
+        return CTFMLogic(list_models=lambda extra_folders=(): [], available_devices=lambda: ["cpu"])
+
+    def test_ParameterNodeDefaults(self):
+        parameterNode = LCTfoundCTFMLogic(self._engine()).getParameterNode()
+        self.assertIsNone(parameterNode.inputVolume)
+        self.assertEqual((parameterNode.device, parameterNode.queryKind, parameterNode.topK), ("auto", "scan", 10))
+        self.assertTrue(parameterNode.showHeatmap)
+
+    def test_GenerativeTasksAreGreyedOut(self):
+        self.delayDisplay("Checking what CT-FM offers")
+        states = self._engine().task_states("ctfm")
+        self.assertTrue(states["retrieval"].enabled)
+        self.assertFalse(states["enhancement"].enabled)
+        self.assertIn("no image decoder", states["enhancement"].tooltip)
+        self.delayDisplay("Test passed")
+
+    def test_SearchProblems(self):
+        import numpy as np
+
+        self.delayDisplay("Checking the search button")
+        logic = LCTfoundCTFMLogic(self._engine())
+        parameterNode = logic.getParameterNode()
+        self.assertIn("No CT-FM encoder", logic.engine.selection_summary(parameterNode))
+        parameterNode.inputVolume = slicer.util.addVolumeFromArray(np.zeros((4, 8, 8), dtype=np.int16))
+        parameterNode.queryKind = "point"
+        problems = logic.engine.action_problems("search", parameterNode)
+        self.assertTrue(any("index folder" in problem for problem in problems), problems)
+        self.assertTrue(any("point" in problem for problem in problems), problems)
+        self.assertFalse(logic.engine.action_state("search", parameterNode).enabled)
+        self.delayDisplay("Test passed")
