@@ -21,7 +21,6 @@ if str(TESTING_DIR) not in sys.path:
 
 import data_factory  # noqa: E402
 
-
 # --------------------------------------------------------------------------------------------
 # Real sample CTs (pyradiomics 3.0.1 lung1 / lung2)
 # --------------------------------------------------------------------------------------------
@@ -108,3 +107,14 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test (3D CT-FM tests: other work shares this CPU)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

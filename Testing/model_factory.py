@@ -51,3 +51,16 @@ def save_tiny_bert(folder: Path) -> Path:
                         num_attention_heads=12, intermediate_size=64, max_position_embeddings=64)
     BertModel(config).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+#: A small CT-FM SegResEncoder (4 initial filters, one block per stage) in the published layout:
+#: the loading, windowing and retrieval code paths of the real one at a fraction of the cost.
+SMALL_CTFM = {"blocks_down": [1, 1, 1, 1, 1], "in_channels": 1, "init_filters": 4, "spatial_dims": 3}
+
+
+def save_small_ctfm_encoder(folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised `SMALL_CTFM` encoder saved in the published layout at ``folder``."""
+    from lctfound.ctfm.model import new_model, save_model
+
+    save_model(new_model(SMALL_CTFM, seed=seed), folder)
+    return folder

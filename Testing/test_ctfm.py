@@ -11,6 +11,7 @@ import nibabel
 import numpy as np
 import pytest
 import torch
+from model_factory import SMALL_CTFM
 
 from lctfound.backbones import get_backbone, list_backbones, supports, tasks_for, unsupported_reason
 from lctfound.ctfm import model as ctfm_model
@@ -43,21 +44,16 @@ from lctfound.errors import Cancelled, CheckpointError, LCTfoundError
 from lctfound.io.volume import CTVolume, read_volume, write_volume
 from lctfound.progress import Progress
 
-SMALL = {"blocks_down": [1, 1, 1, 1, 1], "in_channels": 1, "init_filters": 4, "spatial_dims": 3}
 SMALL_WINDOWS = WindowSettings(window=(32, 32, 32), overlap=0.5, batch_size=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a training run shares this CPU
-    yield
-    torch.set_num_threads(threads)
 
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def small_model():
-    return new_model(SMALL, seed=0)
+    return new_model(SMALL_CTFM, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +120,11 @@ def test_reference_numbers_without_allocating():
 
 def test_saved_layout_matches_computed_size(small_folder):
     weights = small_folder / "model.safetensors"
-    assert weights.stat().st_size == safetensors_size(expected_tensors(SMALL))
+    assert weights.stat().st_size == safetensors_size(expected_tensors(SMALL_CTFM))
     header_length = struct.unpack("<Q", weights.read_bytes()[:8])[0]
     header = json.loads(weights.read_bytes()[8:8 + header_length])
     assert "__metadata__" not in header and "conv_init.weight" in header  # unprefixed, like the published file
-    assert json.loads((small_folder / "config.json").read_text()) == SMALL
+    assert json.loads((small_folder / "config.json").read_text()) == SMALL_CTFM
 
 
 def test_full_size_encoder_outputs():
@@ -224,7 +220,7 @@ def test_load_prefix_variants(small_model, small_folder, tmp_path, prefix, extra
     folder = tmp_path / "variant"
     folder.mkdir()
     save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(SMALL))
+    (folder / "config.json").write_text(json.dumps(SMALL_CTFM))
     loaded = load_model(folder)
     assert loaded.metadata["key_prefix"] == prefix and not loaded.encoder.training
     x = torch.rand(1, 1, 32, 32, 32)
@@ -235,7 +231,7 @@ def test_load_prefix_variants(small_model, small_folder, tmp_path, prefix, extra
     assert inspect_model(folder)["key_prefix"] == prefix
 
 
-def _variant(tmp_path, small_model, edit=None, config=SMALL, name="bad"):
+def _variant(tmp_path, small_model, edit=None, config=SMALL_CTFM, name="bad"):
     from safetensors.torch import save_file
 
     state = {k: v.contiguous() for k, v in small_model.encoder.state_dict().items()}
@@ -276,8 +272,8 @@ def test_strict_loading_errors(small_model, small_folder, tmp_path):
     check(pickled, "pickled weights .* never loaded")
     check(tmp_path / "p" / "pytorch_model.bin", "pickled weights are never loaded")
     check(tmp_path / "nowhere", "no such model folder")
-    check(_variant(tmp_path, small_model, config={**SMALL, "norm": "instance"}, name="n"), "norm='instance'")
-    check(_variant(tmp_path, small_model, config={**SMALL, "foo": 1}, name="k"), "unknown key 'foo'")
+    check(_variant(tmp_path, small_model, config={**SMALL_CTFM, "norm": "instance"}, name="n"), "norm='instance'")
+    check(_variant(tmp_path, small_model, config={**SMALL_CTFM, "foo": 1}, name="k"), "unknown key 'foo'")
     bad_json = _variant(tmp_path, small_model, name="j")
     (bad_json / "config.json").write_text("{")
     check(bad_json, "not valid JSON")
@@ -293,7 +289,7 @@ def test_checksum_and_round_trip(small_model, small_folder, tmp_path):
 
     changed = tmp_path / "changed"
     shutil.copytree(small_folder, changed)
-    (changed / "config.json").write_text(json.dumps(SMALL, indent=1))
+    (changed / "config.json").write_text(json.dumps(SMALL_CTFM, indent=1))
     with pytest.raises(CheckpointError, match="sha256 .* differs"):
         load_model(changed)
 
@@ -389,7 +385,7 @@ def test_index_ranks_identical_scan_first(small_folder, tmp_path):
     assert matches[0].name == "case1" and matches[0].score == pytest.approx(1.0, abs=1e-5)
     window_matches = index.search(index.windows[5], "window", 2)
     assert window_matches[0].score == pytest.approx(1.0, abs=1e-5) and window_matches[0].centre_ras is not None
-    other = new_model(SMALL, seed=3)
+    other = new_model(SMALL_CTFM, seed=3)
     other.metadata["weights_sha256"] = "0" * 64
     with pytest.raises(LCTfoundError, match="use the same --model"):
         index.check_model(other)

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-import torch
+from model_factory import save_small_ctfm_encoder
 
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core wheel (pip install 'lctfound[mrml]')")
 
@@ -18,7 +18,7 @@ import data_factory  # noqa: E402
 from lctfound import mrml  # noqa: E402
 from lctfound.ctfm.decoder import DecoderSegmenter, train_decoder  # noqa: E402
 from lctfound.ctfm.features import WindowSettings  # noqa: E402
-from lctfound.ctfm.model import load_model, new_model, save_model  # noqa: E402
+from lctfound.ctfm.model import load_model  # noqa: E402
 from lctfound.ctfm.preprocess import prepare_volume  # noqa: E402
 from lctfound.ctfm.retrieval import build_index  # noqa: E402
 from lctfound.errors import LCTfoundError  # noqa: E402
@@ -27,23 +27,17 @@ from lctfound.logic.base import RunState  # noqa: E402
 from lctfound.logic.ctfm import ACTIONS, HEATMAP_ATTRIBUTE, CTFMLogic, CTFMParameters, Query, SearchResult  # noqa: E402
 from lctfound.training.loop import LoopConfig  # noqa: E402
 
-SMALL = {"blocks_down": [1, 1, 1, 1, 1], "in_channels": 1, "init_filters": 4, "spatial_dims": 3}
 WINDOWS = WindowSettings((32, 32, 32), 0.5, 4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # other work shares this CPU
-    yield
-    torch.set_num_threads(threads)
 
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def encoder_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ctfm") / "encoder"
-    save_model(new_model(SMALL, seed=0), folder)
-    return folder
+    return save_small_ctfm_encoder(folder)
 
 
 @pytest.fixture

@@ -15,31 +15,22 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+from model_factory import SMALL_CTFM, save_small_ctfm_encoder
 
-from lctfound.ctfm.model import new_model, save_model
 from lctfound.io.volume import read_volume
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-SMALL = {"blocks_down": [1, 1, 1, 1, 1], "in_channels": 1, "init_filters": 4, "spatial_dims": 3}
 WINDOW = ["--window", "32,128,128"]  # the published window: 48 windows per sample CT
 GROUPS = ["ctfm", "evaluate"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def encoder_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ctfm-sample") / "encoder"
-    save_model(new_model(SMALL, seed=0), folder)
-    return folder
+    return save_small_ctfm_encoder(folder)
 
 
 @pytest.fixture
@@ -74,7 +65,7 @@ def test_cli_on_the_sample_cts(encoder_folder, samples, tmp_path, run_cli, monke
     from safetensors.numpy import load_file
 
     stored = load_file(str(tmp_path / "lung1.safetensors"))
-    channels = SMALL["init_filters"] * 2 ** 4  # the deepest stage's width (512 for the published model)
+    channels = SMALL_CTFM["init_filters"] * 2 ** 4  # the deepest stage's width (512 for the published model)
     assert stored["embedding"].shape == (channels,) and np.isfinite(stored["embedding"]).all()
     assert stored["window_embeddings"].shape[1] == channels and len(stored["window_centres_ras"]) > 1
 

@@ -11,10 +11,11 @@ import data_factory
 import numpy as np
 import pytest
 import torch
+from model_factory import SMALL_CTFM, save_small_ctfm_encoder
 
 from lctfound.ctfm.decoder import DecoderSegmenter, prepare_case, train_decoder
 from lctfound.ctfm.features import WindowSettings
-from lctfound.ctfm.model import load_model, new_model, save_model
+from lctfound.ctfm.model import load_model, new_model
 from lctfound.ctfm.preprocess import prepare_volume
 from lctfound.ctfm.probe import EmbeddingRecipe, LinearProbe, predict_probe, train_probe
 from lctfound.ctfm.tasks import check_backbone, load_ctfm_task_model
@@ -23,23 +24,17 @@ from lctfound.hashing import sha256_file
 from lctfound.io.volume import CTVolume, read_volume, volume_stem, write_volume
 from lctfound.training.loop import LoopConfig
 
-SMALL = {"blocks_down": [1, 1, 1, 1, 1], "in_channels": 1, "init_filters": 4, "spatial_dims": 3}
 RECIPE = EmbeddingRecipe(WindowSettings((32, 32, 32), 0.5, 4))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # other work shares this CPU
-    yield
-    torch.set_num_threads(threads)
 
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def encoder_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ctfm") / "encoder"
-    save_model(new_model(SMALL, seed=0), folder)
-    return folder
+    return save_small_ctfm_encoder(folder)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +150,7 @@ def test_probe_learns_a_separable_set_and_writes_the_predictions_table(encoder, 
         predict_probe(probe, paths, tmp_path / "predictions.csv", validate=False)
 
     # Another backbone (or not a CT-FM one) is refused.
-    other = new_model(SMALL, seed=5)
+    other = new_model(SMALL_CTFM, seed=5)
     with pytest.raises(CheckpointError, match="trained on CT-FM weights"):
         LinearProbe.load(result.model_folder, other)
     with pytest.raises(CheckpointError, match="needs a CT-FM encoder"):
