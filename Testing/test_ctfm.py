@@ -414,9 +414,12 @@ def test_cli_round_trip(small_folder, tmp_path, run_cli):
     code, _, err = run_cli(["ctfm", "embed", folder / "case0.nii.gz", "--model", small_folder, "-o",
                             tmp_path / "e.safetensors", *window, "--device", "cpu"], groups=["ctfm"])
     assert code == 0, err
-    code, _, err = run_cli(["ctfm", "index", folder, "--model", small_folder, "-o", tmp_path / "idx", *window,
-                            "--device", "cpu"], groups=["ctfm"])
+    code, out, err = run_cli(["ctfm", "index", folder, "--model", small_folder, "-o", tmp_path / "idx", *window,
+                              "--device", "cpu", "--events"], groups=["ctfm"])
     assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]  # only JSON lines: a front end reads them
+    volumes = len(list(folder.iterdir()))
+    assert events[-1] == {"event": "progress", "done": volumes, "total": volumes, "message": "writing the index"}
     code, out, err = run_cli(["ctfm", "search", tmp_path / "idx", "--query", folder / "case1.nii.gz", "--model",
                               small_folder, "--json", "--device", "cpu"], groups=["ctfm"])
     assert code == 0, err

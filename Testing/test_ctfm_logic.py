@@ -419,6 +419,7 @@ def test_index_job_and_decoder_training_from_the_panel(encoder_folder, tmp_path,
     _wait(logic)
     assert logic.state is RunState.FINISHED, logic.status_summary() + " " + job.stderr_tail()
     assert logic.status().message == f"index in {logic.run_output}"
+    assert "--events" in job.command and (logic.status().done, logic.status().total) == (1, 1)  # counts shown
     assert logic.apply_finished_job(p) == {"index_folder": logic.run_output} and p.index_folder == logic.run_output
     index = load_index(p.index_folder)
     assert [entry["name"] for entry in index.entries] == ["s1"] and index.settings.window == (32, 128, 128)

@@ -59,6 +59,7 @@ def register(subparsers) -> None:
     index.add_argument("--no-windows", action="store_true",
                        help="store only one vector per volume (point/region queries then need a rebuild)")
     index.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    index.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
     index.set_defaults(func=run_index)
 
     search = groups.add_parser("search", help="rank indexed volumes by similarity with a query",
@@ -439,7 +440,7 @@ def run_embed(args: argparse.Namespace) -> int:
 def run_index(args: argparse.Namespace) -> int:
     from ..ctfm.retrieval import build_index
     from ..io.volume import find_volumes
-    from ..progress import TqdmProgress
+    from ..progress import command_progress
 
     settings = _settings(args)
     volumes = find_volumes(args.folder)
@@ -447,10 +448,11 @@ def run_index(args: argparse.Namespace) -> int:
     if output.exists() and not args.overwrite:
         raise LCTfoundError(f"{output}: already exists; choose a new index folder or pass --overwrite")
     model = _load(args.model, args.device)
-    with TqdmProgress("index", unit="volume") as progress:
+    with command_progress(args.events, "index", unit="volume") as progress:
         build_index(model, volumes, output, settings, args.aggregation, windows=not args.no_windows,
                     validate=not args.no_validate, overwrite=args.overwrite, progress=progress)
-    print(f"wrote {output} ({len(volumes)} volumes)")
+    if not args.events:  # with --events, stdout holds only JSON lines
+        print(f"wrote {output} ({len(volumes)} volumes)")
     return 0
 
 

@@ -16,7 +16,7 @@ nodes it
   and segments it with a trained decoder into a NEW segmentation node.
 
 Training (probe, decoder) and indexing run as jobs (`lctfound.jobs`): ``lctfound ctfm probe-train``
-/ ``seg-train`` with ``--events``, ``ctfm index``; `poll()` turns the events into progress and a loss
+/ ``seg-train`` and ``ctfm index``, each with ``--events``; `poll()` turns the events into progress and a loss
 history.
 
 A panel (the Slicer module LCTfoundCTFM) drives all of it from one parameters object
@@ -450,7 +450,7 @@ class CTFMLogic(ModuleLogicBase):
             raise LCTfoundError(f"{output}: already exists; choose a new index folder")
         args = ["ctfm", "index", str(folder), "--model", str(self.model_path(model)), "-o", str(output),
                 "--window", ",".join(str(int(v)) for v in window), "--aggregation", aggregation,
-                "--device", "cpu" if device == "cpu" else "auto"]
+                "--device", "cpu" if device == "cpu" else "auto", "--events"]
         return self._launch(args, output, device, f"indexing {folder.name}", "index", "")
 
     def _launch(self, args: list[str], output: Path, device: str, message: str, kind: str, register_as: str) -> "Job":
