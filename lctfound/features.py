@@ -22,7 +22,7 @@ import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -142,19 +142,8 @@ class FeatureExtractor:
                     progress: Optional[Progress] = None, out_dtype: torch.dtype = torch.float16,
                     ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Yield ``(slice indices, features (b, C, R, R))`` batch by batch over a (K, H, W) HU volume."""
-        progress = ensure_progress(progress)
-        indices = list(range(hu_volume.shape[0])) if slices is None else [int(i) for i in slices]
-        bad = [i for i in indices if not 0 <= i < hu_volume.shape[0]]
-        if bad:
-            raise LCTfoundError(f"slice {bad[0]} is outside the volume (0..{hu_volume.shape[0] - 1})")
-        done = 0
-        progress.update(0, len(indices), "features")
-        for batch in slice_batches(indices, batch_size):
-            progress.check_cancelled()
-            features = self(self.prepare(np.asarray(hu_volume[batch])), batch, out_dtype)
-            done += len(batch)
-            progress.update(done, len(indices), f"slice {batch[-1]}")
-            yield batch, features
+        return iter_slice_batches(hu_volume, slices, batch_size, progress,
+                                  lambda batch: self(self.prepare(np.asarray(hu_volume[batch])), batch, out_dtype))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -165,6 +154,30 @@ class FeatureExtractor:
             "model": str(self.model.path) if self.model.path else self.model.preset,
             "preset": self.model.preset,
         }
+
+
+def iter_slice_batches(hu_volume: np.ndarray, slices: Optional[Sequence[int]], batch_size: int,
+                       progress: Optional[Progress], compute: Callable[[list[int]], torch.Tensor],
+                       ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield ``(slice indices, compute(indices))`` batch by batch over ``slices`` (default: all) of a
+    (K, H, W) volume, with progress and cancellation; an index outside the volume is refused first."""
+    progress = ensure_progress(progress)
+    indices = list(range(hu_volume.shape[0])) if slices is None else [int(i) for i in slices]
+    bad = [i for i in indices if not 0 <= i < hu_volume.shape[0]]
+    if bad:
+        raise LCTfoundError(f"slice {bad[0]} is outside the volume (0..{hu_volume.shape[0] - 1})")
+
+    def batches() -> Iterator[tuple[list[int], torch.Tensor]]:
+        done = 0
+        progress.update(0, len(indices), "features")
+        for batch in slice_batches(indices, batch_size):
+            progress.check_cancelled()
+            values = compute(batch)
+            done += len(batch)
+            progress.update(done, len(indices), f"slice {batch[-1]}")
+            yield batch, values
+
+    return batches()
 
 
 def feature_bytes(num_slices: int, channels: int, resolution: int, dtype: torch.dtype = torch.float16) -> int:

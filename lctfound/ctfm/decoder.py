@@ -40,7 +40,7 @@ from ..errors import InputError, LCTfoundError
 from ..io.volume import CTVolume, read_label_volume, read_volume
 from ..models.task_models import TaskModel, require_parts, save_task_model
 from ..progress import Progress, ensure_progress
-from ..training.loop import LoopConfig, TrainingLoop, TrainingResult, TrainingTask, list_checkpoints
+from ..training.loop import LoopConfig, TrainingLoop, TrainingResult, TrainingTask, check_run_folder
 from .model import CTFMModel, build_encoder, check_config
 from .preprocess import DEFAULT_PREPROCESSING, CTFMPreprocessing, PreparedVolume, prepare_volume
 from .tasks import SEGMENTATION_TASK, backbone_for, backbone_reference, load_ctfm_task_model
@@ -314,10 +314,7 @@ def train_decoder(model: CTFMModel, pairs: Sequence[tuple[str, CTVolume, CTVolum
     from .tasks import volume_fingerprint
 
     output = Path(loop.output).expanduser()
-    if resume and not list_checkpoints(output):
-        raise LCTfoundError(f"{output}: nothing to resume (no complete checkpoint)")
-    if not resume and output.exists() and any(output.iterdir()):
-        raise LCTfoundError(f"{output}: already holds a run; pass --resume to continue it or choose a new folder")
+    check_run_folder(output, resume)  # before the costly preparation
     roi = check_roi(roi)
     values = set().union(*(set(np.unique(label.array).tolist()) for _, _, label in pairs)) if pairs else set()
     names = label_names_for(values) if label_names is None else {int(k): v for k, v in label_names.items() if int(k)}

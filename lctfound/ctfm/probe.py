@@ -34,7 +34,7 @@ from ..io.volume import CTVolume, read_volume, volume_stem
 from ..models.task_models import TaskModel, require_parts, save_task_model
 from ..paths import feature_cache_dir
 from ..progress import Progress, ensure_progress
-from ..training.loop import LoopConfig, TrainingLoop, TrainingResult, TrainingTask, list_checkpoints
+from ..training.loop import LoopConfig, TrainingLoop, TrainingResult, TrainingTask, check_run_folder
 from .features import AGGREGATIONS, WindowSettings, embed_volume
 from .model import CTFMModel
 from .preprocess import DEFAULT_PREPROCESSING, CTFMPreprocessing, prepare_volume
@@ -283,10 +283,7 @@ def train_probe(model: CTFMModel, table: str | Path, loop: LoopConfig, recipe: E
                 on_event: Optional[Callable[[dict], None]] = None) -> TrainingResult:
     """Embed the table's scans (cached), then train the probe with the `TrainingLoop`."""
     output = Path(loop.output).expanduser()
-    if resume and not list_checkpoints(output):
-        raise LCTfoundError(f"{output}: nothing to resume (no complete checkpoint)")
-    if not resume and output.exists() and any(output.iterdir()):
-        raise LCTfoundError(f"{output}: already holds a run; pass --resume to continue it or choose a new folder")
+    check_run_folder(output, resume)  # before the costly preparation
     paths, labels, class_names = read_probe_table(table)
     if loop.batch_size > len(paths):
         raise LCTfoundError(f"batch size {loop.batch_size} exceeds the {len(paths)} scans of {Path(table).name}; "

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LCTfoundError
-from ..preprocessing import NormalizationMode, prepare_slices, slice_batches
-from ..progress import Progress, ensure_progress
+from ..features import iter_slice_batches
+from ..preprocessing import NormalizationMode, prepare_slices
+from ..progress import Progress
 from .segmentation import FewShotConfig, FewShotSegmenter
 
 #: The feature grid when the config does not name one: the same as `FewShotConfig`'s default for
@@ -77,18 +78,8 @@ class IntensityPatchExtractor:
                     progress: Optional[Progress] = None, out_dtype: torch.dtype = torch.float16,
                     ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Yield ``(slice indices, features (b, patch², R, R))`` over a (K, H, W) HU volume."""
-        progress = ensure_progress(progress)
-        indices = list(range(hu_volume.shape[0])) if slices is None else [int(i) for i in slices]
-        bad = [i for i in indices if not 0 <= i < hu_volume.shape[0]]
-        if bad:
-            raise LCTfoundError(f"slice {bad[0]} is outside the volume (0..{hu_volume.shape[0] - 1})")
-        done = 0
-        for batch in slice_batches(indices, batch_size):
-            progress.check_cancelled()
-            features = self(np.asarray(hu_volume[batch]), out_dtype)
-            done += len(batch)
-            progress.update(done, len(indices), f"slice {batch[-1]}")
-            yield batch, features
+        return iter_slice_batches(hu_volume, slices, batch_size, progress,
+                                  lambda batch: self(np.asarray(hu_volume[batch]), out_dtype))
 
 
 class IntensityPatchSegmenter(FewShotSegmenter):

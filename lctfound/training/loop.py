@@ -160,6 +160,20 @@ def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def check_run_folder(output: Path, resume: bool) -> Optional[tuple[int, Path]]:
+    """The newest complete checkpoint to resume from (None for a new run), or a one-line error:
+    resuming a folder without one, or a new run in a folder that already holds a run. Trainers
+    with costly preparation (embedding, preprocessing) call it first; the loop checks again."""
+    checkpoints = list_checkpoints(output)
+    if resume:
+        if not checkpoints:
+            raise LCTfoundError(f"{output}: nothing to resume (no complete checkpoint in {output / 'checkpoints'})")
+        return checkpoints[-1]
+    if output.exists() and any(output.iterdir()):
+        raise LCTfoundError(f"{output}: already holds a run; pass --resume to continue it or choose a new folder")
+    return None
+
+
 def _mixed_precision(choice: str) -> str:
     if choice != "auto":
         return choice
@@ -210,14 +224,7 @@ class TrainingLoop:
         return box[0]
 
     def _prepare_output(self) -> Optional[tuple[int, Path]]:
-        checkpoints = list_checkpoints(self.output)
-        if self.resume:
-            if not checkpoints:
-                raise LCTfoundError(f"{self.output}: nothing to resume (no complete checkpoint in {self.output / 'checkpoints'})")
-            return checkpoints[-1]
-        if self.output.exists() and any(self.output.iterdir()):
-            raise LCTfoundError(f"{self.output}: already holds a run; pass --resume to continue it or choose a new folder")
-        return None
+        return check_run_folder(self.output, self.resume)
 
     def _settings(self) -> dict[str, Any]:
         loop = {k: v for k, v in dataclasses.asdict(self.config).items()
