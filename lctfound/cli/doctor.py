@@ -26,6 +26,7 @@ def collect() -> dict:
     from ..devices import available_devices
     from ..io.sample_data import verify_sample
     from ..models import list_models
+    from ..cache import usage
     from ..paths import cache_root
 
     versions = {"lctfound": __version__, "python": platform.python_version()}
@@ -45,10 +46,15 @@ def collect() -> dict:
     return {
         "versions": versions,
         "devices": devices,
-        "cache": {"root": str(cache_root()), "sample_data": _sample_status(verify_sample())},
+        "cache": {"root": str(cache_root()), "sample_data": _sample_status(verify_sample()),
+                  "features": _feature_cache(usage())},
         "models": [{"name": e.name, "source": e.source, "preset": e.preset, "path": str(e.path)}
                    for e in list_models()],
     }
+
+
+def _feature_cache(found) -> dict:
+    return {"root": str(found.root), "size": found.size, "limit": found.limit, "entries": found.entries}
 
 
 def _sample_status(problems: list[str]) -> str:
@@ -58,6 +64,8 @@ def _sample_status(problems: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..features import human_bytes
+
     report = collect()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -71,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {gpu['name']}: {gpu['memory_gb']} GB, bf16 {'yes' if gpu['bf16'] else 'no'}")
     print(f"cache: {report['cache']['root']}")
     print(f"  sample data: {report['cache']['sample_data']}")
+    features = report["cache"]["features"]
+    print(f"  feature cache: {features['root']}: {human_bytes(features['size'])} in {features['entries']} entries, "
+          f"limit {human_bytes(features['limit'])} (set LCTFOUND_FEATURE_CACHE_LIMIT to change it)")
     print("models:" if report["models"] else "models: none found")
     for model in report["models"]:
         print(f"  {model['name']} ({model['source']}, {model['preset']}): {model['path']}")

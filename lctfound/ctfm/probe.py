@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -49,8 +50,10 @@ from .tasks import (
     volume_fingerprint,
 )
 
+logger = logging.getLogger(__name__)
+
 PART = "probe"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries carry a checksum
 
 
 # --------------------------------------------------------------------------- embeddings, cached
@@ -102,21 +105,40 @@ class EmbeddingCache:
         path = self._path(key)
         if not self.enabled or not path.is_file():
             return None
+        from safetensors import safe_open
+
+        from ..cache import mark_used, slice_digest
+
         try:
+            with safe_open(str(path), framework="pt") as handle:
+                digest = (handle.metadata() or {}).get("blake2b", "")
             vector = load_file(str(path))["embedding"].numpy()
         except Exception:  # a damaged cache file is recomputed, never trusted
             return None
-        return vector if vector.shape == (self.model.embedding_dim,) else None
+        if vector.shape != (self.model.embedding_dim,) or slice_digest(vector) != digest:
+            logger.warning("embedding cache entry %s fails its checksum; recomputing it", path.name)
+            return None
+        mark_used(path)
+        return vector
 
     def put(self, key: str, vector: np.ndarray, source: str = "") -> None:
         from safetensors.torch import save_file
 
+        from ..cache import EMBEDDINGS_FOLDER, make_room, slice_digest
+
         if not self.enabled:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self._path(key)) as tmp:
-            save_file({"embedding": torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))}, str(tmp),
-                      metadata={"source": source, "recipe": json.dumps(self.recipe.as_dict())})
+        vector = np.ascontiguousarray(vector, dtype=np.float32)
+        if self.root.name == EMBEDDINGS_FOLDER and not make_room(vector.nbytes + 4096, self.root.parent):
+            return  # the cache is full of entries in use (or its limit is 0): keep nothing
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with atomic_file(self._path(key)) as tmp:
+                save_file({"embedding": torch.from_numpy(vector)}, str(tmp),
+                          metadata={"source": source, "recipe": json.dumps(self.recipe.as_dict()),
+                                    "blake2b": slice_digest(vector)})
+        except OSError as error:  # the embedding is in hand: a cache that cannot be written costs speed only
+            logger.warning("embedding cache %s: cannot be written (%s)", self.root, error.strerror or error)
 
     def embed(self, volume: CTVolume, source: str = "",
               progress: Optional[Progress] = None) -> tuple[np.ndarray, str, bool]:

@@ -11,8 +11,11 @@ Label arrays use -1 for "not labelled" (those slices are ignored); 0 is backgrou
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -22,16 +25,22 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_file
+from ..cache import LIMIT_ENV, EntryLock, cache_limit, slice_digest
 from ..errors import LCTfoundError
-from ..features import FeatureExtractor, FeatureSpec
+from ..features import FeatureExtractor, FeatureSpec, human_bytes
 from ..models.bundle import WEIGHTS_NAME, LCTfoundModel, locate_unet_folder
 from ..models.task_models import TaskModel, backbone_reference, load_task_model, require_parts, save_task_model
 from ..paths import feature_cache_dir
 from ..progress import Progress, ensure_progress
 from ..training.finetune import PixelMLPHead
 
+logger = logging.getLogger(__name__)
+
 UNLABELLED = -1
 TASK = "fewshot-segmentation"
+#: The feature cache entry's index: shape and a checksum of every computed slice.
+ENTRY_INDEX = "entry.json"
+ENTRY_FORMAT = 2
 
 
 def volume_key(array: np.ndarray) -> str:
@@ -44,9 +53,11 @@ def volume_key(array: np.ndarray) -> str:
 class FeatureCache:
     """Features of one volume under one model and recipe, computed slice by slice on demand.
 
-    Stored as ``features.npy`` (slices, C, R, R) float16, memory-mapped, plus ``done.npy`` marking
-    the computed slices (written atomically after each batch), so an interrupted run keeps what
-    it finished and a later call computes only the missing slices.
+    Stored as ``features.npy`` (slices, C, R, R) float16, memory-mapped, plus ``entry.json``
+    holding a checksum of every computed slice (replaced atomically after each batch), so an
+    interrupted run keeps what it finished and a later call computes only the missing slices.
+    A slice whose bytes no longer match its checksum (a truncated, zeroed or half-written file)
+    is recomputed with a warning. The cache is bounded: see `lctfound.cache`.
     """
 
     def __init__(self, extractor: FeatureExtractor, volume: np.ndarray, root: Optional[Path] = None):
@@ -60,44 +71,177 @@ class FeatureCache:
         recipe = json.dumps({"spec": asdict(extractor.spec), "resolution": extractor.resolution, "weights": weights},
                             sort_keys=True)
         key = hashlib.sha256((volume_key(volume) + recipe).encode()).hexdigest()[:32]
-        self.folder = (root or feature_cache_dir()) / key
+        self.root = Path(root) if root is not None else feature_cache_dir()
+        self.folder = self.root / key
         self.shape = (volume.shape[0], extractor.channels, extractor.resolution, extractor.resolution)
         self.persistent = model.path is not None  # random weights: nothing worth keeping between runs
+        self._features: Optional[np.ndarray] = None
+        self._digests: dict[int, str] = {}
+        self._on_disk = False
+        self._lock = EntryLock(self.folder)
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        features_path, done_path = self.folder / "features.npy", self.folder / "done.npy"
-        if features_path.is_file() and done_path.is_file():
-            features = np.load(features_path, mmap_mode="r+")
-            done = np.load(done_path)
-            if features.shape == self.shape and done.shape == (self.shape[0],):
-                return features, done
-        features = np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float16, shape=self.shape)
-        done = np.zeros(self.shape[0], dtype=bool)
-        return features, done
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(np.float16).itemsize
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self._features is not None:
+            return
+        from ..cache import make_room, mark_used
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        except OSError as error:
+            raise LCTfoundError(f"feature cache {self.root}: cannot be written ({error.strerror or error}); set "
+                                "LCTFOUND_CACHE_DIR to a writable folder") from None
+        if self._open_existing():
+            mark_used(self.folder)
+            return
+        if not make_room(self.nbytes, self.root, keep=[self.folder]):
+            logger.warning("feature cache: %s of features do not fit under its limit (%s); keeping them in memory "
+                           "for this run only (raise %s to keep them)", human_bytes(self.nbytes),
+                           human_bytes(cache_limit()), LIMIT_ENV)
+            self._lock.release()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self._features, self._digests, self._on_disk = np.zeros(self.shape, dtype=np.float16), {}, False
+            return
+        self._create()
+
+    def _open_existing(self) -> bool:
+        """Map the stored entry if its index and array agree with this volume and recipe."""
+        features_path, index_path = self.folder / "features.npy", self.folder / ENTRY_INDEX
+        if not features_path.is_file():
+            return False
+        problem = ""
+        try:
+            index = json.loads(index_path.read_text())
+            if index.get("format") != ENTRY_FORMAT or list(index.get("shape", ())) != list(self.shape):
+                problem = "its index does not match"
+            else:
+                problem = _npy_problem(features_path, self.shape, np.float16)
+        except FileNotFoundError:
+            problem = "it has no checksums"
+        except (OSError, ValueError, AttributeError) as error:
+            problem = f"its index cannot be read ({error})"
+        if problem:
+            logger.warning("feature cache entry %s: %s; recomputing it", self.folder.name, problem)
+            return False
+        self._features = np.load(features_path, mmap_mode="r+", allow_pickle=False)
+        self._digests = {int(k): str(v) for k, v in index.get("digests", {}).items() if 0 <= int(k) < self.shape[0]}
+        self._on_disk = True
+        return True
+
+    def _create(self) -> None:
+        from ..cache import preallocate
+
+        features_path = self.folder / "features.npy"
+        for stale in (features_path, self.folder / ENTRY_INDEX, self.folder / "done.npy"):
+            if stale.exists():
+                stale.unlink()
+        try:
+            with atomic_file(features_path) as tmp:
+                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=self.shape)
+                offset = int(array.offset)
+                del array
+                preallocate(tmp, offset + self.nbytes, offset)
+            self._write_index({})
+        except OSError as error:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            if error.errno == errno.ENOSPC:
+                raise LCTfoundError(f"no space left on {self.root} for the feature cache (needs ~"
+                                    f"{self.nbytes / 2**20:.0f} MB); free some space, or set {LIMIT_ENV} lower or "
+                                    "LCTFOUND_CACHE_DIR to a larger disk") from None
+            raise LCTfoundError(f"feature cache {self.root}: cannot be written ({error.strerror or error})") from None
+        self._features = np.load(features_path, mmap_mode="r+", allow_pickle=False)
+        self._digests, self._on_disk = {}, True
+
+    def _write_index(self, digests: dict[int, str]) -> None:
+        index = {"format": ENTRY_FORMAT, "shape": list(self.shape), "dtype": "float16",
+                 "digests": {str(k): v for k, v in sorted(digests.items())}}
+        with atomic_file(self.folder / ENTRY_INDEX) as tmp:
+            tmp.write_text(json.dumps(index))
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _verified(self, slices: Sequence[int]) -> list[int]:
+        """Slices among ``slices`` that are stored and match their checksums; mismatches are dropped."""
+        good, damaged = [], []
+        for s in dict.fromkeys(slices):
+            digest = self._digests.get(s)
+            if digest is None:
+                continue
+            if slice_digest(self._features[s]) == digest:
+                good.append(s)
+            else:
+                damaged.append(s)
+        if damaged:
+            logger.warning("feature cache entry %s: %d slice(s) fail their checksum (damaged file); recomputing them",
+                           self.folder.name, len(damaged))
+            for s in damaged:
+                del self._digests[s]
+        return good
 
     def get(self, slices: Sequence[int], batch_size: int = 1, progress: Optional[Progress] = None) -> np.ndarray:
-        """Features (len(slices), C, R, R) float16, computing only what is not cached yet."""
+        """Features (len(slices), C, R, R) float16, computing only what is not cached (or not intact)."""
         progress = ensure_progress(progress)
         slices = [int(s) for s in slices]
-        features, done = self._arrays()
-        missing = [s for s in slices if not done[s]]
+        self._open()
+        features = self._features
+        verified = set(self._verified(slices))
+        missing = [s for s in dict.fromkeys(slices) if s not in verified]
         computed = 0
-        for batch, values in self.extractor.iter_volume(self.volume, missing, batch_size, out_dtype=torch.float16):
-            features[batch] = values.numpy()
-            features.flush()
-            done[batch] = True
-            with atomic_file(self.folder / "done.npy") as tmp:
-                np.save(tmp, done)
-            computed += len(batch)
-            progress.update(computed, len(missing), f"features of slice {batch[-1]}")
-            progress.check_cancelled()
+        try:
+            for batch, values in self.extractor.iter_volume(self.volume, missing, batch_size, out_dtype=torch.float16):
+                values = values.numpy()
+                features[batch] = values
+                for s, value in zip(batch, values):
+                    self._digests[int(s)] = slice_digest(value)
+                if self._on_disk:
+                    features.flush()
+                    self._write_index(self._digests)
+                computed += len(batch)
+                progress.update(computed, len(missing), f"features of slice {batch[-1]}")
+                progress.check_cancelled()
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise LCTfoundError(f"no space left on {self.root} for the feature cache; free some space or set "
+                                    f"{LIMIT_ENV} lower") from None
+            raise
         return np.asarray(features[slices])
+
+    def close(self) -> None:
+        """Unmap the features and release the entry (it may be evicted from now on)."""
+        self._features = None
+        self._lock.release()
 
     @property
     def cached_slices(self) -> int:
-        done_path = self.folder / "done.npy"
-        return int(np.load(done_path).sum()) if done_path.is_file() else 0
+        if self._features is not None and not self._on_disk:
+            return len(self._digests)
+        try:
+            index = json.loads((self.folder / ENTRY_INDEX).read_text())
+            return len(index.get("digests", {}))
+        except (OSError, ValueError):
+            return 0
+
+
+def _npy_problem(path: Path, shape: tuple[int, ...], dtype) -> str:
+    """Why ``path`` is not a complete ``.npy`` of ``shape``/``dtype`` ('' when it is)."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        stored_shape, fortran, stored_dtype = read_header(handle)
+        offset = handle.tell()
+    if tuple(stored_shape) != tuple(shape) or np.dtype(stored_dtype) != np.dtype(dtype) or fortran:
+        return "its array has another shape or type"
+    expected = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    size = path.stat().st_size
+    if size != expected:
+        return f"its file is {'truncated' if size < expected else 'too long'} ({size} of {expected} bytes)"
+    return ""
 
 
 @dataclass
