@@ -345,3 +345,47 @@ def test_enhance_panel_runs_a_task_and_compares(web):
         assert panel.get("result_name") == "" and web.layout_logic.layout_manager.layout_id != COMPARE_LAYOUT
 
     run_in_loop(body)
+
+
+def test_training_tables_naming_files_outside_the_roots_are_refused(web, data_root):
+    """A CSV inside the data root whose rows point outside it (even to /etc/shadow) is refused
+    before anything runs; a folder of pairs with a link out likewise (issue 12, rule 8)."""
+    secret = data_root.parent / "elsewhere" / "other.nrrd"
+    (data_root / "cases.csv").write_text(f"image,label\nchest.nrrd,clear\n{secret}\t,cancer\n/etc/shadow,cancer\n")
+    pairs = data_root / "pairs"
+    pairs.mkdir()
+    os.symlink(data_root / "chest.nrrd", pairs / "a_image.nrrd")
+    os.symlink(secret, pairs / "a_label.nrrd")
+
+    async def body():
+        panel = web.train_panel
+        panel.set("task", "finetune-classification")
+        panel.refresh()
+        panel.set("data_source", "table")
+        panel.set("table_path", "cases.csv")
+        panel.refresh()
+        assert not panel.get("start")["enabled"]
+        assert "outside the data folders" in panel.get("start")["tooltip"]
+        assert "outside the data folders" in panel.get("data_summary")
+        panel.start()
+        assert "outside the data folders" in web.state.lct_error and not panel.busy
+        assert not list((web.config.runs_root).glob("*")) if web.config.runs_root.exists() else True
+        panel.set("task", "finetune-segmentation")
+        panel.refresh()
+        panel.set("data_source", "folder")
+        panel.set("data_folder", "pairs")
+        panel.refresh()
+        assert "a_label.nrrd" in panel.get("start")["tooltip"] and not panel.get("start")["enabled"]
+
+    run_in_loop(body)
+
+
+def test_upload_errors_do_not_show_the_server_temporary_folder(web):
+    async def body():
+        upload(web, "broken.nii.gz", b"\x1f\x8b\x08\x00garbage")
+        await finish_load(web)
+        assert web.volume_node is None and web.state.lct_error
+        assert "lctfound-web-upload" not in web.state.lct_error and "/tmp" not in web.state.lct_error
+        assert "broken.nii.gz" in web.state.lct_error
+
+    run_in_loop(body)

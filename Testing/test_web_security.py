@@ -20,6 +20,7 @@ from lctfound.web.security import (
     UploadBudget,
     check_bind,
     check_token,
+    hide_folder,
     is_loopback,
     new_token,
     page_url,
@@ -144,6 +145,79 @@ def test_listing_hides_links_that_leave_the_roots(roots):
     assert names == [("cases", True), ("inside.nrrd", False)]
     with pytest.raises(InputError, match="outside"):
         data_roots.listing("..")
+
+
+# Transitive rule: what a file names must be inside the roots too (issue 12, rule 8).
+
+NAMING_FILES = {
+    "table-absolute.csv": "image,label\n{secret},cancer\ncases/ct.nrrd,clear\n",
+    "table-shadow.csv": "image,label\n/etc/shadow,cancer\ncases/ct.nrrd,clear\n",
+    "table-traversal.csv": "image,label\n../private/secret.nrrd,cancer\n",
+    "table-link.csv": "image,label\nlink-out/secret.nrrd,cancer\n",
+    "table-home.csv": "image,label\n~/anything.nrrd,cancer\n",
+    "table-windows.tsv": "image\tlabel\n..\\private\\secret.nrrd\tcancer\n",
+    "names.json": '{{"cases": [{{"image": "{secret}"}}]}}',
+    "detached.nhdr": "NRRD0004\ntype: short\ndimension: 1\nsizes: 1\nencoding: raw\ndata file: {secret}\n\n",
+    "detached-list.nhdr": "NRRD0004\ntype: short\ndimension: 1\nsizes: 1\nencoding: raw\ndata file: LIST\n\n"
+                          "cases/ct.nrrd\n../private/secret.nrrd\n",
+    "detached.mhd": "ObjectType = Image\nNDims = 1\nDimSize = 1\nElementType = MET_SHORT\n"
+                    "ElementDataFile = ../private/secret.nrrd\n",
+    "pattern.nhdr": "NRRD0004\ntype: short\ndimension: 2\nsizes: 1 2\nencoding: raw\n"
+                    "data file: ../private/slice%03d.raw 0 1 1\n\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAMING_FILES))
+def test_files_naming_paths_outside_the_roots_are_refused(roots, name):
+    data_roots, root, outside = roots
+    (root / name).write_text(NAMING_FILES[name].format(secret=outside / "secret.nrrd"))
+    assert data_roots.resolve(name)  # the file itself is inside
+    with pytest.raises(InputError, match="outside the data folders") as error:
+        data_roots.resolve_input(name)
+    assert str(error.value).startswith(f"{name}: names ")
+
+
+def test_references_are_followed_transitively(roots):
+    """A table inside the root naming a header inside the root whose data file is outside."""
+    data_roots, root, outside = roots
+    (root / "cases" / "ct.nhdr").write_text(NAMING_FILES["detached.nhdr"].format(secret=outside / "secret.nrrd"))
+    (root / "chain.csv").write_text("image,label\ncases/ct.nhdr,cancer\n")
+    with pytest.raises(InputError, match="ct.nhdr: names"):
+        data_roots.resolve_input("chain.csv")
+
+
+def test_folders_with_links_out_are_refused_for_reading(roots):
+    data_roots, root, outside = roots
+    series = root / "series"
+    series.mkdir()
+    (series / "IM0001.dcm").write_bytes(b"x")
+    assert data_roots.resolve_input("series") == series.resolve()
+    os.symlink(outside / "secret.nrrd", series / "IM0002.dcm")
+    with pytest.raises(InputError, match="series: names 'IM0002.dcm'"):
+        data_roots.resolve_input("series")
+    # The listing (browsing) still works; it hides the link.
+    assert [e.name for e in data_roots.listing("series")] == ["IM0001.dcm"]
+
+
+def test_files_naming_only_paths_inside_are_accepted(roots):
+    data_roots, root, _ = roots
+    (root / "cases" / "other.nrrd").write_bytes(b"y")
+    (root / "good.csv").write_text("image,label\ncases/ct.nrrd,cancer\n" + f"{root}/cases/other.nrrd,clear\n"
+                                   "cases/ct.nrrd,cancer / benign\n")
+    (root / "good.json").write_text('{"image": "cases/ct.nrrd", "label": "cancer", "note": "n/a"}')
+    (root / "attached.nrrd").write_bytes(b"NRRD0004\ntype: short\ndimension: 1\nsizes: 1\nencoding: raw\n\n"
+                                         b"data file: /etc/shadow")  # after the header: voxel bytes
+    (root / "local.mha").write_bytes(b"ObjectType = Image\nElementDataFile = LOCAL\n/etc/shadow")
+    for name in ("good.csv", "good.json", "attached.nrrd", "local.mha", "cases"):
+        assert data_roots.resolve_input(name) == (root / name).resolve()
+
+
+def test_upload_messages_hide_the_temporary_folder(tmp_path):
+    folder = tmp_path / "lctfound-web-upload-abc"
+    message = f"{folder}/chest.nii.gz: cannot be read (truncated); also {folder}"
+    shown = hide_folder(message, folder)
+    assert str(folder) not in shown and str(tmp_path) not in shown
+    assert shown.startswith("chest.nii.gz: cannot be read")
 
 
 # ---------------------------------------------------------------------------------------------

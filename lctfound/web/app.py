@@ -54,11 +54,11 @@ from trame_slicer.app.ui import (
 from trame_slicer.core import SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 
-from ..errors import LCTfoundError
+from ..errors import InputError, LCTfoundError
 from ..io.volume import CTVolume
 from .config import WebConfig
 from .loading import FILE_SUFFIXES, read_path, read_sample, upload_kind
-from .security import UploadBudget, safe_file_name
+from .security import UploadBudget, hide_folder, safe_file_name
 
 logger = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ class LCTfoundWebApp(TrameApp):
         state = self.state
         text = state.lct_browse_path if path is None else path
         try:
-            real = roots.resolve(text, state.lct_root)
+            real = roots.resolve_input(text, state.lct_root)
         except LCTfoundError as error:
             state.lct_browse_error = str(error)
             return
@@ -423,8 +423,20 @@ class LCTfoundWebApp(TrameApp):
             target.write_bytes(ClientFile(entry).content or b"")
         path = folder / names[0] if kind == "file" else folder
         dicom = (folder, "") if kind == "dicom" else None
-        self.start_load(f"opening {names[0] if kind == 'file' else f'{len(names)} DICOM files'}",
-                        lambda: self._read_named(path), dicom_source=dicom)
+
+        def read() -> CTVolume:
+            # Messages name the uploaded file, never the server's temporary folder.
+            try:
+                return self._read_named(path)
+            except LCTfoundError as error:
+                raise InputError(hide_folder(str(error), folder)) from None
+            except Exception as error:  # noqa: BLE001 - a reader's bug: traceback to the log, one line to the page
+                logger.exception("reading an upload failed")
+                raise InputError(hide_folder(f"could not read the upload: {type(error).__name__}: {error}",
+                                             folder)) from None
+
+        self.start_load(f"opening {names[0] if kind == 'file' else f'{len(names)} DICOM files'}", read,
+                        dicom_source=dicom)
 
     # window presets
     def apply_window(self, preset: str) -> None:

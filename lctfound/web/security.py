@@ -17,22 +17,29 @@
     scene (trame keeps a single shared state per process).
 
 * **Data roots** (`DataRoots`): server-side paths are resolved with symlinks followed and must
-  lie inside one of the configured folders; ``..`` and links out of a root are refused.
+  lie inside one of the configured folders; ``..`` and links out of a root are refused. The rule
+  is transitive (`DataRoots.resolve_input`, the one check before the server reads anything):
+  every path that the opened file or folder names — rows of CSV tables, strings in JSON files,
+  detached NRRD/MetaImage data files, files and links inside a folder, and what those name in
+  turn — must lie inside a data root too (`referenced_paths`).
+* **Upload errors** never show the server's temporary folder (`hide_folder`).
 * **Uploads** (`UploadBudget`): the total size of one upload is limited; the browser checks it
   before sending, and the server counts the bytes it receives and drops the upload once over.
 """
 
 from __future__ import annotations
 
+import csv
 import hmac
 import ipaddress
+import json
 import os
 import secrets
 import time
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Optional
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlsplit
 
 from ..errors import InputError, LCTfoundError
@@ -164,6 +171,22 @@ class DataRoots:
             raise InputError(f"{text}: no such file or folder")
         return real
 
+    def contains(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` (symlinks followed) lies inside a data root."""
+        real = Path(os.path.realpath(path))
+        return any(_is_within(real, r) for r in self.roots)
+
+    def resolve_input(self, path: str, root: Optional[int] = None) -> Path:
+        """`resolve`, and then every path the file or folder names (transitively, see
+        `referenced_paths`) must lie inside a data root too: the one check before the server
+        reads a client-chosen file."""
+        real = self.resolve(path, root)
+        for source, written, target in referenced_paths(real):
+            if not self.contains(target):
+                raise InputError(f"{source.name}: names {written!r}, which is outside the data folders this server "
+                                 "may read; copy that file into a data folder and name it there")
+        return real
+
     def listing(self, path: str, root: Optional[int] = None, suffixes: tuple[str, ...] = ()) -> list[Entry]:
         """Sub-folders, then files (only those ending with one of ``suffixes`` when given), sorted
         by name; entries whose link target leaves the roots are left out."""
@@ -195,6 +218,151 @@ class DataRoots:
 
 def _is_within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
+
+
+#: Files that may name other files, by suffix; the rest are read as data only.
+TABLE_SUFFIXES = (".csv", ".tsv")
+JSON_SUFFIXES = (".json",)
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+METAIMAGE_SUFFIXES = (".mha", ".mhd")
+#: Bounds of the scan (a data root may hold big trees; a file may name a file that names one ...).
+MAX_REFERENCE_DEPTH = 4
+MAX_FOLDER_ENTRIES = 100_000
+MAX_NAMING_FILE_BYTES = 16 * 2**20
+_HEADER_BYTES = 64 * 1024
+
+
+def referenced_paths(path: str | os.PathLike) -> Iterator[tuple[Path, str, Path]]:
+    """``(file or folder, the path as written, the path it means)`` for every other file that
+    reading ``path`` may open, transitively (the named files are scanned in turn):
+
+    * a folder: every file, sub-folder and link in it (DICOM series, image/label pair folders);
+    * a CSV/TSV table: every cell that reads as a path (absolute, with a folder separator or
+      ``~``, or naming an existing file beside the table);
+    * a JSON file: every string value that reads as a path, the same way;
+    * an NRRD / MetaImage header: its detached data file(s) (``data file:``, ``ElementDataFile``).
+    """
+    seen: set[str] = set()
+    pending: list[tuple[Path, int]] = [(Path(path), 0)]
+    while pending:
+        current, depth = pending.pop()
+        real = os.path.realpath(current)
+        if real in seen or depth > MAX_REFERENCE_DEPTH:
+            continue
+        seen.add(real)
+        for written, target in _named_by(Path(real)):
+            yield current, written, target
+            pending.append((target, depth + 1))
+
+
+def _named_by(path: Path) -> Iterator[tuple[str, Path]]:
+    try:
+        if path.is_dir():
+            count = 0
+            for folder, subfolders, files in os.walk(path):
+                for name in subfolders + files:
+                    count += 1
+                    if count > MAX_FOLDER_ENTRIES:
+                        raise InputError(f"{path.name}: holds more than {MAX_FOLDER_ENTRIES} files; choose a "
+                                         "smaller folder")
+                    child = Path(folder) / name
+                    yield str(child.relative_to(path)), child
+            return
+        if not path.is_file():
+            return
+        name = path.name.lower()
+        if name.endswith(TABLE_SUFFIXES + JSON_SUFFIXES) and path.stat().st_size > MAX_NAMING_FILE_BYTES:
+            raise InputError(f"{path.name}: too large for a table ({path.stat().st_size} bytes)")
+        if name.endswith(TABLE_SUFFIXES):
+            yield from _table_paths(path)
+        elif name.endswith(JSON_SUFFIXES):
+            yield from _json_paths(path)
+        elif name.endswith(NRRD_SUFFIXES):
+            yield from _header_data_files(path, ("data file", "datafile"), ":")
+        elif name.endswith(METAIMAGE_SUFFIXES):
+            yield from _header_data_files(path, ("elementdatafile",), "=")
+    except OSError as error:
+        raise InputError(f"{path.name}: cannot be read ({error.strerror or error})") from None
+
+
+def _looks_like_path(text: str, base: Path) -> Optional[Path]:
+    """The path a table cell or JSON string means, or None when it reads as a plain value."""
+    text = text.strip()
+    if not text or "\x00" in text or len(text) > 4096:
+        return None
+    if os.path.isabs(text) or text.startswith("~") or "/" in text or "\\" in text or text in (".", ".."):
+        candidate = Path(text.replace("\\", "/")).expanduser()
+        return candidate if candidate.is_absolute() else base / candidate
+    beside = base / text
+    return beside if os.path.lexists(beside) else None
+
+
+def _table_paths(path: Path) -> Iterator[tuple[str, Path]]:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+        dialect = "excel-tab" if path.name.lower().endswith(".tsv") else "excel"
+        try:
+            for row in csv.reader(handle, dialect):
+                for cell in row:
+                    target = _looks_like_path(cell, path.parent)
+                    if target is not None:
+                        yield cell.strip(), target
+        except csv.Error as error:
+            raise InputError(f"{path.name}: cannot be read as a table ({error})") from None
+
+
+def _json_paths(path: Path) -> Iterator[tuple[str, Path]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except ValueError:
+        return  # not JSON: the reader that needs it says so
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            target = _looks_like_path(item, path.parent)
+            if target is not None:
+                yield item, target
+
+
+def _header_data_files(path: Path, keys: tuple[str, ...], separator: str) -> Iterator[tuple[str, Path]]:
+    """Detached data files of an NRRD (``data file: X``) or MetaImage (``ElementDataFile = X``)
+    header, including ``LIST`` forms and ``%d`` patterns (their folder is what counts)."""
+    with open(path, "rb") as handle:
+        head = handle.read(_HEADER_BYTES)
+    lines = head.decode("latin-1").splitlines()
+    for number, line in enumerate(lines):
+        if line.startswith("#") or separator not in line:
+            if not line.strip() and separator == ":":
+                break  # the NRRD header ends at the first blank line
+            continue
+        key, _, value = line.partition(separator)
+        if key.strip().lower() not in keys:
+            continue
+        value = value.strip()
+        if value.upper() in ("LOCAL", ""):
+            return
+        if value.upper().startswith("LIST"):
+            names = [entry.strip() for entry in lines[number + 1:] if entry.strip()]
+        else:
+            first = value.split()[0] if "%" in value else value
+            names = [os.path.dirname(first) or "." if "%" in first else first]
+        for name in names:
+            candidate = Path(name).expanduser()
+            yield name, candidate if candidate.is_absolute() else path.parent / candidate
+        return
+
+
+def hide_folder(message: str, folder: str | os.PathLike, shown_as: str = "") -> str:
+    """``message`` with every mention of ``folder`` (as given and with links resolved) removed,
+    so that an upload's error names the uploaded file and not the server's temporary folder."""
+    for form in {str(folder), os.path.realpath(folder)}:
+        message = message.replace(form + os.sep, shown_as).replace(form, shown_as or "the upload")
+    return message
 
 
 # ---------------------------------------------------------------------------------------------

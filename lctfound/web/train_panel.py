@@ -71,7 +71,7 @@ class TrainPanel(LogicPanel):
         if not text:
             return "", ""
         try:
-            return str(self.app.config.data_roots.resolve(text)), ""
+            return str(self.app.config.data_roots.resolve_input(text)), ""
         except LCTfoundError as error:
             return "", str(error)
 
