@@ -3,13 +3,20 @@
 Each command group lives in its own module with a ``register(subparsers)`` function that adds
 its parser and sets ``func`` to a handler ``handler(args) -> int``. Handlers raise
 `LCTfoundError` for user mistakes; `main` prints them as one line and exits with code 2.
+
+No traceback reaches a user: `main` turns every other exception into one ``error: ...`` line too
+(exit 2; an interrupt exits 130). ``--debug`` (anywhere on the command line) or the environment
+variable ``LCTFOUND_DEBUG=1`` re-raises instead, for a bug report. Each command runs inside
+`lctfound.atomic.command_inputs`, so that no output is ever published onto a file it read.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -21,13 +28,23 @@ COMMAND_MODULES = ("demo", "doctor", "data", "model", "features", "train", "gene
                    "evaluate", "enhance", "web")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one ``error: ...`` line (exit 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lctfound",
         description="LCTfound lung-CT foundation model: data, models, features and tasks.",
     )
     parser.add_argument("--version", action="version", version=f"lctfound {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error, for a bug report (also LCTFOUND_DEBUG=1; "
+                             "may be given after the subcommand too)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for name in COMMAND_MODULES:
@@ -35,21 +52,97 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_FLAG = "--debug"
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    """``--debug`` anywhere before a ``--`` separator, or ``LCTFOUND_DEBUG`` set to a true value."""
+    words = list(argv)
+    if "--" in words:
+        words = words[:words.index("--")]
+    return DEBUG_FLAG in words or os.environ.get("LCTFOUND_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _without_debug(argv: Sequence[str]) -> list[str]:
+    words = list(argv)
+    end = words.index("--") if "--" in words else len(words)
+    return [word for word in words[:end] if word != DEBUG_FLAG] + words[end:]
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for an exception that is not an `LCTfoundError` (no traceback)."""
+    from ..atomic import is_disk_full
+
+    if isinstance(error, MemoryError):
+        return "out of memory; use smaller inputs (fewer slices, a smaller batch) or a machine with more memory"
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if getattr(error, "filename", None) else ""
+        if is_disk_full(error):
+            folder = os.path.dirname(os.path.abspath(error.filename)) if error.filename else "the output disk"
+            return f"no space left on {folder} (free some space and try again)"
+        if error.errno == errno.EACCES or error.errno == errno.EPERM:
+            return f"{where}permission denied; choose a location you can read and write"
+        if error.errno == errno.EROFS:
+            return f"{where}read-only file system; choose another output location"
+        return f"{where}{error.strerror or error}"
+    text = " ".join(str(error).split()) or type(error).__name__
+    return (f"internal error ({type(error).__name__}: {text}); please report it with the output of the same "
+            f"command run with {DEBUG_FLAG}")
+
+
+def _silence_stdout() -> None:
+    # After a broken pipe, Python's final flush of stdout would raise again at exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    try:
+        return _run(_without_debug(argv), debug)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted; outputs that were not complete were not written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        if debug:
+            raise
+        _silence_stdout()
+        print("error: the output pipe was closed (for example by head) before the command finished",
+              file=sys.stderr)
+        return 2
+    except LCTfoundError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except Exception as error:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        print(f"error: {describe_error(error)}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list, debug: bool) -> int:
+    from ..atomic import command_inputs
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.DEBUG if (args.verbose or debug) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    try:
-        return int(args.func(args) or 0)
-    except LCTfoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    with command_inputs():
+        code = int(args.func(args) or 0)
+    sys.stdout.flush()  # a closed pipe shows up here, inside main's handlers
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m lctfound.cli`

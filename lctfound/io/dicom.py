@@ -206,6 +206,13 @@ def _select_series(scan: _Scan, series_uid: Optional[str]) -> _Series:
         )
     if series_uid is None:
         chosen = scan.series[0]
+        tied = [s for s in scan.series if len(s.files) == len(chosen.files)]
+        if len(tied) > 1:
+            listing = ", ".join(f"{s.uid} ({len(s.files)} files{', ' + repr(s.description) if s.description else ''})"
+                                for s in tied)
+            raise InputError(f"{folder}: holds {len(tied)} image series of the same size ({listing}), so which one "
+                             "is meant is unclear; pass a folder that holds only that series",
+                             option_hints={"series_uid": "or choose one with --series-uid UID"})
     else:
         matches = [s for s in scan.series if s.uid == series_uid.strip()]
         if not matches:
@@ -248,6 +255,26 @@ def _check_slice_positions(reader, series: _Series, direction: np.ndarray, folde
         )
 
 
+def _check_slice_sizes(series: _Series, folder: Path) -> None:
+    """Refuse a series whose slices do not all have the same rows × columns (ITK's message is cryptic)."""
+    import pydicom
+
+    sizes: dict = {}
+    for path in series.files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+            key = (int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0))
+        except Exception:  # noqa: BLE001 - unreadable headers are reported by the caller
+            continue
+        sizes.setdefault(key, []).append(path)
+    if len(sizes) > 1:
+        ordered = sorted(sizes.items(), key=lambda item: -len(item[1]))
+        listing = ", ".join(f"{c}×{r} in {len(files)} file(s)" for (c, r), files in ordered)
+        odd = ordered[-1][1][0]
+        raise InputError(f"{folder}: series {series.uid} mixes slices of different rows and columns ({listing}, "
+                         f"e.g. {odd}); remove the odd slices or export the series again")
+
+
 def read_dicom_series(folder: str | os.PathLike, series_uid: Optional[str] = None):
     """Read one series as a SimpleITK image (the largest unless ``series_uid`` is given).
 
@@ -268,10 +295,17 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: Optional[str] = Non
         except RuntimeError as error:
             from .volume import itk_error_summary
 
+            _check_slice_sizes(series, folder)
             raise InputError(
                 f"{folder}: series {series.uid} cannot be read ({itk_error_summary(error)})"
             ) from None
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(image.GetDimension(), -1)
+    if len(series.files) > 1:
+        sizes = {(reader.GetMetaData(i, "0028|0011").strip(), reader.GetMetaData(i, "0028|0010").strip())
+                 for i in range(len(series.files))
+                 if reader.HasMetaDataKey(i, "0028|0010") and reader.HasMetaDataKey(i, "0028|0011")}
+        if len(sizes) > 1:
+            _check_slice_sizes(series, folder)
     if image.GetDimension() == 3 and len(series.files) > 1:
         _check_slice_positions(reader, series, direction, folder)
     metadata = {

@@ -267,8 +267,6 @@ def _label_dtype(array: np.ndarray, path: Path) -> np.ndarray:
         return array
     if array.dtype.kind == "b":
         return array.astype(np.uint8)
-    if not np.isfinite(array).all():
-        raise InputError(f"{path}: label map has NaN or infinite values")
     if not np.array_equal(array, np.round(array)):
         raise InputError(f"{path}: has non-integer values; a label map must hold integer labels")
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
@@ -277,6 +275,26 @@ def _label_dtype(array: np.ndarray, path: Path) -> np.ndarray:
         if info.min <= low and high <= info.max:
             return array.astype(dtype)
     raise InputError(f"{path}: label values {low:g}..{high:g} are out of range for a label map")
+
+
+def check_finite(array: np.ndarray, name: str) -> None:
+    """Refuse NaN or infinite voxels, whatever the format (checked on the data as read, before any cast)."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "fc":
+        return
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise InputError(f"{name}: has {bad} NaN or infinite voxels; a CT volume or label map must be finite "
+                         "everywhere (fill them, e.g. with -1024 HU or 0, and save again)")
+
+
+def check_spacing(spacing, name: str) -> None:
+    """Refuse a voxel size that is zero, negative or not a number (distances and volumes need it)."""
+    values = [float(s) for s in spacing]
+    if not all(np.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"{name}: voxel size {', '.join(f'{v:g}' for v in values)} mm is not a physical size; "
+                         "set the voxel size in the file (e.g. in 3D Slicer: Volumes module, Image Spacing) "
+                         "and save again")
 
 
 def read_volume(
@@ -313,15 +331,20 @@ def read_volume(
         if path.stat().st_size == 0:
             raise InputError(f"{path}: the file is empty")
         if series_uid is not None:
-            raise InputError(f"{path}: --series-uid / series_uid applies to DICOM folders, not to a single file")
+            raise InputError(f"{path}: a series UID applies to DICOM folders, not to a single file")
         kind = _format_of(path)
+        from .headers import check_volume_file
+
+        check_volume_file(path)  # before ITK allocates what the header claims
         image = _read_image_file(path)
         metadata["format"] = kind or ("dicom" if _is_dicom_file(path) else "other")
         if metadata["format"] == "dicom" and image.HasMetaDataKey("0008|0060"):
             metadata["modality"] = image.GetMetaData("0008|0060").strip()
     hint = "; pass the folder holding the whole series" if metadata.get("format") == "dicom" and path.is_file() else ""
     image = _as_3d_scalar(image, path, hint)
+    check_spacing(image.GetSpacing(), str(path))
     volume = volume_from_sitk(image, metadata)
+    check_finite(volume.array, str(path))  # on the data as stored, before any cast
     if labels:
         volume.array = _label_dtype(volume.array, path)
         volume.metadata["kind"] = "label"
@@ -388,8 +411,8 @@ def validate_ct(volume: CTVolume, name: str = "volume") -> None:
     * the median lies in −1200..1500 HU and all values in −32768..65535.
 
     Percentiles are computed on at most two million evenly strided voxels. Use
-    ``validate=False`` (CLI: ``--no-validate``) to bypass for unusual but genuine CT, such
-    as a tight crop of soft tissue with no air.
+    ``validate=False`` (the commands that offer ``--no-validate``) to bypass for unusual but
+    genuine CT, such as a tight crop of soft tissue with no air.
     """
     array = np.asarray(volume.array)
     if array.ndim != 3:
@@ -398,11 +421,7 @@ def validate_ct(volume: CTVolume, name: str = "volume") -> None:
         raise InputError(f"{name}: the volume is empty")
     if array.dtype.kind not in "iuf":
         raise InputError(f"{name}: voxel type {array.dtype} is not a numeric intensity")
-    if array.dtype.kind == "f":
-        finite = np.isfinite(array)
-        if not finite.all():
-            bad = int(array.size - np.count_nonzero(finite))
-            raise InputError(f"{name}: has {bad} NaN or infinite voxels; a CT volume must be finite")
+    check_finite(array, name)
     modality = str(volume.metadata.get("modality", "") or "").upper()
     if modality and modality != "CT":
         raise InputError(f"{name}: DICOM modality is {modality}, not CT")
@@ -411,18 +430,16 @@ def validate_ct(volume: CTVolume, name: str = "volume") -> None:
     sample = flat[::step].astype(np.float32, copy=False)
     low, median = np.percentile(sample, [AIR_PERCENTILE, 50.0])
     vmin, vmax = float(array.min()), float(array.max())
-    hint = "use validate=False (CLI --no-validate) if it really is CT"
+    hint = {"no_validate": "pass --no-validate if it really is CT in HU"}
     if low > AIR_MAX_HU:
         raise InputError(
             f"{name}: does not look like CT in Hounsfield units: no air near -1000 HU "
             f"(values {vmin:g}..{vmax:g}, {AIR_PERCENTILE:g}th percentile {low:.0f}); "
-            f"an MR, normalised or unscaled image? {hint}"
-        )
+            "an MR, normalised or unscaled image? Give a CT volume in HU", hint)
     if not (MEDIAN_RANGE_HU[0] <= median <= MEDIAN_RANGE_HU[1]) or vmin < VALUE_RANGE_HU[0] or vmax > VALUE_RANGE_HU[1]:
         raise InputError(
             f"{name}: intensities are implausible for CT in Hounsfield units "
-            f"(values {vmin:g}..{vmax:g}, median {median:.0f}); {hint}"
-        )
+            f"(values {vmin:g}..{vmax:g}, median {median:.0f}); give a CT volume in HU", hint)
 
 
 def write_volume(volume: CTVolume, path: str | os.PathLike, compress: bool = True) -> Path:
