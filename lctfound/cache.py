@@ -241,28 +241,3 @@ def usage(root: Optional[Path] = None) -> CacheUsage:
     root = Path(root) if root is not None else feature_cache_dir()
     found = entries(root)
     return CacheUsage(root, sum(entry.size for entry in found), cache_limit(), len(found))
-
-
-def preallocate(path: Path, size: int, data_offset: int = 0) -> None:
-    """Reserve ``size`` bytes for ``path`` (whose bytes from ``data_offset`` on are still zero)
-    so that a full disk fails here, with a message, rather than as SIGBUS when a memory-mapped
-    page is first written."""
-    with open(path, "r+b") as handle:
-        if hasattr(os, "posix_fallocate"):
-            try:
-                os.posix_fallocate(handle.fileno(), 0, size)
-                return
-            except OSError as error:
-                import errno
-
-                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
-                    raise
-        # No fallocate on this file system: write the zeros (slow but safe).
-        handle.seek(data_offset)
-        remaining = size - data_offset
-        block = b"\0" * (1 << 20)
-        while remaining > 0:
-            handle.write(block[:min(remaining, len(block))])
-            remaining -= len(block)
-        handle.flush()
-        os.fsync(handle.fileno())

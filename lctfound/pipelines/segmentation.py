@@ -11,7 +11,6 @@ Label arrays use -1 for "not labelled" (those slices are ignored); 0 is backgrou
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -135,25 +134,26 @@ class FeatureCache:
         return True
 
     def _create(self) -> None:
-        from ..cache import preallocate
+        from ..atomic import disk_full_error, is_disk_full, reserve_space
 
         features_path = self.folder / "features.npy"
         for stale in (features_path, self.folder / ENTRY_INDEX, self.folder / "done.npy"):
             if stale.exists():
                 stale.unlink()
         try:
-            with atomic_file(features_path) as tmp:
+            with atomic_file(features_path, expected_bytes=self.nbytes) as tmp:
                 array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=self.shape)
-                offset = int(array.offset)
+                size = int(array.offset) + self.nbytes
                 del array
-                preallocate(tmp, offset + self.nbytes, offset)
+                # Real blocks behind the memory map: a full disk is one line here, not SIGBUS later.
+                reserve_space(tmp, size)
             self._write_index({})
-        except OSError as error:
+        except (LCTfoundError, OSError) as error:
             shutil.rmtree(self.folder, ignore_errors=True)
-            if error.errno == errno.ENOSPC:
-                raise LCTfoundError(f"no space left on {self.root} for the feature cache (needs ~"
-                                    f"{self.nbytes / 2**20:.0f} MB); free some space, or set {LIMIT_ENV} lower or "
-                                    "LCTFOUND_CACHE_DIR to a larger disk") from None
+            if isinstance(error, LCTfoundError):
+                raise
+            if is_disk_full(error):
+                raise disk_full_error(self.root, self.nbytes) from None
             raise LCTfoundError(f"feature cache {self.root}: cannot be written ({error.strerror or error})") from None
         self._features = np.load(features_path, mmap_mode="r+", allow_pickle=False)
         self._digests, self._on_disk = {}, True
@@ -206,9 +206,10 @@ class FeatureCache:
                 progress.update(computed, len(missing), f"features of slice {batch[-1]}")
                 progress.check_cancelled()
         except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise LCTfoundError(f"no space left on {self.root} for the feature cache; free some space or set "
-                                    f"{LIMIT_ENV} lower") from None
+            from ..atomic import disk_full_error, is_disk_full
+
+            if is_disk_full(error):
+                raise disk_full_error(self.root) from None
             raise
         return np.asarray(features[slices])
 
