@@ -94,6 +94,10 @@ class FeatureCache:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
         except OSError as error:
+            from ..atomic import disk_full_error, is_disk_full
+
+            if is_disk_full(error):
+                raise disk_full_error(self.root, self.nbytes) from None
             raise LCTfoundError(f"feature cache {self.root}: cannot be written ({error.strerror or error}); set "
                                 "LCTFOUND_CACHE_DIR to a writable folder") from None
         if self._open_existing():
