@@ -48,7 +48,7 @@ class Expect:
 
 
 #: Cancellation checks (one per slice, step or epoch) a command may pass before it counts as working.
-WORK_BUDGET = 40
+WORK_BUDGET = 12
 
 
 class WorkStarted(BaseException):

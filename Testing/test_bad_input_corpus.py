@@ -40,15 +40,22 @@ def corpus_models(tmp_path_factory):
     from model_factory import tiny_model
 
     folder = tmp_path_factory.mktemp("corpus-models")
-    backbone = save_model(tiny_model(64, seed=1), folder / "backbone")
-    volume, lesion, _ = data_factory.fewshot_phantom(2, 64, 0)
+    # The smallest useful models (32² backbone, one timestep): a case that does run costs seconds.
+    backbone = save_model(tiny_model(32, seed=1), folder / "backbone")
+    volume, lesion, _ = data_factory.fewshot_phantom(2, 32, 0)
     labels = np.full(volume.shape, UNLABELLED, dtype=np.int16)
     labels[0] = lesion[0]
-    segmenter = FewShotSegmenter(load_model(backbone), {1: "Lesion"}, FewShotConfig(epochs=1, min_steps=2))
+    config = FewShotConfig(timesteps=(0,), resolution=16, epochs=1, min_steps=2)
+    segmenter = FewShotSegmenter(load_model(backbone), {1: "Lesion"}, config)
     segmenter.fit(volume, labels, cache_root=folder / "cache")
     segmenter.save(folder / "fewshot")
     shutil.rmtree(folder / "cache")
     return {"backbone": backbone, "segmodel": folder / "fewshot"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    """One torch thread: the corpus runs many tiny commands, often beside other work."""
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -129,7 +136,7 @@ def _and(*setups):
 #: Commands that read a CT, with ``{vol}`` the volume and ``{out}`` a new output.
 CT_COMMANDS = {
     "data-info": ("data", "info", "{vol}"),
-    "features": ("features", "{vol}", "--model", "{backbone}", "-o", "{out}"),
+    "features": ("features", "{vol}", "--model", "{backbone}", "--timesteps", "0", "-o", "{out}"),
     "segment-predict": ("segment", "predict", "{vol}", "--model", "{segmodel}", "-o", "{out}.nrrd"),
     "simulate-low-dose": ("enhance", "simulate-low-dose", "{vol}", "--dose", "0.25", "-o", "{out}.nrrd"),
     "super-resolution": ("enhance", "super-resolution", "{vol}", "--method", "bicubic", "--factor", "2",
