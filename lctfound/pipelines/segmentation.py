@@ -72,7 +72,10 @@ class FeatureCache:
             done = np.load(done_path)
             if features.shape == self.shape and done.shape == (self.shape[0],):
                 return features, done
-        features = np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float16, shape=self.shape)
+        from ..atomic import create_memmap
+
+        # Blocks reserved up front: a full disk is one error line here, not SIGBUS while filling.
+        features = create_memmap(features_path, np.float16, self.shape)
         done = np.zeros(self.shape[0], dtype=bool)
         return features, done
 
