@@ -112,6 +112,31 @@ def reserve_space(path: PathLike, nbytes: int) -> None:
         os.close(fd)
 
 
+def create_memmap(path: PathLike, dtype, shape) -> "numpy.memmap":  # noqa: F821
+    """A new ``.npy`` file opened as a writable memory map whose blocks are reserved on disk
+    (`reserve_space`): a full disk is a `DiskFullError` here (and the file is removed), never a
+    SIGBUS while the map is filled."""
+    import numpy as np
+
+    path = Path(path)
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        if is_disk_full(error):
+            raise disk_full_error(path.parent, int(np.prod(shape)) * np.dtype(dtype).itemsize) from None
+        raise
+    try:
+        reserve_space(path, path.stat().st_size)
+    except BaseException:
+        del array
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return array
+
+
 _umask_lock = threading.Lock()
 
 
@@ -190,34 +215,49 @@ def _chain(path: PathLike) -> list[str]:
         key = parent
 
 
-def input_conflict(output: PathLike, inputs: Iterable[PathLike]) -> Optional[str]:
+def input_conflict(output: PathLike, inputs: Iterable[PathLike], replaces_folder: bool = False) -> Optional[str]:
     """The input that ``output`` would replace or write into, or None.
 
-    ``output`` conflicts with an input when it is the same file (same resolved path, or the same
-    device and inode: hard links, case-insensitive names), lies inside an input folder, or is a
-    folder that holds an input (replacing the folder would delete it).
+    ``output`` conflicts with an input when it is the same file or folder (same resolved path, or
+    the same device and inode: hard links, case-insensitive names), or when it is an existing file
+    inside an input folder (a folder command reads the files in it; a new name there is fine). With
+    ``replaces_folder`` (the output is a folder that will be replaced as a whole) an input inside it
+    conflicts too, since replacing the folder would delete it.
     """
     output = Path(os.path.expanduser(os.fspath(output)))
     out_chain = _chain(output)
     out_key = out_chain[0]
-    # Identities of the output and of its existing ancestors (an ancestor may be an input folder
-    # reached through another spelling).
-    out_ids = [identity for identity in (_identity(p) for p in [output, *output.parents]) if identity]
+    out_id = _identity(output)
+    # An existing output inside an input folder is one of that folder's files: compare the input
+    # with the output's ancestors too (by path and by identity, for other spellings).
+    exists = os.path.lexists(output)
+    chain = out_chain if exists else out_chain[:1]
+    out_ids = [i for i in (_identity(p) for p in ([output, *output.parents] if exists else [output])) if i]
     for item in inputs:
         if item is None:
             continue
         item_key = _key(item)
         item_id = _identity(item)
-        if item_key in out_chain or (item_id is not None and item_id in out_ids):
+        if item_key in chain or (item_id is not None and item_id in out_ids):
             return os.fspath(item)
-        # An input inside the output (the output is, or will replace, a folder that holds it).
+        if not replaces_folder:
+            continue
         if item_key.startswith(out_key.rstrip(os.sep) + os.sep):
             return os.fspath(item)
-        out_id = _identity(output)
         if out_id is not None and output.is_dir() and os.path.exists(item):
             if any(_identity(parent) == out_id for parent in Path(os.path.realpath(item)).parents):
                 return os.fspath(item)
     return None
+
+
+def refuse_input_conflict(output: PathLike, inputs: Iterable[PathLike], replaces_folder: bool = False) -> None:
+    """Raise `OutputError` when ``output`` resolves to (or into) one of ``inputs`` (`input_conflict`)."""
+    clash = input_conflict(output, inputs, replaces_folder)
+    if clash is not None:
+        same = _key(clash) == _key(output) or _identity(clash) == _identity(output) is not None
+        relation = "is the input" if same else "overlaps the input"
+        raise OutputError(f"{output}: the output {relation} {clash}; choose another output "
+                          "(an output never replaces an input)")
 
 
 def check_writable(path: PathLike) -> None:
@@ -255,12 +295,8 @@ def check_outputs(outputs: Iterable[PathLike], inputs: Iterable[PathLike] = (), 
         if output is None:
             continue
         path = Path(os.path.expanduser(os.fspath(output)))
-        clash = input_conflict(path, inputs)
-        if clash is not None:
-            same = _key(clash) == _key(path) or _identity(clash) == _identity(path) is not None
-            relation = "is the input" if same else "overlaps the input"
-            raise OutputError(f"{path}: the output {relation} {clash}; choose another output "
-                              "(an output never replaces an input)")
+        # An existing folder that ``overwrite`` lets through will be replaced as a whole.
+        refuse_input_conflict(path, inputs, replaces_folder=overwrite and path.is_dir())
         if (path.exists() or path.is_symlink()) and not overwrite:
             hint = f"choose a new name or pass {overwrite_flag}" if overwrite_flag else "choose a new name"
             raise OutputError(f"{path}: already exists; {hint}")
@@ -293,13 +329,10 @@ def note_input(path: PathLike) -> None:
         inputs.append(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
-def _refuse_noted_input(target: Path) -> None:
+def _refuse_noted_input(target: Path, replaces_folder: bool = False) -> None:
     inputs = getattr(_scope, "inputs", None)
     if inputs:
-        clash = input_conflict(target, inputs)
-        if clash is not None:
-            raise OutputError(f"{target}: the output would replace the input {clash}; choose another output "
-                              "(an output never replaces an input)")
+        refuse_input_conflict(target, inputs, replaces_folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,9 +351,17 @@ def _make_parent(folder: Path) -> None:
         raise OutputError(f"{folder}: cannot be created ({error.strerror or error})") from None
 
 
+def _low_on_space(folder: Path, needed_bytes: Optional[int]) -> bool:
+    # Writers such as ITK's report a full disk as "fwrite wrote only ..." without an errno: when the
+    # free space is below what the output needs (or below 1 MB), a full disk is the cause.
+    free = free_bytes(folder)
+    return free is not None and free < max(needed_bytes or 0, 1 << 20)
+
+
 def _translate(error: BaseException, folder: Path, needed_bytes: Optional[int], what: Path) -> BaseException:
     """An OSError (or library error) from writing ``what`` as one user-facing line."""
-    if is_disk_full(error):
+    if is_disk_full(error) or (not isinstance(error, (KeyboardInterrupt, MemoryError))
+                               and _low_on_space(folder, needed_bytes)):
         return disk_full_error(folder, needed_bytes)
     if isinstance(error, OSError):
         return OutputError(f"{what}: cannot be written ({error.strerror or error})")
@@ -329,7 +370,8 @@ def _translate(error: BaseException, folder: Path, needed_bytes: Optional[int], 
 
 @contextlib.contextmanager
 def atomic_file(target: PathLike, suffix: Optional[str] = None, verify: Optional[Callable[[Path], None]] = None,
-                expected_bytes: Optional[int] = None, allow_empty: bool = False) -> Iterator[Path]:
+                expected_bytes: Optional[int] = None, allow_empty: bool = False,
+                size_hint: Optional[int] = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; once the block has written it, it is fsynced,
     checked and renamed onto ``target``.
 
@@ -337,7 +379,8 @@ def atomic_file(target: PathLike, suffix: Optional[str] = None, verify: Optional
     from it); it defaults to the target's full suffix. The written file must not be empty (unless
     ``allow_empty``) and ``verify(tmp)`` — e.g. reading a volume back — must not raise.
     ``expected_bytes`` (an estimate) is checked against the free space first and named in the
-    full-disk message. On any failure the temporary is removed and ``target`` is untouched.
+    full-disk message; ``size_hint`` (an upper bound, such as a volume's uncompressed size) is
+    only named in that message. On any failure the temporary is removed and ``target`` is untouched.
     """
     target = Path(os.path.expanduser(os.fspath(target)))
     _refuse_noted_input(target)
@@ -345,11 +388,12 @@ def atomic_file(target: PathLike, suffix: Optional[str] = None, verify: Optional
     _make_parent(folder)
     if expected_bytes:
         check_free_space(folder, expected_bytes)
+    need = expected_bytes or size_hint
     suffix = suffix if suffix is not None else "".join(target.suffixes)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f"{TEMP_SUFFIX}{suffix}", dir=folder)
     except OSError as error:
-        raise _translate(error, folder, expected_bytes, target) from None
+        raise _translate(error, folder, need, target) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -357,9 +401,8 @@ def atomic_file(target: PathLike, suffix: Optional[str] = None, verify: Optional
             yield tmp
             _fsync_file(tmp)
             if not allow_empty and tmp.stat().st_size == 0:
-                free = free_bytes(folder)
-                if free is not None and free < max(expected_bytes or 0, 1 << 20):
-                    raise disk_full_error(folder, expected_bytes)
+                if _low_on_space(folder, need):
+                    raise disk_full_error(folder, need)
                 raise OutputError(f"{target}: the written file is empty; nothing was published")
             if verify is not None:
                 try:
@@ -367,17 +410,21 @@ def atomic_file(target: PathLike, suffix: Optional[str] = None, verify: Optional
                 except LCTfoundError:
                     raise
                 except Exception as error:  # a read-back failure: most often a full disk
-                    free = free_bytes(folder)
-                    if free is not None and free < max(expected_bytes or 0, 1 << 20):
-                        raise disk_full_error(folder, expected_bytes) from None
+                    if _low_on_space(folder, need):
+                        raise disk_full_error(folder, need) from None
                     raise OutputError(f"{target}: the written file does not read back ({error}); "
                                       "nothing was published") from None
             apply_umask(tmp)
             os.replace(tmp, target)
+        except (DiskFullError, OutputError, KeyboardInterrupt):
+            raise
         except LCTfoundError:
+            # A writer's own "could not write" (VTK storage nodes) on a nearly full disk.
+            if _low_on_space(folder, need):
+                raise disk_full_error(folder, need) from None
             raise
         except Exception as error:
-            translated = _translate(error, folder, expected_bytes, target)
+            translated = _translate(error, folder, need, target)
             if translated is error:
                 raise
             raise translated from None
@@ -399,7 +446,7 @@ def atomic_directory(target: PathLike, overwrite: bool = False,
     A full disk is one `DiskFullError` line and the temporary folder is removed.
     """
     target = Path(os.path.expanduser(os.fspath(target)))
-    _refuse_noted_input(target)
+    _refuse_noted_input(target, replaces_folder=True)
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise OutputError(f"{target}: already exists; choose a new output folder")
     folder = target.parent
@@ -428,7 +475,11 @@ def atomic_directory(target: PathLike, overwrite: bool = False,
                     old.unlink()
             else:
                 os.replace(tmp, target)
+        except (DiskFullError, OutputError, KeyboardInterrupt):
+            raise
         except LCTfoundError:
+            if _low_on_space(folder, expected_bytes):
+                raise disk_full_error(folder, expected_bytes) from None
             raise
         except Exception as error:
             translated = _translate(error, folder, expected_bytes, target)
@@ -439,6 +490,29 @@ def atomic_directory(target: PathLike, overwrite: bool = False,
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def image_reads_back(path: PathLike) -> None:
+    """A ``verify`` for `atomic_file`: the written image file must read back whole (SimpleITK reads the
+    header and every voxel; an empty or truncated file raises)."""
+    import SimpleITK as sitk
+
+    sitk.ReadImage(os.fspath(path))
+
+
+def output_is_complete(path: PathLike, read: Optional[Callable[[Path], object]] = None) -> bool:
+    """Whether an output left by an earlier run counts as done: a non-empty file that ``read`` (e.g.
+    reading a volume) accepts. Batch commands redo an empty or unreadable output (a full disk or a
+    killed run) instead of skipping it."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return False
+        if read is not None:
+            read(path)
+        return True
+    except Exception:  # noqa: BLE001 - any failure to read means "not done"
+        return False
 
 
 def write_text_file(target: PathLike, text: str, encoding: str = "utf-8") -> Path:

@@ -201,13 +201,13 @@ def save_volume_features(extractor: FeatureExtractor, hu_volume: np.ndarray, fol
     The array is a memory-mapped ``.npy`` filled batch by batch, so RAM holds one batch only;
     the folder appears atomically when every slice is done (a cancel leaves nothing behind).
     """
-    from .atomic import atomic_directory
+    from .atomic import atomic_directory, create_memmap
 
     indices = list(range(hu_volume.shape[0])) if slices is None else [int(i) for i in slices]
     shape = (len(indices), extractor.channels, extractor.resolution, extractor.resolution)
     np_dtype = {torch.float16: np.float16, torch.float32: np.float32}[dtype]
     with atomic_directory(folder, overwrite=overwrite) as tmp:
-        array = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=np_dtype, shape=shape)
+        array = create_memmap(tmp / "features.npy", np_dtype, shape)  # blocks reserved: no SIGBUS on a full disk
         row = 0
         for batch, features in extractor.iter_volume(hu_volume, indices, batch_size, progress, dtype):
             array[row:row + len(batch)] = features.numpy()

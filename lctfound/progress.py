@@ -64,7 +64,9 @@ class TqdmProgress(Progress):
         super().__init__(cancel_token=cancel_token)
         from tqdm import tqdm
 
-        self._bar = tqdm(desc=description, unit=unit, total=0, dynamic_ncols=True)
+        # disable=None: a bar on an interactive terminal only; in a log or a pipe stderr keeps only
+        # messages (an error stays one line).
+        self._bar = tqdm(desc=description, unit=unit, total=0, dynamic_ncols=True, disable=None)
         self.add_callback(self._update_bar)
 
     def _update_bar(self, done: int, total: int, message: str) -> None:

@@ -55,6 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
 DEBUG_FLAG = "--debug"
 
 
+def given_paths(*values) -> list:
+    """The command-line values (strings, paths or lists of them) that name existing files or folders:
+    a command's inputs, for `lctfound.atomic.check_outputs`. Model names that are not paths are
+    skipped (they resolve into the model cache, where no command writes)."""
+    from pathlib import Path
+
+    found = []
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            found.extend(given_paths(*value))
+        elif value not in (None, "", "-"):
+            path = Path(os.path.expanduser(os.fspath(value)))
+            if path.exists():
+                found.append(path)
+    return found
+
+
 def debug_requested(argv: Sequence[str]) -> bool:
     """``--debug`` anywhere before a ``--`` separator, or ``LCTFOUND_DEBUG`` set to a true value."""
     words = list(argv)
@@ -67,6 +84,29 @@ def _without_debug(argv: Sequence[str]) -> list[str]:
     words = list(argv)
     end = words.index("--") if "--" in words else len(words)
     return [word for word in words[:end] if word != DEBUG_FLAG] + words[end:]
+
+
+# Arguments that name what a command writes; every other argument that names an existing file or
+# folder is one of its inputs.
+OUTPUT_ARGUMENTS = ("output", "save_sinogram", "saliency")
+
+
+def argument_inputs(args: argparse.Namespace) -> list:
+    """Every existing file or folder named by an argument that is not an output: the command's inputs."""
+    return given_paths(*(value for key, value in vars(args).items()
+                         if key not in OUTPUT_ARGUMENTS and isinstance(value, (str, list, tuple))))
+
+
+def refuse_outputs_onto_inputs(args: argparse.Namespace) -> None:
+    """Rule 1 for every command, before it starts: no output argument may resolve to a path that
+    another argument names (``-o ct.nrrd`` for input ``ct.nrrd``, through ``..``, links or case)."""
+    from ..atomic import refuse_input_conflict
+
+    values = vars(args)
+    inputs = argument_inputs(args)
+    for key in OUTPUT_ARGUMENTS:
+        if values.get(key):
+            refuse_input_conflict(values[key], inputs)
 
 
 def describe_error(error: BaseException) -> str:
@@ -140,6 +180,7 @@ def _run(argv: list, debug: bool) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     with command_inputs():
+        refuse_outputs_onto_inputs(args)
         code = int(args.func(args) or 0)
     sys.stdout.flush()  # a closed pipe shows up here, inside main's handlers
     return code

@@ -47,6 +47,9 @@ def register(subparsers) -> None:
     predict.add_argument("--saliency", metavar="FILE_OR_FOLDER",
                          help="also write Grad-CAM saliency volumes on each input's grid: a file for one volume, "
                               "else a folder of <case>_saliency.nii.gz")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="start a new results table instead of continuing OUTPUT, and replace existing "
+                              "saliency volumes")
     predict.add_argument("--slices", help="'all' or slice indices such as 10-20 (default: the model's central slices)")
     predict.add_argument("--batch-size", type=int, default=4, help="slices per forward pass (default 4)")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
@@ -138,13 +141,22 @@ def run_predict(args: argparse.Namespace) -> int:
         if other != path:
             raise LCTfoundError(f"{other} and {path} have the same case name {volume_stem(path)!r}; rename one")
     saliency_target = _saliency_target(args.saliency, single)
+    from ..atomic import check_writable, refuse_input_conflict
+
+    for path in inputs:  # no output may land on a scan (or the table) being classified
+        refuse_input_conflict(output, [path, Path(args.input)])
+        if saliency_target:
+            refuse_input_conflict(saliency_target(path), [*inputs, Path(args.input), output])
+    check_writable(output)
+    if saliency_target:
+        check_writable(saliency_target(inputs[0]))
     classifier = ScanClassifier.from_pretrained(args.model, args.backbone, device=args.device,
                                                 batch_size=args.batch_size)
     if args.backbone and classifier.task_model.backbone_folder() is not None:
         print("note: this model was fine-tuned in full mode and carries its own backbone; --backbone is not used",
               file=sys.stderr)
     names, provenance = classifier.class_names, classifier.provenance
-    rows = _previous_rows(output, names, provenance)
+    rows = {} if args.overwrite else _previous_rows(output, names, provenance)
     order = [str(path) for path in inputs]
     skipped = failures = 0
     with command_progress(args.events, "classify", unit="scan") as bar:
@@ -160,6 +172,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
             progress = Progress(report, cancel_token=bar.cancel_token)
             try:
+                if target is not None and target.exists() and not args.overwrite:
+                    raise LCTfoundError(f"{target}: already exists; choose another --saliency or pass --overwrite")
                 volume = read_volume(path)
                 prediction = classifier(volume, args.slices, progress, source=str(path))
                 if target is not None:

@@ -252,11 +252,13 @@ def run_probe_predict(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.suffix.lower() != ".csv":
         raise LCTfoundError(f"{output}: predictions are written as a .csv file")
-    if output.exists() and not args.overwrite:
-        raise LCTfoundError(f"{output}: already exists; choose a new file or pass --overwrite")
+    from ..atomic import check_outputs
+    from . import argument_inputs
+
     if args.window_batch < 1:
         raise LCTfoundError("--window-batch must be at least 1")
     inputs = _inputs(args.input)
+    check_outputs([output], [*argument_inputs(args), *inputs], args.overwrite)
     device = resolve_device(args.device)
     probe = LinearProbe.load(args.probe, args.model, device=device, batch_size=args.window_batch)
     with command_progress(args.events, "classify", unit="scan") as progress:
@@ -304,21 +306,27 @@ def run_seg_predict(args: argparse.Namespace) -> int:
     source, output = Path(args.input), Path(args.output)
     inputs = find_volumes(source)
     batch = source.is_dir() and not (len(inputs) == 1 and inputs[0] == source)
+    from ..atomic import check_outputs, check_writable, output_is_complete, refuse_input_conflict
+    from . import argument_inputs
+
     if not batch:
         if not any(output.name.lower().endswith(ext) for ext in WRITE_FORMATS):
             raise LCTfoundError(f"{output}: use one of {', '.join(WRITE_FORMATS)} for the label map")
-        if output.exists() and not args.overwrite:
-            raise LCTfoundError(f"{output}: already exists; choose a new file or pass --overwrite")
+        check_outputs([output], argument_inputs(args), args.overwrite)
     elif output.exists() and not output.is_dir():
         raise LCTfoundError(f"{output}: not a folder (a folder of volumes writes one label map per volume)")
+    else:
+        refuse_input_conflict(output, [*argument_inputs(args), *inputs])
+        check_writable(output / "x")
     if args.window_batch < 1:
         raise LCTfoundError("--window-batch must be at least 1")
     segmenter = DecoderSegmenter.load(args.decoder, args.model, device=resolve_device(args.device))
     out = sys.stderr if args.events else sys.stdout
     targets = [output] if not batch else [output / f"{volume_stem(path)}_seg.nii.gz" for path in inputs]
     written = 0
-    for path, target in zip(inputs, targets, strict=True):
-        if batch and target.exists() and not args.overwrite:
+    for path, target in zip(inputs, targets):
+        refuse_input_conflict(target, inputs)
+        if batch and not args.overwrite and output_is_complete(target, lambda p: read_volume(p, labels=True)):
             print(f"{target.name}: already done, skipped", file=out)
             continue
         volume = read_volume(path, validate=not args.no_validate)
@@ -407,8 +415,10 @@ def run_embed(args: argparse.Namespace) -> int:
     suffix = output.suffix.lower()
     if suffix not in (".json", ".safetensors"):
         raise LCTfoundError(f"{output}: use a .json or .safetensors output file")
-    if output.exists() and not args.overwrite:
-        raise LCTfoundError(f"{output}: already exists; choose a new file or pass --overwrite")
+    from ..atomic import check_outputs
+    from . import argument_inputs
+
+    check_outputs([output], argument_inputs(args), args.overwrite)
     settings = _settings(args)
     volume = read_volume(args.volume, validate=not args.no_validate)
     model = _load(args.model, args.device)
@@ -445,8 +455,10 @@ def run_index(args: argparse.Namespace) -> int:
     settings = _settings(args)
     volumes = find_volumes(args.folder)
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise LCTfoundError(f"{output}: already exists; choose a new index folder or pass --overwrite")
+    from ..atomic import check_outputs
+    from . import argument_inputs
+
+    check_outputs([output], [*argument_inputs(args), *volumes], args.overwrite)
     model = _load(args.model, args.device)
     with command_progress(args.events, "index", unit="volume") as progress:
         build_index(model, volumes, output, settings, args.aggregation, windows=not args.no_windows,

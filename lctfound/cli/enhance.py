@@ -87,7 +87,7 @@ def run_simulate_low_dose(args: argparse.Namespace) -> int:
     check_dose_fraction(args.dose)
     _check_views(args.views)
     name = result_name(volume_stem(args.volume), args.dose)
-    output = _output_path(args.output, lambda: name, args.overwrite)
+    output = _output_path(args, lambda: name)
     volume = read_volume(args.volume, validate=not args.no_validate)
     square_pixel_mm(volume.spacing)
     slices = parse_slices(args.slices, volume.shape[0])
@@ -185,11 +185,12 @@ def run_sparse_view(args: argparse.Namespace) -> int:
     else:
         kind, views, stem = args.geometry or "parallel", args.views, volume_stem(args.volume)
     name = result_name(stem, args.method, views, kind)
-    output = _output_path(args.output, lambda: name, args.overwrite)
+    output = _output_path(args, lambda: name)
     if args.save_sinogram:
-        for target in (Path(args.save_sinogram), sidecar_path(args.save_sinogram)):
-            if target.exists() and not args.overwrite:
-                raise LCTfoundError(f"{target}: already exists; choose a new file or pass --overwrite")
+        from ..atomic import check_outputs
+
+        check_outputs([args.save_sinogram, sidecar_path(args.save_sinogram)], [output, *_inputs(args)],
+                      args.overwrite)
     pipeline = None
     if args.method == "diffusion":
         model = load_diffusion_model(args.model, args.device)
@@ -271,7 +272,7 @@ def run_super_resolution(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.batch_size < 1:
         raise LCTfoundError("--steps and --batch-size must be at least 1")
     name = result_name(volume_stem(args.volume), method, factor, axis)
-    output = _output_path(args.output, lambda: name, args.overwrite)
+    output = _output_path(args, lambda: name)
     volume = read_volume(args.volume, validate=not args.no_validate)
     slices = parse_slices(args.slices, volume.shape[0])
     pipeline = None
@@ -436,7 +437,7 @@ def run_low_dose(args: argparse.Namespace) -> int:
     steps = enhancer.steps if args.steps is None else args.steps
     enhancer.network.schedule.levels(steps)  # a clear error before any work
     name = result_name(volume_stem(args.volume), steps)
-    output = _output_path(args.output, lambda: name, args.overwrite)
+    output = _output_path(args, lambda: name)
     volume = read_volume(args.volume, validate=not args.no_validate)
     slices = parse_slices(args.slices, volume.shape[0])
     with command_progress(args.events, "low-dose enhancement", unit="slice") as progress:
@@ -522,7 +523,7 @@ def run_vcta(args: argparse.Namespace) -> int:
         raise LCTfoundError("--steps must be at least 1, --eta in 0..1 and --strength in (0, 1]")
     pipeline = VCTAPipeline.load(args.model, args.backbone, args.device, batch_size=args.batch_size)
     name = result_name(volume_stem(args.volume), args.steps, args.seed, args.strength)
-    output = _output_path(args.output, lambda: name, args.overwrite)
+    output = _output_path(args, lambda: name)
     volume = read_volume(args.volume, validate=not args.no_validate)
     slices = parse_slices(args.slices, volume.shape[0])
     with command_progress(args.events, "virtual CTA", unit="step") as progress:
@@ -549,14 +550,22 @@ def _check_views(views: int) -> None:
         raise LCTfoundError(f"the number of views must be at least 1, got {views}")
 
 
-def _output_path(output: str, default_name, overwrite: bool) -> Path:
-    """The output volume file, checked before any work: a file name, or a folder + ``default_name()``.nrrd."""
+def _inputs(args: argparse.Namespace) -> list:
+    """Every file or folder the command reads (volume, sinogram, model folders)."""
+    from . import given_paths
+
+    return given_paths(*(getattr(args, key, None) for key in ("volume", "sinogram", "model", "backbone")))
+
+
+def _output_path(args: argparse.Namespace, default_name) -> Path:
+    """The output volume file, checked before any work (`check_new_output`): a file name, or a folder +
+    ``default_name()``.nrrd."""
     from ..io.provenance import check_new_output
 
-    path = Path(output).expanduser()
+    path = Path(args.output).expanduser()
     if path.is_dir():
         path = path / f"{default_name()}.nrrd"
-    return check_new_output(path, overwrite)
+    return check_new_output(path, args.overwrite, inputs=_inputs(args))
 
 
 def _say(args: argparse.Namespace, text: str) -> None:

@@ -109,7 +109,9 @@ def _check_shared(args: argparse.Namespace) -> None:
 
     check_bootstrap_settings(args.bootstrap, 0.95)
     if args.output:
-        check_output(args.output, args.overwrite)  # before any work
+        from . import argument_inputs
+
+        check_output(args.output, args.overwrite, inputs=argument_inputs(args))  # before any work
 
 
 def _write_output(args: argparse.Namespace, report: dict[str, Any], rows: list[dict[str, Any]]) -> None:

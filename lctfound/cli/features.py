@@ -65,9 +65,10 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model, resolve_model
     from ..progress import TqdmProgress
 
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise LCTfoundError(f"{output}: already exists; choose a new folder or pass --overwrite")
+    from ..atomic import check_outputs
+    from . import given_paths
+
+    output, = check_outputs([args.output], given_paths(args.volume, args.model), args.overwrite)
     if args.batch_size < 1:
         raise LCTfoundError("--batch-size must be at least 1")
     limit = parse_size(args.max_size)

@@ -78,13 +78,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise LCTfoundError(f"{output}: choose a .png grid, a {', '.join(volume_formats)} volume or a folder "
                             "(a path without extension) for per-slice PNGs")
-    if kind == "slices":
-        if output.exists():
-            raise LCTfoundError(f"{output}: already exists; choose a new folder for the slices")
-    elif kind == "volume":
-        check_new_output(output, args.overwrite)
-    elif output.exists() and not args.overwrite:
-        raise LCTfoundError(f"{output}: already exists; choose a new name or pass --overwrite")
+    from ..atomic import check_outputs
+    from . import given_paths
+
+    if kind == "volume":
+        check_new_output(output, args.overwrite, inputs=given_paths(args.model))
+    else:
+        check_outputs([output], given_paths(args.model), args.overwrite)
     if args.batch_size < 1:
         raise LCTfoundError("--batch-size must be at least 1")
     spacing = parse_spacing(args.spacing)

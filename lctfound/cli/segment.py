@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     train.add_argument("--window", default="mediastinal", help="input window (default mediastinal)")
     train.add_argument("--epochs", type=int, default=30, help="head training epochs (default 30)")
     train.add_argument("--output", "-o", required=True, help="new task-model folder")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     train.add_argument("--register", metavar="NAME", help="also register it under NAME for every front end")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     train.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
@@ -46,6 +47,8 @@ def register(subparsers) -> None:
     predict.add_argument("--model", required=True, help="task model folder or registered name")
     predict.add_argument("--backbone", help="backbone model (default: the one the task model names)")
     predict.add_argument("--output", "-o", required=True, help="label map file (.nii.gz/.nrrd/.mha) or a folder")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace an existing label map (with a folder: redo every volume)")
     predict.add_argument("--postprocess", default="", help="comma list of: largest, fill, smooth")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     predict.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
@@ -66,6 +69,7 @@ def register(subparsers) -> None:
     distill.add_argument("--resolution", type=int,
                          help="student working resolution, a multiple of 16 (default: the teacher's input size)")
     distill.add_argument("--output", "-o", required=True, help="new task-model folder")
+    distill.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     distill.add_argument("--register", metavar="NAME", help="also register it under NAME for every front end")
     distill.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     distill.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
@@ -100,9 +104,11 @@ def run_train(args: argparse.Namespace) -> int:
     from ..pipelines.segmentation import TASK, UNLABELLED, FewShotConfig, FewShotSegmenter
     from ..progress import command_progress
 
-    output = Path(args.output)
-    if output.exists():
-        raise LCTfoundError(f"{output}: already exists; choose a new folder")
+    from ..atomic import check_outputs
+    from . import given_paths
+
+    output, = check_outputs([args.output], given_paths(args.volume, args.labels, args.init, args.backbone),
+                            args.overwrite)
     if args.register:
         check_new_model_name(args.register)
     volume = read_volume(args.volume)
@@ -138,7 +144,8 @@ def run_train(args: argparse.Namespace) -> int:
         report = segmenter.fit(volume.array, labels, progress=progress)
     segmenter.save(output, extra={"name": args.register or output.name,
                                   "training": {"volume": str(args.volume), "slices": report.slices,
-                                               "pixels": report.pixels, "final_loss": report.final_loss}})
+                                               "pixels": report.pixels, "final_loss": report.final_loss}},
+                   overwrite=args.overwrite)
     print(f"trained on slices {report.slices} ({report.pixels} pixels) in {time.perf_counter() - start:.1f} s; "
           f"model in {output}")
     if args.register:
@@ -146,21 +153,40 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segmentation_done(target: Path) -> bool:
+    """Whether a batch output from an earlier run is complete: a non-empty label map that reads back
+    (`lctfound.atomic.output_is_complete`). An empty or unreadable file is redone."""
+    from ..atomic import output_is_complete
+    from ..io.volume import read_volume
+
+    return output_is_complete(target, lambda path: read_volume(path, labels=True))
+
+
 def run_predict(args: argparse.Namespace) -> int:
-    from ..atomic import atomic_file
+    from ..atomic import atomic_file, check_outputs, check_writable, refuse_input_conflict
     from ..io.volume import find_volumes, read_volume, volume_stem, write_volume
     from ..pipelines.predictors import load_segmentation_predictor
     from ..pipelines.segmentation import POSTPROCESSING
     from ..progress import command_progress
+    from . import given_paths
 
     steps = [s.strip() for s in args.postprocess.split(",") if s.strip()]
     unknown = [s for s in steps if s not in POSTPROCESSING]
     if unknown:
         raise LCTfoundError(f"unknown post-processing {unknown[0]!r}; choose from {', '.join(POSTPROCESSING)}")
-    segmenter = load_segmentation_predictor(args.model, args.backbone, args.device)
-    source, output = Path(args.input), Path(args.output)
+    source, output = Path(args.input).expanduser(), Path(args.output).expanduser()
     inputs = find_volumes(source)
     batch = source.is_dir() and not (len(inputs) == 1 and inputs[0] == source)
+    model_paths = given_paths(args.model, args.backbone)
+    # Every output location is checked before the model is loaded.
+    if not batch:
+        check_outputs([output], [source, *model_paths], args.overwrite)
+    else:
+        if output.exists() and not output.is_dir():
+            raise LCTfoundError(f"{output}: is a file; with a folder of volumes give an output folder")
+        refuse_input_conflict(output, [source, *inputs, *model_paths])
+        check_writable(output / "summary.csv")
+    segmenter = load_segmentation_predictor(args.model, args.backbone, args.device)
     if not batch:
         volume = read_volume(inputs[0])
         with command_progress(args.events, "segment", unit="slice") as progress:
@@ -172,29 +198,41 @@ def run_predict(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     summary_path = output / "summary.csv"
     rows = []
-    if summary_path.is_file():
+    if summary_path.is_file() and not args.overwrite:
         with open(summary_path, newline="") as handle:
             rows = list(csv.DictReader(handle))
-    done = {row["input"] for row in rows}
+    done = {row["input"] for row in rows if row.get("status") == "ok"}
     names = [name for _, name in sorted(segmenter.label_names.items())]
     failures = 0
     for path in inputs:
         target = output / f"{volume_stem(path)}_seg.nii.gz"
-        if str(path) in done and target.is_file():
+        refuse_input_conflict(target, [*inputs, *model_paths])
+        if not args.overwrite and str(path) in done and _segmentation_done(target):
             continue
-        start = time.perf_counter()
-        try:
-            volume = read_volume(path)
-            with command_progress(args.events, path.name, unit="slice") as progress:
-                labels = segmenter.predict(volume.array, progress=progress, postprocess=steps)
-            write_volume(volume.with_array(labels), target)
-            row = {"input": str(path), "output": str(target), "status": "ok",
-                   "seconds": f"{time.perf_counter() - start:.1f}",
-                   **{name: int((labels == value).sum()) for value, name in sorted(segmenter.label_names.items())}}
-        except LCTfoundError as error:
+        if target.exists() and not args.overwrite and str(path) not in done:
+            # Not made by this batch (or its summary row is lost): never replace it silently.
             failures += 1
-            row = {"input": str(path), "output": "", "status": f"error: {error}", "seconds": "",
-                   **{n: "" for n in names}}
+            row = {"input": str(path), "output": "", "seconds": "", **{n: "" for n in names},
+                   "status": f"error: {target} already exists and is not listed in {summary_path.name}; "
+                             "pass --overwrite to replace it"}
+        else:
+            start = time.perf_counter()
+            try:
+                volume = read_volume(path)
+                with command_progress(args.events, path.name, unit="slice") as progress:
+                    labels = segmenter.predict(volume.array, progress=progress, postprocess=steps)
+                write_volume(volume.with_array(labels), target)
+                row = {"input": str(path), "output": str(target), "status": "ok",
+                       "seconds": f"{time.perf_counter() - start:.1f}",
+                       **{name: int((labels == value).sum()) for value, name in sorted(segmenter.label_names.items())}}
+            except LCTfoundError as error:
+                from ..atomic import DiskFullError
+
+                if isinstance(error, DiskFullError):
+                    raise  # every later volume would fail the same way
+                failures += 1
+                row = {"input": str(path), "output": "", "status": f"error: {error}", "seconds": "",
+                       **{n: "" for n in names}}
         rows = [r for r in rows if r["input"] != str(path)] + [row]
         with atomic_file(summary_path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, ["input", "output", "status", "seconds", *names])
@@ -213,9 +251,11 @@ def run_distill(args: argparse.Namespace) -> int:
     from ..pipelines.student import UNLABELLED, StudentConfig, distill
     from ..progress import command_progress
 
-    output = Path(args.output)
-    if output.exists():
-        raise LCTfoundError(f"{output}: already exists; choose a new folder")
+    from ..atomic import check_outputs
+    from . import given_paths
+
+    output, = check_outputs([args.output], given_paths(args.volumes, args.labels, args.teacher, args.backbone),
+                            args.overwrite)
     if args.register:
         check_new_model_name(args.register)
     label_paths = list(args.labels or [])
@@ -255,7 +295,8 @@ def run_distill(args: argparse.Namespace) -> int:
     report = student.report
     student.save(output, extra={"name": args.register or output.name,
                                 "description": f"student of {teacher.provenance['model']['name']}",
-                                "training": {"volumes": [str(p) for p in args.volumes], "labels": label_paths}})
+                                "training": {"volumes": [str(p) for p in args.volumes], "labels": label_paths}},
+                 overwrite=args.overwrite)
     agreement = ", ".join(f"{name} {dice:.3f}" for name, dice in report.agreement.items())
     print(f"distilled on {report.slices} slices of {report.volumes} volume(s) ({report.annotated_slices} annotated) "
           f"in {time.perf_counter() - start:.1f} s; Dice with the teacher: {agreement}; model in {output}")

@@ -111,7 +111,12 @@ def add_classification_arguments(parser: argparse.ArgumentParser, prefix: str = 
 # ---------------------------------------------------------------------------- shared running
 
 def loop_config_from_args(args: argparse.Namespace):
-    from ..training.loop import LoopConfig
+    """The loop settings of every training command; the run folder is checked here, before any data
+    are read (an existing run, an input, a folder that cannot be written)."""
+    from ..training.loop import LoopConfig, check_run_folder
+    from . import argument_inputs
+
+    check_run_folder(Path(args.output), bool(getattr(args, "resume", False)), argument_inputs(args))
 
     return LoopConfig(output=args.output, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                       max_steps=args.max_steps, epochs=args.epochs, learning_rate=args.lr,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from ..errors import InputError
 from .volume import WRITE_FORMATS, CTVolume, volume_stem
@@ -24,16 +24,16 @@ def provenance_path(path: str | os.PathLike) -> Path:
     return path.with_name(volume_stem(path) + ".json")
 
 
-def check_new_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Raise `InputError` unless ``path`` is a writable volume format whose file and provenance JSON do
-    not exist yet (or ``overwrite``)."""
+def check_new_output(path: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()) -> Path:
+    """Raise an `LCTfoundError` unless ``path`` is a writable volume format whose file and provenance
+    JSON do not exist yet (or ``overwrite``), neither resolves to one of ``inputs`` and their folder
+    is writable (`lctfound.atomic.check_outputs`)."""
+    from ..atomic import check_outputs
+
     path = Path(path).expanduser()
     if not path.name.lower().endswith(WRITE_FORMATS):
         raise InputError(f"{path}: unsupported output format; use one of {', '.join(WRITE_FORMATS)}")
-    if not overwrite:
-        for target in (path, provenance_path(path)):
-            if target.exists():
-                raise InputError(f"{target}: already exists; choose a new name or pass --overwrite")
+    check_outputs([path, provenance_path(path)], inputs, overwrite)
     return path
 
 

@@ -40,11 +40,14 @@ def find_volumes(path: str | os.PathLike) -> list[Path]:
     folders (sorted by name), or the folder itself when it is one DICOM series."""
     from .dicom import looks_like_dicom
 
+    from ..atomic import note_input
+
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise InputError(f"{path}: no such file or folder")
+    note_input(path)
 
     def holds_dicom(folder: Path) -> bool:
         return any(looks_like_dicom(f) for f in sorted(folder.iterdir())[:5] if f.is_file())
@@ -321,6 +324,9 @@ def read_volume(
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    from ..atomic import note_input
+
+    note_input(path)  # no output of this command may replace it
     metadata: dict = {"source": str(path)}
     if path.is_dir():
         from .dicom import read_dicom_series
@@ -461,10 +467,21 @@ def write_volume(volume: CTVolume, path: str | os.PathLike, compress: bool = Tru
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give a file name")
     image = volume_to_sitk(volume)
+
+    def read_back(tmp: Path) -> None:
+        # SimpleITK does not raise on a full disk: it leaves an empty or truncated file. Only a
+        # file that reads back to the same voxels on the same grid is published.
+        written = sitk.ReadImage(str(tmp))
+        expected = sitk.GetArrayViewFromImage(image)
+        if tuple(written.GetSize()) != tuple(image.GetSize()) or not np.array_equal(
+                sitk.GetArrayViewFromImage(written), expected, equal_nan=expected.dtype.kind == "f"):
+            raise ValueError("the voxels read back differ from those written")
+
     try:
         from ..atomic import atomic_file
 
-        with atomic_file(path, suffix=extension) as tmp:
+        with atomic_file(path, suffix=extension, verify=read_back,
+                         size_hint=int(np.asarray(volume.array).nbytes)) as tmp:
             sitk.WriteImage(image, str(tmp), compress)
     except RuntimeError as error:
         raise InputError(f"{path}: cannot be written ({itk_error_summary(error)})") from None

@@ -663,11 +663,14 @@ class ModuleLogicBase:
 
     def new_run_folder(self, name: str) -> Path:
         """A folder that does not exist yet: ``<runs>/<name>-<YYYYmmdd-HHMMSS>[-N]``."""
+        from ..atomic import check_writable
+
         base = self.runs_root() / f"{name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
         folder, number = base, 1
         while folder.exists():
             number += 1
             folder = base.with_name(f"{base.name}-{number}")
+        check_writable(folder / "x")  # a read-only or full runs folder is one line now, not after the work
         return folder
 
     # -- jobs --------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from ..atomic import write_text_file
 from ..errors import LCTfoundError
 from .base import ButtonState, Choice, ModuleLogicBase, ModuleParameters, _snake_case
 
@@ -276,7 +277,7 @@ class EnhanceModuleLogic(ModuleLogicBase):
             output = run / "result.nii.gz" if p.task == SYNTHETIC else run / "result.nrrd"
             args = self.command(p, volume_path, output)
             info = {"task": p.task, "args": args, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            (run / JOB_FILE).write_text(json.dumps(info, indent=2))
+            write_text_file(run / JOB_FILE, json.dumps(info, indent=2))
             job = self.start_job(args, device=p.device, message=f"{task.label}: starting", cwd=run)
         except BaseException:
             shutil.rmtree(run, ignore_errors=True)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from ..atomic import write_text_file
 from ..errors import LCTfoundError
 from .base import ButtonState, Choice, ModuleLogicBase, ModuleParameters, _snake_case
 
@@ -379,7 +380,7 @@ class SegmentationModuleLogic(ModuleLogicBase):
         return run
 
     def _launch(self, run: Path, info: dict[str, Any], args: list[str], device: str, message: str) -> "Job":
-        (run / JOB_FILE).write_text(json.dumps(info, indent=2, default=str))
+        write_text_file(run / JOB_FILE, json.dumps(info, indent=2, default=str))
         try:
             job = self.start_job(args, device=device, message=message, cwd=run)
         except BaseException:

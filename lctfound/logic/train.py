@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from ..atomic import write_text_file
 from ..errors import LCTfoundError
 from ..training.tables import table_path
 from .base import AUTO_DEVICE, ButtonState, Choice, ModuleLogicBase, RunState, _snake_case
@@ -963,7 +964,7 @@ class TrainModuleLogic(ModuleLogicBase):
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "registered_model": ""}
             if p.task in FINETUNE_TASKS:
                 info.update(backbone_model=p.backbone_model, mode=effective_mode(p))
-            (run / JOB_FILE).write_text(json.dumps(info, indent=2))
+            write_text_file(run / JOB_FILE, json.dumps(info, indent=2))
         except BaseException:
             if created:
                 shutil.rmtree(run, ignore_errors=True)
@@ -1032,7 +1033,7 @@ class TrainModuleLogic(ModuleLogicBase):
             raise LCTfoundError(f"{error} (the trained model is in {output / 'model'})") from None
         self.registered_model = target
         self._job_info["registered_model"] = str(target)
-        (self.run_folder / JOB_FILE).write_text(json.dumps(self._job_info, indent=2))
+        write_text_file(self.run_folder / JOB_FILE, json.dumps(self._job_info, indent=2))
         self.refresh()  # the new model shows up in the model selectors
         loss = f", loss {self.loss_history[-1][1]:.4f}" if self.loss_history else ""
         what = f"{FINETUNE_TASKS[task]} model" if task in FINETUNE_TASKS else "model"

@@ -14,15 +14,17 @@ from .statistics import json_ready
 OUTPUT_SUFFIXES = (".json", ".csv")
 
 
-def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an output that is not .json/.csv, is a folder, or exists (unless ``overwrite``)."""
+def check_output(path: str | os.PathLike, overwrite: bool = False, inputs=()) -> Path:
+    """Refuse an output that is not .json/.csv, is a folder, exists (unless ``overwrite``), is one of
+    ``inputs`` or cannot be written (`lctfound.atomic.check_outputs`)."""
+    from ..atomic import check_outputs
+
     path = Path(path).expanduser()
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise LCTfoundError(f"{path}: use a .json (full report) or .csv (per-case values) output file")
     if path.is_dir():
         raise LCTfoundError(f"{path}: is a folder; give a file name")
-    if path.exists() and not overwrite:
-        raise LCTfoundError(f"{path}: already exists; choose a new file or pass --overwrite")
+    check_outputs([path], inputs, overwrite)
     return path
 
 

@@ -18,7 +18,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..atomic import atomic_file
 from ..errors import InputError, LCTfoundError
 from ._compat import slicer, vtk
 from .scene import add_node, ensure_segmentations_logic, node_scene, require_node, require_scene
@@ -29,6 +28,7 @@ from .volumes import (
     ijk_to_ras_of,
     load_volume,
     parent_transform_matrix,
+    storage_node_target,
     vtk_matrix_from_array,
 )
 
@@ -726,8 +726,7 @@ def save_segmentation(
             storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
             seg_node.SetAndObserveStorageNodeID(storage.GetID())
         storage.SetUseCompression(True)
-        with atomic_file(path, suffix=".seg.nrrd") as tmp:
-            tmp.unlink()  # the storage node writes a new file (and logs when replacing one)
+        with storage_node_target(path, ".seg.nrrd") as tmp:
             storage.SetFileName(str(tmp))
             ok = storage.WriteData(seg_node)
             storage.SetFileName(str(path))
@@ -745,8 +744,7 @@ def save_segmentation(
         labelmap.SetIJKToRASMatrix(vtk_matrix_from_array(grid.ijk_to_ras))
         labelmap.SetAndObserveImageData(image_data_from_array(labels))
         storage.SetUseCompression(True)
-        with atomic_file(path, suffix=_suffix(path)) as tmp:
-            tmp.unlink()  # the storage node writes a new file (and logs when replacing one)
+        with storage_node_target(path, _suffix(path)) as tmp:
             storage.SetFileName(str(tmp))
             if not storage.WriteData(labelmap):
                 raise LCTfoundError(f"{path}: could not write the label map of {seg_node.GetName()!r}")

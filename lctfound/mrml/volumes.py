@@ -7,13 +7,15 @@ are exact up to floating-point rounding. Arrays are always copied (never shared 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, image_reads_back
 from ..errors import InputError, LCTfoundError
 from ..io.volume import CTVolume
 from ._compat import numpy_support, slicer, vtk
@@ -262,6 +264,22 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+@contextlib.contextmanager
+def storage_node_target(path: Path, suffix: str):
+    """`atomic_file` for a storage node's ``WriteData``: the temporary name is freed for the node to
+    create, the file is read back before publication, and the ``TempWrite`` folder a storage node
+    leaves beside the file when a write fails (a full disk) is removed."""
+    temp_write = Path(path).parent / "TempWrite"
+    existed = temp_write.exists()
+    try:
+        with atomic_file(path, suffix=suffix, verify=image_reads_back) as tmp:
+            tmp.unlink()  # the storage node writes a new file (and logs when replacing one)
+            yield tmp
+    finally:
+        if not existed and temp_write.is_dir():
+            shutil.rmtree(temp_write, ignore_errors=True)
+
+
 def save_volume(node: Any, path: str | Path, compress: bool = True) -> Path:
     """Write a volume node to .nrrd/.nii.gz/... through a volume archetype storage node (atomically)."""
     require_node(node, "vtkMRMLScalarVolumeNode", "volume node")
@@ -276,8 +294,7 @@ def save_volume(node: Any, path: str | Path, compress: bool = True) -> Path:
         storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
         node.SetAndObserveStorageNodeID(storage.GetID())
     storage.SetUseCompression(bool(compress))
-    with atomic_file(path, suffix=_suffix(path)) as tmp:
-        tmp.unlink()  # the storage node writes a new file (and logs when replacing one)
+    with storage_node_target(path, _suffix(path)) as tmp:
         storage.SetFileName(str(tmp))
         ok = storage.WriteData(node)
         if not ok:

@@ -138,7 +138,7 @@ class FeatureCache:
         return True
 
     def _create(self) -> None:
-        from ..atomic import disk_full_error, is_disk_full, reserve_space
+        from ..atomic import create_memmap, disk_full_error, is_disk_full
 
         features_path = self.folder / "features.npy"
         for stale in (features_path, self.folder / ENTRY_INDEX, self.folder / "done.npy"):
@@ -146,11 +146,8 @@ class FeatureCache:
                 stale.unlink()
         try:
             with atomic_file(features_path, expected_bytes=self.nbytes) as tmp:
-                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=self.shape)
-                size = int(array.offset) + self.nbytes
-                del array
                 # Real blocks behind the memory map: a full disk is one line here, not SIGBUS later.
-                reserve_space(tmp, size)
+                create_memmap(tmp, np.float16, self.shape).flush()  # the file only: it is mapped again below
             self._write_index({})
         except (LCTfoundError, OSError) as error:
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -160,17 +160,29 @@ def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def check_run_folder(output: Path, resume: bool) -> Optional[tuple[int, Path]]:
+def check_run_folder(output: Path, resume: bool, inputs=()) -> Optional[tuple[int, Path]]:
     """The newest complete checkpoint to resume from (None for a new run), or a one-line error:
-    resuming a folder without one, or a new run in a folder that already holds a run. Trainers
-    with costly preparation (embedding, preprocessing) call it first; the loop checks again."""
+    resuming a folder without one, a new run in a folder that already holds a run, a run folder
+    that is (or is inside, or holds) one of ``inputs``, or one that cannot be written. Trainers
+    with costly preparation (embedding, preprocessing) call it first; the loop checks again.
+    On resume, temporaries left by a checkpoint save that was killed are removed."""
+    from ..atomic import check_writable, refuse_input_conflict, remove_stale_temporaries
+
+    output = Path(output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise LCTfoundError(f"{output}: is a file; give a folder for the run")
+    refuse_input_conflict(output, inputs, replaces_folder=True)
     checkpoints = list_checkpoints(output)
     if resume:
         if not checkpoints:
             raise LCTfoundError(f"{output}: nothing to resume (no complete checkpoint in {output / 'checkpoints'})")
+        remove_stale_temporaries(output / "checkpoints")
+        remove_stale_temporaries(output)
+        check_writable(output / "checkpoints" / "x")
         return checkpoints[-1]
     if output.exists() and any(output.iterdir()):
         raise LCTfoundError(f"{output}: already holds a run; pass --resume to continue it or choose a new folder")
+    check_writable(output / "x")
     return None
 
 
