@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import LCTfoundError
+from ..validation import (
+    MAX_STEPS, batch_int, diffusion_steps_int, epochs_float, float_type, fraction_float, image_size_int, int_type,
+    learning_rate_float, open_fraction_float, seed_int, steps_int, timestep_int, workers_int,
+)
 
 #: Loop defaults of every fine-tuning command (`train finetune`, `classify train`).
 FINETUNE_LOOP_DEFAULTS = dict(batch_size=4, lr=1e-4, warmup=100, checkpoint_every=200, epochs=20.0, log_every=5)
@@ -22,24 +26,27 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, batch_size: int, lr: 
                         help="continue the run in --output from its newest checkpoint (same settings)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto = CUDA when available; under `accelerate launch` the launcher decides")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
+    parser.add_argument("--batch-size", type=batch_int, default=batch_size,
                         help=f"items per optimizer step per process (default {batch_size})")
-    parser.add_argument("--micro-batch-size", type=int, help="items per forward pass (gradient accumulation)")
+    parser.add_argument("--micro-batch-size", type=batch_int, help="items per forward pass (gradient accumulation)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    group.add_argument("--epochs", type=float, default=epochs, help=f"epochs over the data (default {epochs:g})")
-    parser.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr:g})")
-    parser.add_argument("--warmup-steps", type=int, default=warmup,
+    group.add_argument("--max-steps", type=steps_int, help="stop after this many optimizer steps")
+    group.add_argument("--epochs", type=epochs_float, default=epochs, help=f"epochs over the data (default {epochs:g})")
+    parser.add_argument("--lr", type=learning_rate_float, default=lr, help=f"AdamW learning rate (default {lr:g})")
+    parser.add_argument("--warmup-steps", type=int_type(0, MAX_STEPS), default=warmup,
                         help=f"linear warm-up steps (default {warmup}, capped at 10%% of the run)")
     parser.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
                         help="auto = bf16 on GPUs that support it, none on CPU")
-    parser.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+    parser.add_argument("--checkpoint-every", type=steps_int, default=checkpoint_every,
                         help=f"steps between checkpoints (default {checkpoint_every})")
-    parser.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
-    parser.add_argument("--ema", type=float, metavar="DECAY", help="keep an EMA of the weights (e.g. 0.999)")
-    parser.add_argument("--seed", type=int, default=421, help="seed of new weights, data order and noise (default 421)")
-    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
-    parser.add_argument("--log-every", type=int, default=log_every, help=f"steps between metric rows (default {log_every})")
+    parser.add_argument("--keep-checkpoints", type=int_type(1, 1000), default=2, help="checkpoints kept (default 2)")
+    parser.add_argument("--ema", type=open_fraction_float, metavar="DECAY",
+                        help="keep an EMA of the weights (e.g. 0.999)")
+    parser.add_argument("--seed", type=seed_int, default=421,
+                        help="seed of new weights, data order and noise (default 421)")
+    parser.add_argument("--num-workers", type=workers_int, default=0, help="data-loading worker processes (default 0)")
+    parser.add_argument("--log-every", type=steps_int, default=log_every,
+                        help=f"steps between metric rows (default {log_every})")
     parser.add_argument("--name", help="model name recorded in its metadata")
     parser.add_argument("--register", metavar="NAME",
                         help="also copy the final model into the user model folder under NAME (all modules list it)")
@@ -64,14 +71,17 @@ def register(subparsers) -> None:
                        log_every=10)
     pretrain.add_argument("--preset", default="cpu-tiny", help="network preset for a new model (default cpu-tiny)")
     pretrain.add_argument("--init-model", help="start from this model folder instead of random weights")
-    pretrain.add_argument("--resolution", type=int, default=256, help="training image size (default 256)")
-    pretrain.add_argument("--patch-size", type=int,
+    pretrain.add_argument("--resolution", type=image_size_int, default=256, help="training image size (default 256)")
+    pretrain.add_argument("--patch-size", type=image_size_int,
                           help="train on random patches of this size cut from the resized slices (CPU-friendly)")
     pretrain.add_argument("--windows", default="lung,mediastinal", help="windows per slice (default lung,mediastinal)")
-    pretrain.add_argument("--condition-dropout", type=float, default=0.05, help="null-prompt probability (default 0.05)")
+    pretrain.add_argument("--condition-dropout", type=fraction_float, default=0.05,
+                          help="null-prompt probability (default 0.05)")
     pretrain.add_argument("--no-augment", action="store_true", help="only resize (no crops, flips, rotations, contrast)")
-    pretrain.add_argument("--num-samples", type=int, default=4, help="sample images per window at each checkpoint")
-    pretrain.add_argument("--sample-steps", type=int, default=25, help="DDIM steps for those samples (default 25)")
+    pretrain.add_argument("--num-samples", type=int_type(0, 256), default=4,
+                          help="sample images per window at each checkpoint")
+    pretrain.add_argument("--sample-steps", type=diffusion_steps_int, default=25,
+                          help="DDIM steps for those samples (default 25)")
     pretrain.set_defaults(func=run_pretrain)
 
     finetune = commands.add_parser(
@@ -88,9 +98,10 @@ def register(subparsers) -> None:
     finetune.add_argument("--labels", action="append", default=[], help="segmentation: the label map of the --image before it")
     finetune.add_argument("--pairs", help="segmentation: CSV with columns image,labels (paths relative to the CSV)")
     finetune.add_argument("--names", help="segmentation: label names, e.g. 1=Lesion,2=Trachea (default Label N)")
-    finetune.add_argument("--background-slices", type=float, default=1.0,
+    finetune.add_argument("--background-slices", type=float_type(0, 1000), default=1.0,
                           help="segmentation: unlabelled slices per labelled slice to include (default 1)")
-    finetune.add_argument("--timestep", type=int, default=0, help="segmentation: diffusion timestep of the input (default 0)")
+    finetune.add_argument("--timestep", type=timestep_int, default=0,
+                          help="segmentation: diffusion timestep of the input (default 0)")
     add_classification_arguments(finetune, prefix="classification: ")
     add_loop_arguments(finetune, **FINETUNE_LOOP_DEFAULTS)
     finetune.set_defaults(func=run_finetune)
@@ -101,11 +112,11 @@ def add_classification_arguments(parser: argparse.ArgumentParser, prefix: str = 
     """The classification options of `train finetune` and `classify train` (one handler: `run_finetune`)."""
     parser.add_argument("--table", required=table_required,
                         help=f"{prefix}CSV with columns image,label (label = class name; paths relative to the CSV)")
-    parser.add_argument("--slices-per-scan", type=int, default=12,
+    parser.add_argument("--slices-per-scan", type=int_type(0, 10_000), default=12,
                         help=f"{prefix}central slices used per scan, 0 = all (default 12, as the paper); "
                              "prediction uses the same choice")
     parser.add_argument("--timesteps", default="0,50,100", help=f"{prefix}timesteps (default 0,50,100)")
-    parser.add_argument("--block", type=int, default=1, help=f"{prefix}U-Net up block to read (default 1)")
+    parser.add_argument("--block", type=int_type(0, 4), default=1, help=f"{prefix}U-Net up block to read (default 1)")
 
 
 # ---------------------------------------------------------------------------- shared running
