@@ -83,6 +83,17 @@ def oblique_ct():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _no_command_options():
+    """Each test starts outside any command (`lctfound.errors.set_command_options`: a CLI call in a test
+    sets the options its errors may name, as it does in its own process)."""
+    from lctfound.errors import set_command_options
+
+    set_command_options(())
+    yield
+    set_command_options(())
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run ``lctfound <args>`` in-process; returns ``(exit_code, stdout, stderr)``.

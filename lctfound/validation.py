@@ -216,13 +216,14 @@ def parse_label_names(text: Optional[str], present: "set[int] | list[int]", sour
         names[value] = name.strip()
     existing = ", ".join(map(str, values)) or "none"
     unnamed = [v for v in values if v not in names]
-    example = ",".join(f"{v}={names.get(v, 'Name')}" for v in values)
-    if unnamed:
-        raise LCTfoundError(f"{source} holds label value(s) {', '.join(map(str, unnamed))} that have no name "
-                            f"(its label values: {existing}); name every value, e.g. "
-                            f"{example}")
     empty = [v for v in names if v not in values]
+    problems = []
+    if unnamed:
+        problems.append(f"label value(s) {', '.join(map(str, unnamed))} have no name")
     if empty:
-        raise LCTfoundError(f"label value(s) {', '.join(map(str, empty))} are named but have no voxels in {source} "
-                            f"(its label values: {existing}); name only the values that exist")
+        problems.append(f"named value(s) {', '.join(f'{v} ({names[v]})' for v in empty)} have no voxels")
+    if problems:
+        example = ",".join(f"{v}={names.get(v, 'Name')}" for v in values)
+        raise LCTfoundError(f"the label names do not match {source}: {' and '.join(problems)}; its label values are "
+                            f"{existing}, name exactly those" + (f" (e.g. {example})" if values else ""))
     return dict(sorted(names.items()))

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import LCTfoundError
-from ..validation import MAX_IMAGE_SIZE, epochs_int, int_type, slice_list_type
+from ..validation import MAX_IMAGE_SIZE, epochs_int, int_type, parse_label_names, slice_list_type
 
 
 def register(subparsers) -> None:
@@ -74,19 +74,6 @@ def register(subparsers) -> None:
     distill.set_defaults(func=run_distill)
 
 
-def _names(text: str | None, values: list[int]) -> dict[int, str]:
-    names = {value: f"Label {value}" for value in values if value > 0}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        key, _, name = part.partition("=")
-        try:
-            names[int(key)] = name.strip() or f"Label {key}"
-        except ValueError:
-            raise LCTfoundError(f"cannot read --names {text!r}; use e.g. 1=Lesion,2=Vessel") from None
-    return names
-
-
 def _format_names(names: dict[int, str]) -> str:
     return ",".join(f"{value}={name}" for value, name in sorted(names.items()) if value > 0) or "nothing"
 
@@ -117,7 +104,8 @@ def run_train(args: argparse.Namespace) -> int:
     labels = np.full(volume.shape, UNLABELLED, dtype=np.int16)
     labels[chosen] = label.array[chosen]
     values = sorted(int(v) for v in np.unique(label.array[chosen])) if chosen else []
-    names = _names(args.names, values)
+    names = parse_label_names(args.names, values,
+                              f"{args.labels} (on the chosen slices)" if args.slices else args.labels)
     if args.init:
         from dataclasses import replace
 

@@ -10,8 +10,9 @@ from typing import Callable
 
 from ..errors import LCTfoundError
 from ..validation import (
-    MAX_STEPS, batch_int, diffusion_steps_int, epochs_float, float_type, fraction_float, image_size_int, int_type,
-    learning_rate_float, open_fraction_float, seed_int, steps_int, timestep_int, workers_int,
+    MAX_DIFFUSION_STEPS, MAX_STEPS, batch_int, check_int, diffusion_steps_int, epochs_float, float_type,
+    fraction_float, image_size_int, int_type, learning_rate_float, open_fraction_float, parse_label_names, seed_int,
+    steps_int, timestep_int, workers_int,
 )
 
 #: Loop defaults of every fine-tuning command (`train finetune`, `classify train`).
@@ -214,18 +215,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- finetune
 
-def _label_names(text: str | None, values: set[int]) -> dict[int, str]:
-    names = {value: f"Label {value}" for value in sorted(values) if value}
-    if text:
-        for part in text.split(","):
-            key, _, name = part.partition("=")
-            try:
-                names[int(key)] = name.strip() or names.get(int(key), f"Label {key}")
-            except ValueError:
-                raise LCTfoundError(f"cannot read --names {text!r}; use e.g. 1=Lesion,2=Trachea") from None
-    return names
-
-
 def read_pairs(table: str) -> tuple[list[str], list[str]]:
     """(images, label maps) from a CSV with columns image,labels; relative paths are relative to the CSV."""
     from ..training.tables import read_case_table, table_path
@@ -241,7 +230,8 @@ def segmentation_slices(images: list[str], labels: list[str], background_ratio: 
     from ..io.volume import read_label_volume, read_volume
 
     if not images or len(images) != len(labels):
-        raise LCTfoundError("give each --image with its --labels (at least one pair)")
+        raise LCTfoundError("give each CT image with its label map (at least one pair)",
+                            option_hints={"image": "pass --image CT --labels LABELS for each pair, or --pairs CSV"})
     rng = np.random.default_rng(seed)
     slices, masks, values = [], [], set()
     for image_path, label_path in zip(images, labels):
@@ -291,8 +281,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     loop = loop_config_from_args(args)
     device = resolve_device("cpu" if args.device == "cpu" else "auto")
-    backbone = load_model(resolve_model(args.backbone), device=device)
     name = args.name or args.register
+    # Data, label names and settings are checked before the backbone is loaded.
     if args.task == "segmentation":
         mode = args.mode or "full"
         images, labels = list(args.image), list(args.labels)
@@ -300,19 +290,26 @@ def run_finetune(args: argparse.Namespace) -> int:
             more_images, more_labels = read_pairs(args.pairs)
             images, labels = images + more_images, labels + more_labels
         slices, masks, values = segmentation_slices(images, labels, args.background_slices, args.seed)
-        task = DenseSegmentationTask(backbone, slices, masks, _label_names(args.names, values), mode=mode,
-                                     timestep=args.timestep, window=args.window, seed=args.seed, name=name)
+        names = parse_label_names(args.names, values, "the label maps")
+        backbone = load_model(resolve_model(args.backbone), device=device)
+        task = DenseSegmentationTask(backbone, slices, masks, names, mode=mode, timestep=args.timestep,
+                                     window=args.window, seed=args.seed, name=name)
     else:
         mode = args.mode or "frozen"
         if mode == "adapter":
-            raise LCTfoundError("classification supports --mode frozen or full")
+            raise LCTfoundError("classification supports the modes frozen or full, not adapter")
         if not args.table:
-            raise LCTfoundError("classification needs --table CSV with columns image,label")
-        slices, classes, scans, class_names = classification_slices(args.table, args.slices_per_scan)
+            raise LCTfoundError("classification needs a table: a CSV with columns image,label",
+                                option_hints={"table": "pass it with --table CSV"})
         try:
-            timesteps = tuple(int(t) for t in args.timesteps.split(",") if t.strip())
-        except ValueError:
-            raise LCTfoundError(f"cannot read --timesteps {args.timesteps!r}; use e.g. 0,50,100") from None
+            timesteps = tuple(check_int(t, "a timestep", 0, MAX_DIFFUSION_STEPS - 1)
+                              for t in args.timesteps.split(",") if t.strip())
+        except LCTfoundError as error:
+            raise LCTfoundError(f"cannot use the timesteps {args.timesteps!r}: {error}; use e.g. 0,50,100") from None
+        if not timesteps:
+            raise LCTfoundError(f"no timesteps in {args.timesteps!r}; use e.g. 0,50,100")
+        slices, classes, scans, class_names = classification_slices(args.table, args.slices_per_scan)
+        backbone = load_model(resolve_model(args.backbone), device=device)
         task = SliceClassificationTask(backbone, slices, classes, scans, class_names, mode=mode, timesteps=timesteps,
                                        block=args.block, window=args.window, seed=args.seed, name=name,
                                        slices_per_scan=args.slices_per_scan)

@@ -33,7 +33,8 @@ def check_new_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if not overwrite:
         for target in (path, provenance_path(path)):
             if target.exists():
-                raise InputError(f"{target}: already exists; choose a new name or pass --overwrite")
+                raise InputError(f"{target}: already exists; choose a new name",
+                                 option_hints={"overwrite": "or pass --overwrite to replace it"})
     return path
 
 

@@ -22,7 +22,8 @@ def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise LCTfoundError(f"{path}: is a folder; give a file name")
     if path.exists() and not overwrite:
-        raise LCTfoundError(f"{path}: already exists; choose a new file or pass --overwrite")
+        raise LCTfoundError(f"{path}: already exists; choose a new file",
+                            option_hints={"overwrite": "or pass --overwrite to replace it"})
     return path
 
 

@@ -182,7 +182,8 @@ def check_run_folder(output: Path, resume: bool) -> Optional[tuple[int, Path]]:
             raise LCTfoundError(f"{output}: nothing to resume (no complete checkpoint in {output / 'checkpoints'})")
         return checkpoints[-1]
     if output.exists() and any(output.iterdir()):
-        raise LCTfoundError(f"{output}: already holds a run; pass --resume to continue it or choose a new folder")
+        raise LCTfoundError(f"{output}: already holds a run; choose a new folder",
+                            option_hints={"resume": "or pass --resume to continue it"})
     return None
 
 
