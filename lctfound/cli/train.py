@@ -10,8 +10,8 @@ from typing import Callable
 
 from ..errors import LCTfoundError
 from ..validation import (
-    MAX_DIFFUSION_STEPS, MAX_STEPS, batch_int, check_int, diffusion_steps_int, epochs_float, float_type,
-    fraction_float, image_size_int, int_type, learning_rate_float, open_fraction_float, parse_label_names, seed_int,
+    MAX_DIFFUSION_STEPS, MAX_IMAGE_SIZE, MAX_STEPS, batch_int, check_int, diffusion_steps_int, epochs_float, float_type,
+    fraction_float, int_type, learning_rate_float, open_fraction_float, parse_label_names, seed_int,
     steps_int, timestep_int, workers_int,
 )
 
@@ -72,8 +72,9 @@ def register(subparsers) -> None:
                        log_every=10)
     pretrain.add_argument("--preset", default="cpu-tiny", help="network preset for a new model (default cpu-tiny)")
     pretrain.add_argument("--init-model", help="start from this model folder instead of random weights")
-    pretrain.add_argument("--resolution", type=image_size_int, default=256, help="training image size (default 256)")
-    pretrain.add_argument("--patch-size", type=image_size_int,
+    pretrain.add_argument("--resolution", type=int_type(16, MAX_IMAGE_SIZE, multiple_of=16), default=256,
+                          help="training image size, a multiple of 16 (default 256)")
+    pretrain.add_argument("--patch-size", type=int_type(16, MAX_IMAGE_SIZE, multiple_of=16),
                           help="train on random patches of this size cut from the resized slices (CPU-friendly)")
     pretrain.add_argument("--windows", default="lung,mediastinal", help="windows per slice (default lung,mediastinal)")
     pretrain.add_argument("--condition-dropout", type=fraction_float, default=0.05,
