@@ -1,6 +1,7 @@
 """Shared pytest fixtures for the engine tests (Testing/).
 
-Keep fixtures here small and documented; test-image helpers live in ``data_factory.py``.
+Keep fixtures here small and documented; test-image helpers live in ``data_factory.py``, broken and
+misleading inputs (lying headers, NaN volumes, two-series DICOM, bad configs...) in ``bad_files.py``.
 """
 
 from __future__ import annotations

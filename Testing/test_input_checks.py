@@ -89,6 +89,17 @@ def test_memory_cap(tmp_path, monkeypatch):
         read_volume(path)
 
 
+def test_dicom_series_memory_cap(tmp_path, monkeypatch):
+    import data_factory
+    import lctfound.io.headers as headers
+
+    folder = tmp_path / "series"
+    data_factory.write_dicom_series(data_factory.synthetic_ct(shape=(4, 16, 20)), folder)
+    monkeypatch.setattr(headers, "available_memory", lambda: 100)
+    with pytest.raises(InputError, match=r"\(4 slices\) needs about .* of memory"):
+        read_volume(folder)
+
+
 def test_good_files_of_every_layout_still_read(tmp_path):
     """The checks accept what the writers make: NIfTI, NRRD and MHA, raw and compressed."""
     import data_factory
