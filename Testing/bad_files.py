@@ -276,11 +276,12 @@ def negative_label_map(folder) -> Path:
 
 
 def label_map_with_values(folder, values=(1, 7), name: str = "labels.nrrd") -> Path:
-    """A label map on `_ct()`'s grid holding the given values on separate blobs of slices 1–4."""
+    """A label map on `_ct()`'s grid holding the given values (at most 12) on separate blobs of slices 1–4."""
     volume = _ct()
-    label = np.zeros(volume.shape, np.uint8)
+    label = np.zeros(volume.shape, np.uint8 if max(values) < 256 else np.uint16)
     for index, value in enumerate(values):
-        label[1:5, 2 + 5 * index: 5 + 5 * index, 4:9] = value
+        row, column = 1 + 5 * (index % 3), 1 + 5 * (index // 3)
+        label[1:5, row:row + 4, column:column + 4] = value
     return write_volume(volume.with_array(label), _folder(folder) / name)
 
 

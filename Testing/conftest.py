@@ -1,6 +1,7 @@
 """Shared pytest fixtures for the engine tests (Testing/).
 
-Keep fixtures here small and documented; test-image helpers live in ``data_factory.py``.
+Keep fixtures here small and documented; test-image helpers live in ``data_factory.py``, broken and
+misleading inputs (lying headers, NaN volumes, two-series DICOM, bad configs...) in ``bad_files.py``.
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ def oblique_ct():
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_command_options():
+    """Each test starts outside any command (`lctfound.errors.set_command_options`: a CLI call in a test
+    sets the options its errors may name, as it does in its own process)."""
+    from lctfound.errors import set_command_options
+
+    set_command_options(())
+    yield
+    set_command_options(())
 
 
 @pytest.fixture

@@ -117,7 +117,8 @@ def test_parameter_problems(logic, tmp_path, cache):
     assert problems[1] == f"Training data folder not found: {tmp_path / 'missing'}"
     joined = " | ".join(problems)
     for text in ("Unknown preset 'huge'", "Resolution must be a multiple of 16 (got 40)", "Patch size must be 0",
-                 "Batch size must be at least 1", "Steps must be at least 1", "Checkpoint interval must be at least 1",
+                 "Batch size must be a whole number from 1", "Steps must be a whole number from 1",
+                 "Checkpoint interval must be a whole number from 1",
                  "Learning rate must be positive", "EMA decay must lie in [0, 1)", "Device 'cuda' is not available",
                  "Model name 'a b' may only contain"):
         assert text in joined, text

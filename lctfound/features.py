@@ -232,23 +232,10 @@ def load_volume_features(folder: str | Path, mmap: bool = True) -> tuple[np.ndar
 
 
 def parse_slices(text: Optional[str], num_slices: int) -> Optional[list[int]]:
-    """``"3,5,10-12"`` → [3, 5, 10, 11, 12] (inclusive ranges); None/empty → all slices."""
-    if not text:
-        return None
-    indices: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                first, last = (int(v) for v in part.split("-", 1))
-                indices.extend(range(first, last + 1))
-            else:
-                indices.append(int(part))
-    except ValueError:
-        raise LCTfoundError(f"cannot read slice list {text!r}; use e.g. 3,5,10-12") from None
-    bad = [i for i in indices if not 0 <= i < num_slices]
-    if bad:
-        raise LCTfoundError(f"slice {bad[0]} is outside the volume (0..{num_slices - 1})")
-    return indices
+    """``"3,5,10-12"`` → [3, 5, 10, 11, 12] (inclusive ranges); None/empty → all slices.
+    See `lctfound.validation.parse_slice_list` (reversed ranges, negative and outside slices are refused)."""
+    from .validation import parse_slice_list
+
+    return parse_slice_list(text, num_slices)
 
 

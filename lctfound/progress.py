@@ -58,18 +58,23 @@ def ensure_progress(progress: Optional[Progress]) -> Progress:
 
 
 class TqdmProgress(Progress):
-    """A `Progress` that drives one tqdm bar (used by the CLI); close it when done."""
+    """A `Progress` that drives one tqdm bar (used by the CLI); close it when done.
+
+    The bar appears at the first update, so a command refused while checking its inputs prints
+    only its one error line."""
 
     def __init__(self, description: str, unit: str = "it", cancel_token: Optional[CancelToken] = None):
         super().__init__(cancel_token=cancel_token)
-        from tqdm import tqdm
-
-        # disable=None: a bar on an interactive terminal only; in a log or a pipe stderr keeps only
-        # messages (an error stays one line).
-        self._bar = tqdm(desc=description, unit=unit, total=0, dynamic_ncols=True, disable=None)
+        self._description, self._unit, self._bar = description, unit, None
         self.add_callback(self._update_bar)
 
     def _update_bar(self, done: int, total: int, message: str) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            # disable=None: a bar on an interactive terminal only; in a log or a pipe stderr keeps only
+            # messages (an error stays one line).
+            self._bar = tqdm(desc=self._description, unit=self._unit, total=0, dynamic_ncols=True, disable=None)
         if total and self._bar.total != total:
             self._bar.total = total
         self._bar.n = done
@@ -78,7 +83,8 @@ class TqdmProgress(Progress):
         self._bar.refresh()
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
     def __enter__(self) -> "TqdmProgress":
         return self

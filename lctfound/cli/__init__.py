@@ -21,7 +21,7 @@ import sys
 from typing import Optional, Sequence
 
 from .. import __version__
-from ..errors import LCTfoundError
+from ..errors import LCTfoundError, set_command_options
 
 # Command-group modules, in the order `--help` lists them.
 COMMAND_MODULES = ("demo", "doctor", "data", "model", "features", "train", "generate", "segment", "classify", "ctfm",
@@ -175,6 +175,8 @@ def _run(argv: list, debug: bool) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Errors may then name this command's options; not under --events, whose messages a front end shows.
+    set_command_options(() if getattr(args, "events", False) else vars(args))
     logging.basicConfig(
         level=logging.DEBUG if (args.verbose or debug) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

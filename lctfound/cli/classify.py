@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import LCTfoundError
+from ..validation import batch_int
 from .train import FINETUNE_LOOP_DEFAULTS, add_classification_arguments, add_loop_arguments, run_finetune
 
 
@@ -51,7 +52,7 @@ def register(subparsers) -> None:
                          help="start a new results table instead of continuing OUTPUT, and replace existing "
                               "saliency volumes")
     predict.add_argument("--slices", help="'all' or slice indices such as 10-20 (default: the model's central slices)")
-    predict.add_argument("--batch-size", type=int, default=4, help="slices per forward pass (default 4)")
+    predict.add_argument("--batch-size", type=batch_int, default=4, help="slices per forward pass (default 4)")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     predict.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
     predict.set_defaults(func=run_predict)

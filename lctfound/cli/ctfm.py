@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LCTfoundError
+from ..validation import batch_int, float_type, int_type
 
 MODEL_HELP = ("CT-FM model: a folder in the published Hugging Face layout (config.json + model.safetensors, "
               "e.g. a local copy of project-lighter/ct_fm_feature_extractor), a .safetensors file, or a repo id "
@@ -77,7 +78,7 @@ def register(subparsers) -> None:
                                        "starts with '-'")
     where.add_argument("--region", help="RAS box: two opposite corners R1,A1,S1,R2,A2,S2 in mm (--region=... when it "
                                         "starts with '-')")
-    search.add_argument("--top", type=int, default=10, help="number of results (default 10)")
+    search.add_argument("--top", type=int_type(1, 100_000), default=10, help="number of results (default 10)")
     search.add_argument("--heatmap", help="write the similarity heat map here (.nii.gz, .nrrd, .mha)")
     search.add_argument("--heatmap-volume", help="volume to map the similarity over (default: the query volume)")
     search.add_argument("--json", action="store_true", help="print results as JSON")
@@ -93,8 +94,9 @@ def register(subparsers) -> None:
 def _window_options(parser: argparse.ArgumentParser, window: str = "32,128,128") -> None:
     parser.add_argument("--window", default=window,
                         help=f"embedding window D,H,W in preprocessed voxels, multiples of 16 (default {window})")
-    parser.add_argument("--overlap", type=float, default=0.5, help="embedding window overlap (default 0.5)")
-    parser.add_argument("--window-batch", type=int, default=2, help="windows per forward pass (default 2)")
+    parser.add_argument("--overlap", type=float_type(0, below=1), default=0.5,
+                        help="embedding window overlap (default 0.5)")
+    parser.add_argument("--window-batch", type=batch_int, default=2, help="windows per forward pass (default 2)")
 
 
 def _set_default(parser: argparse.ArgumentParser, dest: str, value, help_text: str) -> None:
@@ -138,7 +140,7 @@ def _register_tasks(groups) -> None:
     probe_predict.add_argument("--probe", required=True, help="ctfm-probe task model folder or registered name")
     probe_predict.add_argument("--model", help=MODEL_HELP + " Default: the CT-FM folder the probe was trained on.")
     probe_predict.add_argument("--output", "-o", required=True, help="predictions .csv file")
-    probe_predict.add_argument("--window-batch", type=int, default=2, help="windows per forward pass (default 2)")
+    probe_predict.add_argument("--window-batch", type=batch_int, default=2, help="windows per forward pass (default 2)")
     probe_predict.add_argument("--no-cache", action="store_true", help="recompute embeddings (and do not store them)")
     _predict_options(probe_predict)
     probe_predict.set_defaults(func=run_probe_predict)
@@ -161,7 +163,7 @@ def _register_tasks(groups) -> None:
     seg_train.add_argument("--patch", default="32,128,128",
                            help="training patch D,H,W in preprocessed voxels, multiples of 16 (default 32,128,128); "
                                 "prediction uses the same windows")
-    seg_train.add_argument("--patches-per-case", type=int, default=4,
+    seg_train.add_argument("--patches-per-case", type=int_type(1, 10_000), default=4,
                            help="random patches per scan and epoch (default 4)")
     seg_train.add_argument("--no-validate", action="store_true", help="skip the CT plausibility check of the inputs")
     add_loop_arguments(seg_train, batch_size=2, lr=1e-3, warmup=0, checkpoint_every=100, epochs=50.0, log_every=5)
@@ -180,8 +182,8 @@ def _register_tasks(groups) -> None:
     seg_predict.add_argument("--model", help=MODEL_HELP + " Default: the CT-FM folder the decoder was trained on "
                                                           "(not needed after --mode full).")
     seg_predict.add_argument("--output", "-o", required=True, help="label map file (.nii.gz/.nrrd/.mha) or a folder")
-    seg_predict.add_argument("--overlap", type=float, default=0.5, help="window overlap (default 0.5)")
-    seg_predict.add_argument("--window-batch", type=int, default=1, help="windows per forward pass (default 1)")
+    seg_predict.add_argument("--overlap", type=float_type(0, below=1), default=0.5, help="window overlap (default 0.5)")
+    seg_predict.add_argument("--window-batch", type=batch_int, default=1, help="windows per forward pass (default 1)")
     _predict_options(seg_predict)
     seg_predict.set_defaults(func=run_seg_predict)
 
@@ -350,8 +352,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "whole: one forward pass of the whole preprocessed volume (memory grows with it)")
     parser.add_argument("--window", default="32,128,128",
                         help="window D,H,W in preprocessed voxels, multiples of 16 (default 32,128,128)")
-    parser.add_argument("--overlap", type=float, default=0.5, help="window overlap (default 0.5)")
-    parser.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (default 2)")
+    parser.add_argument("--overlap", type=float_type(0, below=1), default=0.5, help="window overlap (default 0.5)")
+    parser.add_argument("--batch-size", type=batch_int, default=2, help="windows per forward pass (default 2)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--no-validate", action="store_true", help="skip the CT plausibility check of the inputs")
 

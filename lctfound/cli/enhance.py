@@ -15,6 +15,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..validation import (
+    MAX_DIFFUSION_STEPS, MAX_IMAGE_SIZE, batch_int, diffusion_steps_int, float_type, fraction_float, int_type,
+    iterations_int, non_negative_float, open_fraction_float, positive_float, seed_int, slice_list_type,
+)
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -32,9 +37,10 @@ def _add_output_options(parser: argparse.ArgumentParser, seed: bool = True) -> N
                         help="output volume (.nrrd, .nii.gz, .nii, .mha), or an existing folder to write "
                              "<input>_<task>.nrrd into; provenance goes to the same name with .json")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--slices", help="only these slice indices, e.g. 20-27 (the others hold -1024 HU)")
+    parser.add_argument("--slices", type=slice_list_type,
+                        help="only these slice indices, e.g. 20-27 (the others hold -1024 HU)")
     if seed:  # deterministic tasks (low-dose enhancement) take no seed
-        parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        parser.add_argument("--seed", type=seed_int, default=0, help="random seed (default 0)")
     parser.add_argument("--no-validate", action="store_true", help="accept a volume that does not look like CT in HU")
     parser.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
 
@@ -43,7 +49,7 @@ def _add_geometry_options(parser: argparse.ArgumentParser, default_kind: str, de
     parser.add_argument("--geometry", choices=("parallel", "fan"), default=None,
                         help=f"beam geometry (default {default_kind}); fan beam: flat detector, source 595 mm and "
                              "detector 490.6 mm from the isocentre, 360°; parallel: 180°")
-    parser.add_argument("--views", type=int, default=default_views,
+    parser.add_argument("--views", type=int_type(2, 100_000), default=default_views,
                         help="number of projection views" + (f" (default {default_views})" if default_views else ""))
 
 
@@ -62,10 +68,11 @@ def _add_simulate_low_dose(commands) -> None:
                     "reconstructed noise is added to the input (noise insertion, keeps its resolution), and the "
                     "input's own noise is accounted for (counts drawn at I0·d/(1-d)).")
     parser.add_argument("volume", help="full-dose CT volume: DICOM folder, NIfTI, NRRD or MHA")
-    parser.add_argument("--dose", type=float, required=True, help="dose fraction, e.g. 0.1 for 10%% (0 < d < 1)")
-    parser.add_argument("--photons", type=float, default=DEFAULT_INCIDENT_PHOTONS,
+    parser.add_argument("--dose", type=open_fraction_float, required=True,
+                        help="dose fraction, e.g. 0.1 for 10%% (0 < d < 1)")
+    parser.add_argument("--photons", type=positive_float, default=DEFAULT_INCIDENT_PHOTONS,
                         help=f"full-dose photons per detector bin per view (default {DEFAULT_INCIDENT_PHOTONS:g})")
-    parser.add_argument("--electronic-noise", type=float, default=0.0,
+    parser.add_argument("--electronic-noise", type=non_negative_float, default=0.0,
                         help="Gaussian electronic noise, standard deviation in photon counts (default 0)")
     parser.add_argument("--method", choices=METHODS, default="noise-insertion",
                         help="noise-insertion: input + FBP of the projection noise (default); reconstruct: FBP of "
@@ -123,21 +130,22 @@ def _add_sparse_view(commands) -> None:
     _add_geometry_options(parser, "parallel", None)
     parser.add_argument("--method", choices=METHODS, default="fbp", help="reconstruction method (default fbp)")
     parser.add_argument("--filter", default="ramp", help="FBP filter: ramp, shepp-logan, cosine, hamming, hann")
-    parser.add_argument("--tv-iterations", type=int, default=50, help="TV iterations (default 50)")
-    parser.add_argument("--tv-weight", type=float, default=0.005,
+    parser.add_argument("--tv-iterations", type=iterations_int, default=50, help="TV iterations (default 50)")
+    parser.add_argument("--tv-weight", type=non_negative_float, default=0.005,
                         help="TV weight per iteration, in units of water attenuation (default 0.005)")
     diffusion = parser.add_argument_group("diffusion")
     diffusion.add_argument("--model", default="default", help="LCTfound backbone (default: the embedded model)")
     diffusion.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    diffusion.add_argument("--steps", type=int, default=50, help="DDIM steps over the full schedule (default 50)")
-    diffusion.add_argument("--strength", type=float, default=1.0,
+    diffusion.add_argument("--steps", type=diffusion_steps_int, default=50,
+                           help="DDIM steps over the full schedule (default 50)")
+    diffusion.add_argument("--strength", type=float_type(above=0, maximum=1), default=1.0,
                            help="1: start from noise (default); s<1: start from the TV result noised to s")
-    diffusion.add_argument("--dc-iterations", type=int, default=10,
+    diffusion.add_argument("--dc-iterations", type=iterations_int, default=10,
                            help="LSQR data-consistency iterations per step (default 10)")
-    diffusion.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    diffusion.add_argument("--eta", type=fraction_float, default=0.0, help="DDIM eta (default 0)")
     diffusion.add_argument("--window", default="lung", help="window of the model's scale (default lung)")
-    diffusion.add_argument("--batch-size", type=int, default=4, help="slices per network call (default 4)")
-    diffusion.add_argument("--refine-iterations", type=int, default=10,
+    diffusion.add_argument("--batch-size", type=batch_int, default=4, help="slices per network call (default 4)")
+    diffusion.add_argument("--refine-iterations", type=iterations_int, default=10,
                            help="TV iterations on a volume grid finer than the model's (default 10)")
     parser.add_argument("--save-sinogram", metavar="FILE.npy",
                         help="also write the simulated sinograms (and FILE.json geometry) for later --sinogram runs")
@@ -232,22 +240,22 @@ def _add_super_resolution(commands) -> None:
                     "Through-plane runs on coronal planes. bicubic (Keys cubic convolution, a = -0.5) and bspline "
                     "(cubic B-spline) are interpolation baselines.")
     parser.add_argument("volume", help="CT volume: DICOM folder, NIfTI, NRRD or MHA")
-    parser.add_argument("--factor", type=int, default=4, help="2, 4 or 8 (default 4)")
+    parser.add_argument("--factor", type=int_type(2, 8), default=4, help="2, 4 or 8 (default 4)")
     parser.add_argument("--axis", default="in-plane",
                         help="in-plane (rows and columns, default) or through-plane (thick → thin slices)")
     parser.add_argument("--method", default="ddnm", help="ddnm (default), bicubic or bspline")
     ddnm = parser.add_argument_group("ddnm")
     ddnm.add_argument("--model", default="default", help="LCTfound diffusion model (default: the embedded model)")
     ddnm.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    ddnm.add_argument("--steps", type=int, default=50, help="DDIM schedule steps (default 50)")
-    ddnm.add_argument("--eta", type=float, default=DEFAULT_ETA, help=f"DDNM η, 0..1 (default {DEFAULT_ETA})")
-    ddnm.add_argument("--noise-hu", type=float, default=0.0,
+    ddnm.add_argument("--steps", type=diffusion_steps_int, default=50, help="DDIM schedule steps (default 50)")
+    ddnm.add_argument("--eta", type=fraction_float, default=DEFAULT_ETA, help=f"DDNM η, 0..1 (default {DEFAULT_ETA})")
+    ddnm.add_argument("--noise-hu", type=non_negative_float, default=0.0,
                       help="noise std of the input in HU for DDNM+ (default 0: exact consistency)")
     ddnm.add_argument("--window", default="lung", help="window of the model's scale and prompt (default lung)")
     ddnm.add_argument("--intensity", default="official",
                       help=f"HU ↔ model mapping: {' or '.join(INTENSITY_MAPPINGS)} (official: each plane's own range, "
                            "as in training; the default)")
-    ddnm.add_argument("--batch-size", type=int, default=4, help="slices or planes per network call (default 4)")
+    ddnm.add_argument("--batch-size", type=batch_int, default=4, help="slices or planes per network call (default 4)")
     _add_output_options(parser)
     parser.set_defaults(func=run_super_resolution)
 
@@ -357,20 +365,21 @@ def _add_train_low_dose(commands) -> None:
                     "the projection domain, as `enhance simulate-low-dose`). OUTPUT/model is the task model "
                     "(low-dose-enhancement).")
     _add_pair_options(parser, "low-dose", "full-dose", ("low-dose", "full-dose"))
-    parser.add_argument("--simulate-dose", type=float, metavar="FRACTION",
+    parser.add_argument("--simulate-dose", type=open_fraction_float, metavar="FRACTION",
                         help="simulate each --full-dose volume's low-dose partner at this dose fraction (e.g. 0.1)")
-    parser.add_argument("--photons", type=float, default=DEFAULT_INCIDENT_PHOTONS,
+    parser.add_argument("--photons", type=positive_float, default=DEFAULT_INCIDENT_PHOTONS,
                         help=f"with --simulate-dose: full-dose photons per detector bin per view "
                              f"(default {DEFAULT_INCIDENT_PHOTONS:g})")
     parser.add_argument("--backbone", default="default", help="backbone model name or folder (default: embedded)")
     parser.add_argument("--window", default=DEFAULT_WINDOW,
                         help=f"window mapped to the model's [-1, 1] (default {DEFAULT_WINDOW}; values outside it pass "
                              "through unchanged)")
-    parser.add_argument("--patch-size", type=int, help="training patch (and inference tile) size, a multiple of 16 "
+    parser.add_argument("--patch-size", type=int_type(16, MAX_IMAGE_SIZE, multiple_of=16),
+                        help="training patch (and inference tile) size, a multiple of 16 "
                                                        "(default: the backbone's input size)")
-    parser.add_argument("--diffusion-steps", type=int, default=DEFAULT_STEPS,
+    parser.add_argument("--diffusion-steps", type=diffusion_steps_int, default=DEFAULT_STEPS,
                         help=f"cold-diffusion steps T (default {DEFAULT_STEPS})")
-    parser.add_argument("--timestep-max", type=int, default=DEFAULT_TIMESTEP_MAX,
+    parser.add_argument("--timestep-max", type=int_type(1, MAX_DIFFUSION_STEPS - 1), default=DEFAULT_TIMESTEP_MAX,
                         help=f"backbone DDPM timestep given at t = T (default {DEFAULT_TIMESTEP_MAX})")
     parser.add_argument("--loss", choices=LOSSES, default="mse", help="loss on the x0 estimates (default mse)")
     add_loop_arguments(parser, **LOW_DOSE_LOOP_DEFAULTS)
@@ -420,9 +429,10 @@ def _add_low_dose(commands) -> None:
     parser.add_argument("volume", help="low-dose CT volume: DICOM folder, NIfTI, NRRD or MHA")
     parser.add_argument("--model", required=True, help="low-dose-enhancement task model (folder or registered name)")
     parser.add_argument("--backbone", help="backbone model (default: the one the task model names)")
-    parser.add_argument("--steps", type=int, help="sampling steps, 1..T (default T, as trained; fewer skip levels)")
+    parser.add_argument("--steps", type=diffusion_steps_int,
+                        help="sampling steps, 1..T (default T, as trained; fewer skip levels)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--batch-size", type=int, default=4, help="slices per batch (default 4)")
+    parser.add_argument("--batch-size", type=batch_int, default=4, help="slices per batch (default 4)")
     _add_output_options(parser, seed=False)
     parser.set_defaults(func=run_low_dose)
 
@@ -467,9 +477,9 @@ def _add_train_vcta(commands) -> None:
     parser.add_argument("--mode", choices=MODES, default="full",
                         help="full: every U-Net weight trains (default); adapter: frozen backbone, widened conv_in "
                              "and residual adapters train")
-    parser.add_argument("--resolution", type=int,
+    parser.add_argument("--resolution", type=int_type(16, MAX_IMAGE_SIZE, multiple_of=16),
                         help="working resolution, a multiple of 16 (default: the backbone's input size)")
-    parser.add_argument("--min-snr-gamma", type=float, default=DEFAULT_MIN_SNR_GAMMA,
+    parser.add_argument("--min-snr-gamma", type=non_negative_float, default=DEFAULT_MIN_SNR_GAMMA,
                         help=f"min-SNR-γ loss weights (default {DEFAULT_MIN_SNR_GAMMA:g}; 0 = plain ε-MSE)")
     add_loop_arguments(parser, **FINETUNE_LOOP_DEFAULTS)
     parser.set_defaults(func=run_train_vcta)
@@ -502,12 +512,12 @@ def _add_vcta(commands) -> None:
     parser.add_argument("volume", help="non-contrast CT volume: DICOM folder, NIfTI, NRRD or MHA")
     parser.add_argument("--model", required=True, help="vcta task model (folder or registered name)")
     parser.add_argument("--backbone", help="backbone model for adapter models (default: the one the model names)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0..1 (default 0: deterministic)")
-    parser.add_argument("--strength", type=float, default=1.0,
+    parser.add_argument("--steps", type=diffusion_steps_int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument("--eta", type=fraction_float, default=0.0, help="DDIM eta, 0..1 (default 0: deterministic)")
+    parser.add_argument("--strength", type=float_type(above=0, maximum=1), default=1.0,
                         help="1: start from noise (default); s<1: start from the non-contrast slice noised to s")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--batch-size", type=int, default=4, help="slices per batch (default 4)")
+    parser.add_argument("--batch-size", type=batch_int, default=4, help="slices per batch (default 4)")
     _add_output_options(parser)
     parser.set_defaults(func=run_vcta)
 

@@ -13,6 +13,8 @@ import re
 import sys
 from typing import Any, Optional
 
+from ..validation import int_type, seed_int, slice_list_type
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -28,9 +30,9 @@ def register(subparsers) -> None:
 def _add_shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", help="write the full report (.json) or the per-case values (.csv)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+    parser.add_argument("--bootstrap", type=int_type(100, 1_000_000), default=1000, metavar="N",
                         help="bootstrap resamples for confidence intervals (default 1000, at least 100)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="bootstrap seed (default 0)")
 
 
 def _add_segmentation(commands) -> None:
@@ -51,7 +53,8 @@ def _add_segmentation(commands) -> None:
     names.add_argument("--names", help="structure names by label value, e.g. 1=Lesion,2=Vessel "
                                        "(default: every label found, named 'Label N')")
     names.add_argument("--model", help="segmentation task-model folder whose label names to use")
-    parser.add_argument("--slices", help="evaluate only these slice indices, e.g. 10,12-14 (held-out slices)")
+    parser.add_argument("--slices", type=slice_list_type,
+                        help="evaluate only these slice indices, e.g. 10,12-14 (held-out slices)")
     _add_shared_options(parser)
     parser.set_defaults(func=run_segmentation)
 
@@ -91,7 +94,7 @@ def _add_image(commands) -> None:
     parser.add_argument("--range", dest="hu_range", default="-1000,1000", metavar="LOW,HIGH",
                         help="HU range for PSNR/SSIM/VIF (default -1000,1000, data range 2000 HU)")
     parser.add_argument("--mask", help="label map on the reference grid; metrics over its non-zero voxels")
-    parser.add_argument("--slices", help="evaluate only these slice indices, e.g. 20-27")
+    parser.add_argument("--slices", type=slice_list_type, help="evaluate only these slice indices, e.g. 20-27")
     _add_shared_options(parser)
     # Let "--range -1000,1000" read its negative value: argparse takes only plain negative numbers
     # ("-5") for values, anything else starting with "-" for an option (no public setting for this).

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import LCTfoundError
+from ..validation import MAX_IMAGE_SIZE, batch_int, int_type, seed_int, slice_list_type
 
 DTYPES = ("float16", "float32")
 
@@ -22,16 +23,16 @@ def register(subparsers) -> None:
     parser.add_argument("--output", "-o", required=True, help="new folder for features.npy + features.json")
     parser.add_argument("--model", default="default", help="model name or folder (default: the embedded model)")
     parser.add_argument("--series-uid", help="DICOM SeriesInstanceUID (default: the largest series)")
-    parser.add_argument("--slices", help="slice indices, e.g. 20,21,30-34 (default: all)")
+    parser.add_argument("--slices", type=slice_list_type, help="slice indices, e.g. 20,21,30-34 (default: all)")
     parser.add_argument("--window", default="mediastinal", help="lung, mediastinal or WIDTH,LEVEL (default: mediastinal)")
     parser.add_argument("--timesteps", default="0,50,100,150", help="diffusion timesteps (default: 0,50,100,150)")
     parser.add_argument("--blocks", default="1,2,3,4", help="U-Net up blocks to hook (default: 1,2,3,4)")
-    parser.add_argument("--resolution", type=int, default=64,
+    parser.add_argument("--resolution", type=int_type(8, MAX_IMAGE_SIZE), default=64,
                         help="stored feature map size R (default 64; the model size, e.g. 256, is full resolution)")
     parser.add_argument("--dtype", choices=DTYPES, default="float16", help="stored precision (default float16)")
-    parser.add_argument("--batch-size", type=int, default=1, help="slices per forward pass (default 1)")
+    parser.add_argument("--batch-size", type=batch_int, default=1, help="slices per forward pass (default 1)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="noise seed (default 0)")
     parser.add_argument("--max-size", default="4GB", help="refuse to store more than this (default 4GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.set_defaults(func=run)

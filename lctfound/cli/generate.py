@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import LCTfoundError
+from ..validation import batch_int, diffusion_steps_int, float_type, image_size_int, int_type, seed_int
 
 SAMPLER_CHOICES = ("ddim", "dpm-solver", "ddpm")
 
@@ -24,13 +25,14 @@ def register(subparsers) -> None:
     parser.add_argument("--disease", help="optional disease text the model was trained with")
     parser.add_argument("--prompt", help="a prompt the model's conditioning knows, instead of --window/--disease "
                                          "(--window still sets the HU range of a volume)")
-    parser.add_argument("--num-images", "-n", type=int, default=8, help="number of slices (default 8)")
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    parser.add_argument("--num-images", "-n", type=int_type(1, 100_000), default=8, help="number of slices (default 8)")
+    parser.add_argument("--steps", type=diffusion_steps_int, default=50, help="sampler steps (default 50)")
     parser.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddim", help="default ddim")
-    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the first image (default 0)")
-    parser.add_argument("--size", type=int, help="image size (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images sampled together (default 8)")
+    parser.add_argument("--guidance-scale", type=float_type(0, 100), default=1.0,
+                        help="classifier-free guidance (1 = off)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed of the first image (default 0)")
+    parser.add_argument("--size", type=image_size_int, help="image size (default: the model's)")
+    parser.add_argument("--batch-size", type=batch_int, default=8, help="images sampled together (default 8)")
     parser.add_argument("--spacing", default="1", help="voxel size of a volume in mm: S or X,Y,Z (default 1)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--output", "-o", required=True,

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import LCTfoundError
+from ..validation import MAX_IMAGE_SIZE, epochs_int, int_type, parse_label_names, slice_list_type
 
 
 def register(subparsers) -> None:
@@ -23,14 +24,15 @@ def register(subparsers) -> None:
                                             "after corrections is fast.")
     train.add_argument("volume", help="CT volume: DICOM folder, NIfTI, NRRD or MHA")
     train.add_argument("--labels", required=True, help="label map on the volume's grid (0 = background)")
-    train.add_argument("--slices", help="slices that are fully labelled, e.g. 10,12-14 (default: slices with labels)")
+    train.add_argument("--slices", type=slice_list_type,
+                       help="slices that are fully labelled, e.g. 10,12-14 (default: slices with labels)")
     train.add_argument("--names", help="structure names, e.g. 1=Lesion,2=Vessel (default Label N)")
     train.add_argument("--backbone", help="backbone model (default: the --init model's, else the embedded model)")
     train.add_argument("--init", metavar="MODEL",
                        help="continue from this few-shot model (after corrections): its head is the start, and "
                             "pixels it gets wrong on the labelled slices count more")
     train.add_argument("--window", default="mediastinal", help="input window (default mediastinal)")
-    train.add_argument("--epochs", type=int, default=30, help="head training epochs (default 30)")
+    train.add_argument("--epochs", type=epochs_int, default=30, help="head training epochs (default 30)")
     train.add_argument("--output", "-o", required=True, help="new task-model folder")
     train.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     train.add_argument("--register", metavar="NAME", help="also register it under NAME for every front end")
@@ -65,8 +67,8 @@ def register(subparsers) -> None:
                          help="label maps, one per VOLUME in the same order ('-' for none); slices holding a "
                               "structure count as annotated, other slices are left to the teacher")
     distill.add_argument("--backbone", help="the teacher's backbone (default: the one the teacher names)")
-    distill.add_argument("--epochs", type=int, default=20, help="student training epochs (default 20)")
-    distill.add_argument("--resolution", type=int,
+    distill.add_argument("--epochs", type=epochs_int, default=20, help="student training epochs (default 20)")
+    distill.add_argument("--resolution", type=int_type(16, MAX_IMAGE_SIZE, multiple_of=16),
                          help="student working resolution, a multiple of 16 (default: the teacher's input size)")
     distill.add_argument("--output", "-o", required=True, help="new task-model folder")
     distill.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
@@ -74,19 +76,6 @@ def register(subparsers) -> None:
     distill.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     distill.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
     distill.set_defaults(func=run_distill)
-
-
-def _names(text: str | None, values: list[int]) -> dict[int, str]:
-    names = {value: f"Label {value}" for value in values if value > 0}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        key, _, name = part.partition("=")
-        try:
-            names[int(key)] = name.strip() or f"Label {key}"
-        except ValueError:
-            raise LCTfoundError(f"cannot read --names {text!r}; use e.g. 1=Lesion,2=Vessel") from None
-    return names
 
 
 def _format_names(names: dict[int, str]) -> str:
@@ -121,7 +110,8 @@ def run_train(args: argparse.Namespace) -> int:
     labels = np.full(volume.shape, UNLABELLED, dtype=np.int16)
     labels[chosen] = label.array[chosen]
     values = sorted(int(v) for v in np.unique(label.array[chosen])) if chosen else []
-    names = _names(args.names, values)
+    names = parse_label_names(args.names, values,
+                              f"{args.labels} (on the chosen slices)" if args.slices else args.labels)
     if args.init:
         from dataclasses import replace
 

@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import LCTfoundError
+from ..validation import (
+    MAX_DIFFUSION_STEPS, MAX_IMAGE_SIZE, MAX_STEPS, batch_int, check_int, diffusion_steps_int, epochs_float, float_type,
+    fraction_float, int_type, learning_rate_float, open_fraction_float, parse_label_names, seed_int,
+    steps_int, timestep_int, workers_int,
+)
 
 #: Loop defaults of every fine-tuning command (`train finetune`, `classify train`).
 FINETUNE_LOOP_DEFAULTS = dict(batch_size=4, lr=1e-4, warmup=100, checkpoint_every=200, epochs=20.0, log_every=5)
@@ -22,24 +27,27 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, batch_size: int, lr: 
                         help="continue the run in --output from its newest checkpoint (same settings)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto = CUDA when available; under `accelerate launch` the launcher decides")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
+    parser.add_argument("--batch-size", type=batch_int, default=batch_size,
                         help=f"items per optimizer step per process (default {batch_size})")
-    parser.add_argument("--micro-batch-size", type=int, help="items per forward pass (gradient accumulation)")
+    parser.add_argument("--micro-batch-size", type=batch_int, help="items per forward pass (gradient accumulation)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    group.add_argument("--epochs", type=float, default=epochs, help=f"epochs over the data (default {epochs:g})")
-    parser.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr:g})")
-    parser.add_argument("--warmup-steps", type=int, default=warmup,
+    group.add_argument("--max-steps", type=steps_int, help="stop after this many optimizer steps")
+    group.add_argument("--epochs", type=epochs_float, default=epochs, help=f"epochs over the data (default {epochs:g})")
+    parser.add_argument("--lr", type=learning_rate_float, default=lr, help=f"AdamW learning rate (default {lr:g})")
+    parser.add_argument("--warmup-steps", type=int_type(0, MAX_STEPS), default=warmup,
                         help=f"linear warm-up steps (default {warmup}, capped at 10%% of the run)")
     parser.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"),
                         help="auto = bf16 on GPUs that support it, none on CPU")
-    parser.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+    parser.add_argument("--checkpoint-every", type=steps_int, default=checkpoint_every,
                         help=f"steps between checkpoints (default {checkpoint_every})")
-    parser.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
-    parser.add_argument("--ema", type=float, metavar="DECAY", help="keep an EMA of the weights (e.g. 0.999)")
-    parser.add_argument("--seed", type=int, default=421, help="seed of new weights, data order and noise (default 421)")
-    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default 0)")
-    parser.add_argument("--log-every", type=int, default=log_every, help=f"steps between metric rows (default {log_every})")
+    parser.add_argument("--keep-checkpoints", type=int_type(1, 1000), default=2, help="checkpoints kept (default 2)")
+    parser.add_argument("--ema", type=open_fraction_float, metavar="DECAY",
+                        help="keep an EMA of the weights (e.g. 0.999)")
+    parser.add_argument("--seed", type=seed_int, default=421,
+                        help="seed of new weights, data order and noise (default 421)")
+    parser.add_argument("--num-workers", type=workers_int, default=0, help="data-loading worker processes (default 0)")
+    parser.add_argument("--log-every", type=steps_int, default=log_every,
+                        help=f"steps between metric rows (default {log_every})")
     parser.add_argument("--name", help="model name recorded in its metadata")
     parser.add_argument("--register", metavar="NAME",
                         help="also copy the final model into the user model folder under NAME (all modules list it)")
@@ -64,14 +72,18 @@ def register(subparsers) -> None:
                        log_every=10)
     pretrain.add_argument("--preset", default="cpu-tiny", help="network preset for a new model (default cpu-tiny)")
     pretrain.add_argument("--init-model", help="start from this model folder instead of random weights")
-    pretrain.add_argument("--resolution", type=int, default=256, help="training image size (default 256)")
-    pretrain.add_argument("--patch-size", type=int,
+    pretrain.add_argument("--resolution", type=int_type(16, MAX_IMAGE_SIZE, multiple_of=16), default=256,
+                          help="training image size, a multiple of 16 (default 256)")
+    pretrain.add_argument("--patch-size", type=int_type(16, MAX_IMAGE_SIZE, multiple_of=16),
                           help="train on random patches of this size cut from the resized slices (CPU-friendly)")
     pretrain.add_argument("--windows", default="lung,mediastinal", help="windows per slice (default lung,mediastinal)")
-    pretrain.add_argument("--condition-dropout", type=float, default=0.05, help="null-prompt probability (default 0.05)")
+    pretrain.add_argument("--condition-dropout", type=fraction_float, default=0.05,
+                          help="null-prompt probability (default 0.05)")
     pretrain.add_argument("--no-augment", action="store_true", help="only resize (no crops, flips, rotations, contrast)")
-    pretrain.add_argument("--num-samples", type=int, default=4, help="sample images per window at each checkpoint")
-    pretrain.add_argument("--sample-steps", type=int, default=25, help="DDIM steps for those samples (default 25)")
+    pretrain.add_argument("--num-samples", type=int_type(0, 256), default=4,
+                          help="sample images per window at each checkpoint")
+    pretrain.add_argument("--sample-steps", type=diffusion_steps_int, default=25,
+                          help="DDIM steps for those samples (default 25)")
     pretrain.set_defaults(func=run_pretrain)
 
     finetune = commands.add_parser(
@@ -88,9 +100,10 @@ def register(subparsers) -> None:
     finetune.add_argument("--labels", action="append", default=[], help="segmentation: the label map of the --image before it")
     finetune.add_argument("--pairs", help="segmentation: CSV with columns image,labels (paths relative to the CSV)")
     finetune.add_argument("--names", help="segmentation: label names, e.g. 1=Lesion,2=Trachea (default Label N)")
-    finetune.add_argument("--background-slices", type=float, default=1.0,
+    finetune.add_argument("--background-slices", type=float_type(0, 1000), default=1.0,
                           help="segmentation: unlabelled slices per labelled slice to include (default 1)")
-    finetune.add_argument("--timestep", type=int, default=0, help="segmentation: diffusion timestep of the input (default 0)")
+    finetune.add_argument("--timestep", type=timestep_int, default=0,
+                          help="segmentation: diffusion timestep of the input (default 0)")
     add_classification_arguments(finetune, prefix="classification: ")
     add_loop_arguments(finetune, **FINETUNE_LOOP_DEFAULTS)
     finetune.set_defaults(func=run_finetune)
@@ -101,11 +114,11 @@ def add_classification_arguments(parser: argparse.ArgumentParser, prefix: str = 
     """The classification options of `train finetune` and `classify train` (one handler: `run_finetune`)."""
     parser.add_argument("--table", required=table_required,
                         help=f"{prefix}CSV with columns image,label (label = class name; paths relative to the CSV)")
-    parser.add_argument("--slices-per-scan", type=int, default=12,
+    parser.add_argument("--slices-per-scan", type=int_type(0, 10_000), default=12,
                         help=f"{prefix}central slices used per scan, 0 = all (default 12, as the paper); "
                              "prediction uses the same choice")
     parser.add_argument("--timesteps", default="0,50,100", help=f"{prefix}timesteps (default 0,50,100)")
-    parser.add_argument("--block", type=int, default=1, help=f"{prefix}U-Net up block to read (default 1)")
+    parser.add_argument("--block", type=int_type(0, 4), default=1, help=f"{prefix}U-Net up block to read (default 1)")
 
 
 # ---------------------------------------------------------------------------- shared running
@@ -208,18 +221,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- finetune
 
-def _label_names(text: str | None, values: set[int]) -> dict[int, str]:
-    names = {value: f"Label {value}" for value in sorted(values) if value}
-    if text:
-        for part in text.split(","):
-            key, _, name = part.partition("=")
-            try:
-                names[int(key)] = name.strip() or names.get(int(key), f"Label {key}")
-            except ValueError:
-                raise LCTfoundError(f"cannot read --names {text!r}; use e.g. 1=Lesion,2=Trachea") from None
-    return names
-
-
 def read_pairs(table: str) -> tuple[list[str], list[str]]:
     """(images, label maps) from a CSV with columns image,labels; relative paths are relative to the CSV."""
     from ..training.tables import read_case_table, table_path
@@ -235,7 +236,8 @@ def segmentation_slices(images: list[str], labels: list[str], background_ratio: 
     from ..io.volume import read_label_volume, read_volume
 
     if not images or len(images) != len(labels):
-        raise LCTfoundError("give each --image with its --labels (at least one pair)")
+        raise LCTfoundError("give each CT image with its label map (at least one pair)",
+                            option_hints={"image": "pass --image CT --labels LABELS for each pair, or --pairs CSV"})
     rng = np.random.default_rng(seed)
     slices, masks, values = [], [], set()
     for image_path, label_path in zip(images, labels):
@@ -285,8 +287,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     loop = loop_config_from_args(args)
     device = resolve_device("cpu" if args.device == "cpu" else "auto")
-    backbone = load_model(resolve_model(args.backbone), device=device)
     name = args.name or args.register
+    # Data, label names and settings are checked before the backbone is loaded.
     if args.task == "segmentation":
         mode = args.mode or "full"
         images, labels = list(args.image), list(args.labels)
@@ -294,19 +296,26 @@ def run_finetune(args: argparse.Namespace) -> int:
             more_images, more_labels = read_pairs(args.pairs)
             images, labels = images + more_images, labels + more_labels
         slices, masks, values = segmentation_slices(images, labels, args.background_slices, args.seed)
-        task = DenseSegmentationTask(backbone, slices, masks, _label_names(args.names, values), mode=mode,
-                                     timestep=args.timestep, window=args.window, seed=args.seed, name=name)
+        names = parse_label_names(args.names, values, "the label maps")
+        backbone = load_model(resolve_model(args.backbone), device=device)
+        task = DenseSegmentationTask(backbone, slices, masks, names, mode=mode, timestep=args.timestep,
+                                     window=args.window, seed=args.seed, name=name)
     else:
         mode = args.mode or "frozen"
         if mode == "adapter":
-            raise LCTfoundError("classification supports --mode frozen or full")
+            raise LCTfoundError("classification supports the modes frozen or full, not adapter")
         if not args.table:
-            raise LCTfoundError("classification needs --table CSV with columns image,label")
-        slices, classes, scans, class_names = classification_slices(args.table, args.slices_per_scan)
+            raise LCTfoundError("classification needs a table: a CSV with columns image,label",
+                                option_hints={"table": "pass it with --table CSV"})
         try:
-            timesteps = tuple(int(t) for t in args.timesteps.split(",") if t.strip())
-        except ValueError:
-            raise LCTfoundError(f"cannot read --timesteps {args.timesteps!r}; use e.g. 0,50,100") from None
+            timesteps = tuple(check_int(t, "a timestep", 0, MAX_DIFFUSION_STEPS - 1)
+                              for t in args.timesteps.split(",") if t.strip())
+        except LCTfoundError as error:
+            raise LCTfoundError(f"cannot use the timesteps {args.timesteps!r}: {error}; use e.g. 0,50,100") from None
+        if not timesteps:
+            raise LCTfoundError(f"no timesteps in {args.timesteps!r}; use e.g. 0,50,100")
+        slices, classes, scans, class_names = classification_slices(args.table, args.slices_per_scan)
+        backbone = load_model(resolve_model(args.backbone), device=device)
         task = SliceClassificationTask(backbone, slices, classes, scans, class_names, mode=mode, timesteps=timesteps,
                                        block=args.block, window=args.window, seed=args.seed, name=name,
                                        slices_per_scan=args.slices_per_scan)

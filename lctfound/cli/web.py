@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
+from ..validation import float_type, int_type
 
 
 def register(subparsers) -> None:
@@ -18,7 +19,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; anything else needs --token/--token-file)")
-    parser.add_argument("--port", type=int, default=0, help="port (default 0: a free one; the URL is printed)")
+    parser.add_argument("--port", type=int_type(0, 65535), default=0,
+                        help="port (default 0: a free one; the URL is printed)")
     parser.add_argument("--data-root", action="append", default=[], metavar="FOLDER",
                         help="folder whose CT files the page may open on the server (repeatable); paths outside "
                              "every data root are refused")
@@ -27,13 +29,13 @@ def register(subparsers) -> None:
                                        "a command line is visible to other local users")
     token.add_argument("--token-file", metavar="FILE", help="read the access token from the first line of FILE")
     token.add_argument("--new-token", action="store_true", help="make a random access token and print it in the URL")
-    parser.add_argument("--max-upload-mb", type=float, default=1024.0,
+    parser.add_argument("--max-upload-mb", type=float_type(above=0, maximum=10_000_000), default=1024.0,
                         help="largest upload accepted, in MB (default 1024)")
     parser.add_argument("--export-dir", type=Path, default=None,
                         help="where exports are written before download (default <cache>/web-exports)")
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="run folders of training jobs (default <cache>/runs)")
-    parser.add_argument("--sample-downsample", type=int, default=1, metavar="N",
+    parser.add_argument("--sample-downsample", type=int_type(1, 64), default=1, metavar="N",
                         help="load the built-in sample shrunk N times in-plane (fast demos and tests; default 1)")
     parser.add_argument("--sample-slices", default=None, metavar="FIRST-LAST",
                         help="load only these slices of the built-in sample")

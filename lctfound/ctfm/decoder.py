@@ -273,17 +273,11 @@ class DecoderTask(TrainingTask):
 
 
 def label_names_for(values: set[int], text: Optional[str] = None) -> dict[int, str]:
-    """``{value: name}`` for every label value > 0; ``text`` like ``1=Lesion,2=Vessel`` names them."""
-    names = {int(v): f"Label {int(v)}" for v in sorted(values) if int(v) > 0}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        key, _, name = part.partition("=")
-        try:
-            names[int(key)] = name.strip() or f"Label {int(key)}"
-        except ValueError:
-            raise LCTfoundError(f"cannot read label names {text!r}; use e.g. 1=Lesion,2=Vessel") from None
-    return names
+    """``{value: name}`` for every label value > 0; ``text`` like ``1=Lesion,2=Vessel`` names them
+    (it must name exactly the values present; see `lctfound.validation.parse_label_names`)."""
+    from ..validation import parse_label_names
+
+    return parse_label_names(text, values, "the label maps")
 
 
 def read_training_pairs(images: Sequence[str | Path], labels: Sequence[str | Path], validate: bool = True

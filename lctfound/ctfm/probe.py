@@ -309,7 +309,8 @@ def train_probe(model: CTFMModel, table: str | Path, loop: LoopConfig, recipe: E
     paths, labels, class_names = read_probe_table(table)
     if loop.batch_size > len(paths):
         raise LCTfoundError(f"batch size {loop.batch_size} exceeds the {len(paths)} scans of {Path(table).name}; "
-                            f"use --batch-size {len(paths)} or less")
+                            f"use a batch size of {len(paths)} or less",
+                            option_hints={"batch_size": f"pass --batch-size {len(paths)} or less"})
     cache = EmbeddingCache(model, recipe, cache_root, enabled=use_cache)
     embeddings, keys = embed_cases(cache, paths, validate, progress, on_event)
     task = ProbeTask(model, embeddings, [class_names.index(label) for label in labels], class_names,
@@ -387,7 +388,8 @@ def predict_probe(probe: LinearProbe, inputs: Sequence[str | Path], output: str 
     if output.suffix.lower() != ".csv":
         raise LCTfoundError(f"{output}: predictions are written as a .csv file")
     if output.exists() and not overwrite:
-        raise LCTfoundError(f"{output}: already exists; choose a new file or pass --overwrite")
+        raise LCTfoundError(f"{output}: already exists; choose a new file",
+                                option_hints={"overwrite": "or pass --overwrite to replace it"})
     progress = ensure_progress(progress)
     cache = probe.cache(cache_root, use_cache)
     rows = []

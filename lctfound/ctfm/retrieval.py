@@ -79,7 +79,8 @@ class RetrievalIndex:
         expected = self.manifest["model"]["weights_sha256"]
         if model.weights_sha256 and expected and model.weights_sha256 != expected:
             raise LCTfoundError(f"index {self.path or ''} was built with model weights {expected[:12]}…, "
-                                f"but the query model's are {model.weights_sha256[:12]}…; use the same --model")
+                                f"but the query model's are {model.weights_sha256[:12]}…; use the same model",
+                                option_hints={"model": "pass it with --model"})
         if int(self.manifest["model"]["embedding_dim"]) != model.embedding_dim:
             raise LCTfoundError(f"index holds {self.manifest['model']['embedding_dim']}-d embeddings; the model gives "
                                 f"{model.embedding_dim}-d")
@@ -128,7 +129,8 @@ def build_index(model: CTFMModel, volumes: Iterable[str | os.PathLike], output: 
         raise InputError("no volumes to index")
     output = Path(output)
     if output.exists() and not overwrite:
-        raise LCTfoundError(f"{output}: already exists; choose a new index folder or pass --overwrite")
+        raise LCTfoundError(f"{output}: already exists; choose a new index folder",
+                            option_hints={"overwrite": "or pass --overwrite to replace it"})
     if aggregation == "whole" and windows:
         aggregation = "mean"  # windows are computed anyway; "whole" needs a second pass
     vectors, window_rows, window_owner, centres, entries = [], [], [], [], []

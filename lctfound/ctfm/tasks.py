@@ -72,7 +72,8 @@ def check_backbone(task_model: TaskModel, model: Any) -> None:
         raise CheckpointError(f"{task_model.folder}: trained on CT-FM weights {expected[:12]}… "
                               f"({reference.get('path') or reference.get('name')}), "
                               f"not on {model.path or 'this model'} "
-                              f"({actual[:12]}…); use the same --model")
+                              f"({actual[:12]}…); use the CT-FM model it was trained on",
+                              option_hints={"model": "pass it with --model"})
     if dict(reference.get("config", model.config)) != dict(model.config):
         raise CheckpointError(f"{task_model.folder}: trained on a CT-FM encoder with config {reference.get('config')}, "
                               f"not {model.config}")
@@ -114,7 +115,8 @@ def backbone_for(task_model: TaskModel, model: Optional[CTFMModel | str | Path] 
         path = task_model.backbone.get("path")
         if not path or not Path(path).exists():
             raise LCTfoundError(f"{task_model.folder}: its CT-FM backbone ({path or 'unsaved'}) is not here; "
-                                "pass --model with the CT-FM folder it was trained on")
+                                "give the CT-FM model folder it was trained on",
+                                option_hints={"model": "pass it with --model"})
         model = path
     if not isinstance(model, CTFMModel):
         model = load_model(model, device=device)

@@ -255,6 +255,22 @@ def _check_slice_positions(reader, series: _Series, direction: np.ndarray, folde
         )
 
 
+def _check_series_memory(series: _Series, folder: Path) -> None:
+    """Refuse a series that would not fit in memory, from its first slice's header, before reading it."""
+    import pydicom
+
+    from .headers import check_memory
+
+    try:
+        ds = pydicom.dcmread(series.files[0], stop_before_pixels=True,
+                             specific_tags=["Rows", "Columns", "NumberOfFrames"])
+        voxels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception:  # noqa: BLE001 - an unreadable header is reported when the series is read
+        return
+    # 4 bytes per voxel: rescaled values may be float32.
+    check_memory(voxels * len(series.files) * 4, f"{folder}: series {series.uid} ({len(series.files)} slices)")
+
+
 def _check_slice_sizes(series: _Series, folder: Path) -> None:
     """Refuse a series whose slices do not all have the same rows × columns (ITK's message is cryptic)."""
     import pydicom
@@ -286,6 +302,7 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: Optional[str] = Non
     folder = _check_folder(folder)
     scan = _scan_folder(folder)
     series = _select_series(scan, series_uid)
+    _check_series_memory(series, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(series.files)
     reader.MetaDataDictionaryArrayUpdateOn()

@@ -299,13 +299,13 @@ def _nrrd_header(path: Path) -> DeclaredData:
         raise InputError(f"{path}: NRRD voxel type {fields['type']!r} is not a scalar number type")
     itemsize, dtype = _NRRD_TYPES[type_name]
     sizes = _ints(fields["sizes"], path, "sizes")
-    _check_nrrd_spacing(path, fields, len(sizes))
+    _check_nrrd_spacing(path, fields)
     encoding = fields["encoding"].lower()
     compression = {"raw": None, "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2"}.get(encoding, "text")
     data_file = fields.get("data file", fields.get("datafile"))
     checkable = compression != "text"
-    byte_skip = int(fields.get("byte skip", fields.get("byteskip", "0")) or 0)
-    if int(fields.get("line skip", fields.get("lineskip", "0")) or 0):
+    byte_skip = (_ints(fields.get("byte skip", fields.get("byteskip", "0")), path, "byte skip") or [0])[0]
+    if (_ints(fields.get("line skip", fields.get("lineskip", "0")), path, "line skip") or [0])[0]:
         checkable = False
     if data_file is None:
         if path.name.lower().endswith(".nhdr"):
@@ -320,7 +320,7 @@ def _nrrd_header(path: Path) -> DeclaredData:
                         at_end=byte_skip == -1 and compression is None, checkable=checkable)
 
 
-def _check_nrrd_spacing(path: Path, fields: dict, dimension: int) -> None:
+def _check_nrrd_spacing(path: Path, fields: dict) -> None:
     directions = fields.get("space directions")
     if directions is not None:
         vectors = re.findall(r"\(([^)]*)\)", directions)
@@ -386,7 +386,7 @@ def _metaimage_header(path: Path) -> DeclaredData:
     if not spacing or not all(math.isfinite(v) and v > 0 for v in spacing[:3]):
         raise InputError(f"{path}: MetaImage ElementSpacing {spacing_text!r} is not a voxel size; {_SPACING_ADVICE}")
     compressed = fields.get("compresseddata", "false").lower() == "true"
-    header_size = int(fields.get("headersize", "0") or 0)
+    header_size = (_ints(fields.get("headersize", "0"), path, "HeaderSize") or [0])[0]
     data_file = fields["elementdatafile"]
     checkable = True
     if data_file.upper() == "LOCAL":

@@ -265,13 +265,41 @@ def _narrow_dtype(array: np.ndarray) -> np.ndarray:
     return array
 
 
+# A label map holds few non-negative whole numbers; values this low or this many suggest a CT.
+CT_LIKE_MIN = -500
+MAX_LABEL_VALUES = 1000
+_LABEL_MAP_ADVICE = "give a label map: 0 = background, 1, 2, … = structures"
+
+
+def check_label_map(array: np.ndarray, name: str) -> None:
+    """Refuse what is not a label map: negative values, or a CT given in its place (very low values or
+    more than `MAX_LABEL_VALUES` distinct values, counted on an evenly strided sample)."""
+    array = np.asarray(array)
+    if array.size == 0 or array.dtype == np.uint8 or array.dtype == bool:
+        return
+    low, high = int(array.min()), int(array.max())
+    flat = array.reshape(-1)
+    sample = flat[:: max(1, flat.size // _VALIDATION_SAMPLE)]
+    distinct = int(np.unique(sample).size)
+    if low <= CT_LIKE_MIN or distinct > MAX_LABEL_VALUES:
+        raise InputError(f"{name}: this looks like a CT image, not a label map (values {low}..{high}, "
+                         f"{distinct if distinct <= MAX_LABEL_VALUES else f'more than {MAX_LABEL_VALUES}'} "
+                         f"distinct values); {_LABEL_MAP_ADVICE}")
+    if low < 0:
+        raise InputError(f"{name}: has negative label values (lowest {low}); {_LABEL_MAP_ADVICE}")
+
+
 def _label_dtype(array: np.ndarray, path: Path) -> np.ndarray:
     if array.dtype.kind in "iu":
         return array
     if array.dtype.kind == "b":
         return array.astype(np.uint8)
     if not np.array_equal(array, np.round(array)):
-        raise InputError(f"{path}: has non-integer values; a label map must hold integer labels")
+        if array.size and float(array.min()) <= CT_LIKE_MIN:
+            raise InputError(f"{path}: this looks like a CT image, not a label map (non-integer values from "
+                             f"{float(array.min()):g} to {float(array.max()):g}); {_LABEL_MAP_ADVICE}")
+        raise InputError(f"{path}: has non-integer values; a label map must hold whole-number labels "
+                         f"({_LABEL_MAP_ADVICE})")
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
     for dtype in (np.uint8, np.int16, np.int32):
         info = np.iinfo(dtype)
@@ -353,6 +381,7 @@ def read_volume(
     check_finite(volume.array, str(path))  # on the data as stored, before any cast
     if labels:
         volume.array = _label_dtype(volume.array, path)
+        check_label_map(volume.array, str(path))
         volume.metadata["kind"] = "label"
         return volume
     volume.array = _narrow_dtype(volume.array)

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from ..atomic import write_text_file
 from ..errors import LCTfoundError
 from ..training.tables import table_path
+from ..validation import MAX_BATCH, MAX_IMAGE_SIZE, MAX_STEPS, check_int
 from .base import AUTO_DEVICE, ButtonState, Choice, ModuleLogicBase, RunState, _snake_case
 
 if TYPE_CHECKING:
@@ -733,16 +734,20 @@ class TrainModuleLogic(ModuleLogicBase):
         else:
             if p.preset not in {choice.value for choice in PRESETS}:
                 problems.append(f"Unknown preset '{p.preset}'; choose one of: {', '.join(c.value for c in PRESETS)}.")
-            if p.resolution < 16 or p.resolution % 16:
-                problems.append(f"Resolution must be a multiple of 16 (got {p.resolution}).")
+            if p.resolution < 16 or p.resolution % 16 or p.resolution > MAX_IMAGE_SIZE:
+                problems.append(f"Resolution must be a multiple of 16 up to {MAX_IMAGE_SIZE} (got {p.resolution}).")
             if p.patch_size and (p.patch_size % 16 or not 16 <= p.patch_size <= p.resolution):
                 problems.append(f"Patch size must be 0 (whole slices) or a multiple of 16 up to the resolution (got {p.patch_size}).")
-        for label, value in (("Batch size", p.batch_size), ("Steps", p.max_steps),
-                             ("Checkpoint interval", p.checkpoint_every)):
-            if value < 1:
-                problems.append(f"{label} must be at least 1 (got {value}).")
-        if not (p.learning_rate >= 0 and math.isfinite(p.learning_rate)):
-            problems.append(f"Learning rate must be positive, or 0 for the task's default (got {p.learning_rate}).")
+        # The command line's bounds (`lctfound.validation`), checked here before the run folder exists.
+        for label, value, limit in (("Batch size", p.batch_size, MAX_BATCH), ("Steps", p.max_steps, MAX_STEPS),
+                                    ("Checkpoint interval", p.checkpoint_every, MAX_STEPS)):
+            try:
+                check_int(value, label, 1, limit)
+            except LCTfoundError as error:
+                problems.append(f"{error}.")
+        if not (p.learning_rate >= 0 and math.isfinite(p.learning_rate)) or p.learning_rate > 10:
+            problems.append(f"Learning rate must be positive (at most 10), or 0 for the task's default "
+                            f"(got {p.learning_rate}).")
         if not 0 <= p.ema_decay < 1:
             problems.append(f"EMA decay must lie in [0, 1), 0 for no EMA (got {p.ema_decay}).")
         return [problem for problem in problems if problem]

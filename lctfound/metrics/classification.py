@@ -191,11 +191,11 @@ def match_classification(
     if len(classes) == 2:
         chosen = positive if positive is not None else sorted(classes)[1]
         if chosen not in index_of:
-            raise InputError(f"--positive {chosen!r} is not a class of {source} ({', '.join(classes)})")
+            raise InputError(f"the positive class {chosen!r} is not a class of {source} ({', '.join(classes)})")
         positive_index: Optional[int] = index_of[chosen]
     else:
         if positive is not None:
-            raise InputError(f"--positive applies to two-class predictions; {source} has {len(classes)} classes")
+            raise InputError(f"a positive class applies to two-class predictions; {source} has {len(classes)} classes")
         positive_index = None
         absent = [c for c in classes if c not in set(labels)]
         if absent:

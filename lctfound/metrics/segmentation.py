@@ -359,7 +359,7 @@ def evaluate_segmentation_files(
     if named is None:
         if not seen:
             raise InputError(f"no labels in any prediction or reference of {prediction} and {reference}; "
-                             "pass the structure names (--names 1=Lesion)")
+                             "name the structures to score", option_hints={"names": "pass --names 1=Lesion"})
         names = {v: default_name(v) for v in sorted(seen)}
     else:
         names = dict(sorted(named.items()))

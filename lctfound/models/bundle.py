@@ -33,7 +33,7 @@ from ..errors import CheckpointError, LCTfoundError
 from ..hashing import fingerprint, sha256_file  # noqa: F401  (re-exported for callers)
 from ..windows import WINDOWS
 from .conditioning import LearnedConditionEncoder, PromptCacheEncoder, condition_prompt
-from .presets import PRESETS, build_unet
+from .presets import PRESETS, build_unet, check_unet_config
 
 METADATA_FILE = "lctfound.json"
 FORMAT_VERSION = 1
@@ -95,6 +95,7 @@ def read_unet_config(unet_folder: Path) -> dict[str, Any]:
     class_name = config.get("_class_name", "UNet2DConditionModel")
     if class_name != "UNet2DConditionModel":
         raise CheckpointError(f"{config_path}: a {class_name} config, LCTfound needs a UNet2DConditionModel")
+    check_unet_config(config, str(config_path))
     return config
 
 
@@ -309,12 +310,7 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torc
     unet.requires_grad_(False)
 
     scheduler_config = root / "scheduler" / "scheduler_config.json"
-    if scheduler_config.is_file():
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_pretrained(root / "scheduler", local_files_only=True)
-    else:
-        scheduler = make_ddpm_scheduler()
+    scheduler = load_scheduler(scheduler_config) if scheduler_config.is_file() else make_ddpm_scheduler()
 
     encoder = _load_condition_encoder(root, metadata)
     if isinstance(encoder, torch.nn.Module):
@@ -322,6 +318,29 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dtype: torc
     if not metadata:
         metadata = {"preset": _match_preset(config), "source": "official-layout"}
     return LCTfoundModel(unet, scheduler, encoder, metadata, root)
+
+
+def load_scheduler(config_path: Path):
+    """The DDPM scheduler of a model folder; a config that does not load or gives an unusable noise
+    schedule is refused in one line naming the file."""
+    from diffusers import DDPMScheduler
+
+    from ..validation import MAX_DIFFUSION_STEPS
+
+    try:
+        config = json.loads(config_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        steps = config.get("num_train_timesteps", MAX_DIFFUSION_STEPS)
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_DIFFUSION_STEPS:
+            raise ValueError(f"num_train_timesteps {steps!r} must be from 1 to {MAX_DIFFUSION_STEPS}")
+        scheduler = DDPMScheduler.from_pretrained(config_path.parent, local_files_only=True)
+        alphas = scheduler.alphas_cumprod
+        if not bool(torch.isfinite(alphas).all()) or not bool(((alphas > 0) & (alphas <= 1)).all()):
+            raise ValueError("its noise schedule is not between 0 and 1 (check beta_start, beta_end, beta_schedule)")
+    except Exception as error:  # noqa: BLE001 - diffusers raises many kinds for a bad config
+        raise CheckpointError(f"{config_path}: not a usable DDPM scheduler config ({_first_line(error)})") from None
+    return scheduler
 
 
 def _load_condition_encoder(root: Path, metadata: dict[str, Any]):

@@ -40,6 +40,23 @@ def condition_prompt(window: str = "mediastinal", disease: Optional[str] = None)
     return prompt
 
 
+#: Weight files that are pickles (torch.load would run code from them): never loaded.
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+def check_safetensors_weights(folder: Path) -> None:
+    """Refuse a Hugging Face model folder whose weights are not safetensors, saying how to convert."""
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return
+    others = sorted(p.name for p in folder.iterdir() if p.name in PICKLED_WEIGHTS or p.suffix in (".bin", ".pt", ".pth",
+                                                                                                    ".ckpt"))
+    found = f"only {others[0]} was found" if others else "no model.safetensors was found"
+    raise CheckpointError(
+        f"{folder}: {found}; weights are read only from safetensors (pickled files can run code when loaded). "
+        "Convert once in a trusted environment: BertModel.from_pretrained(FOLDER).save_pretrained(FOLDER, "
+        "safe_serialization=True)")
+
+
 class BertPromptEncoder:
     """BERT [CLS] vectors of prompts, from a local BERT folder (transformers)."""
 
@@ -47,11 +64,14 @@ class BertPromptEncoder:
         folder = Path(bert_folder)
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"{folder}: not a BERT folder (config.json missing)")
+        check_safetensors_weights(folder)
         from transformers import BertModel, BertTokenizer
 
         try:
             self.tokenizer = BertTokenizer.from_pretrained(folder, local_files_only=True)
-            self.model = BertModel.from_pretrained(folder, local_files_only=True).to(device).eval()
+            # use_safetensors: never fall back to torch.load of a pickle.
+            self.model = BertModel.from_pretrained(folder, local_files_only=True,
+                                                   use_safetensors=True).to(device).eval()
         except (OSError, ValueError) as error:
             raise CheckpointError(f"{folder}: cannot load BERT: {error}") from None
         if self.model.config.hidden_size != CONDITION_DIM:

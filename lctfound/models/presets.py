@@ -176,3 +176,68 @@ def describe_unet(unet) -> dict[str, Any]:
         "tensors": len(state),
         "feature_channels_per_timestep": feature_channels(unet.config),
     }
+
+
+#: Bounds of a U-Net config that LCTfound can load: far beyond every real model, far below what
+#: would exhaust a machine or hang while the network is built.
+MAX_UNET_LEVELS = 8
+MAX_UNET_WIDTH = 4096
+MAX_UNET_PARAMETERS = 4_000_000_000
+MAX_SAMPLE_SIZE = 4096
+
+
+def check_unet_config(config: Mapping[str, Any], source: str = "U-Net config") -> None:
+    """Refuse, in one line naming ``source``, a U-Net config that is malformed or absurd.
+
+    Checked before anything is allocated: channel widths (count, range, divisible by the group
+    norm), block type lists matching the widths, input/output channels, sample size, and the
+    parameter count of the network it describes (built on PyTorch's meta device, no memory).
+    """
+    from ..errors import CheckpointError
+
+    def whole(value: Any, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    def fail(message: str) -> None:
+        raise CheckpointError(f"{source}: {message}")
+
+    widths = config.get("block_out_channels")
+    if (not isinstance(widths, (list, tuple)) or not 1 <= len(widths) <= MAX_UNET_LEVELS
+            or not all(whole(w, 1, MAX_UNET_WIDTH) for w in widths)):
+        fail(f"block_out_channels {widths!r} must be 1 to {MAX_UNET_LEVELS} whole numbers from 1 to {MAX_UNET_WIDTH}")
+    groups = config.get("norm_num_groups", 32)
+    if not whole(groups, 1, MAX_UNET_WIDTH) or any(w % groups for w in widths):
+        fail(f"norm_num_groups {groups!r} must divide every block width {list(widths)}")
+    for key in ("down_block_types", "up_block_types"):
+        types = config.get(key)
+        if (not isinstance(types, (list, tuple)) or len(types) != len(widths)
+                or not all(isinstance(t, str) for t in types)):
+            fail(f"{key} must list one block type name per width ({len(widths)}), got {types!r}")
+    for key in ("in_channels", "out_channels"):
+        if not whole(config.get(key, 4), 1, 64):
+            fail(f"{key} {config.get(key)!r} must be a whole number from 1 to 64")
+    size = config.get("sample_size")
+    sizes = list(size) if isinstance(size, (list, tuple)) else [size]
+    factor = 2 ** (len(widths) - 1)
+    if size is not None and not all(whole(s, 8, MAX_SAMPLE_SIZE) and s % factor == 0 for s in sizes):
+        fail(f"sample_size {size!r} must be from 8 to {MAX_SAMPLE_SIZE} and a multiple of {factor}")
+    layers = config.get("layers_per_block", 2)
+    if not all(whole(n, 1, 16) for n in (layers if isinstance(layers, (list, tuple)) else [layers])):
+        fail(f"layers_per_block {layers!r} must be from 1 to 16")
+    # About 100 parameters per layer and squared width for these U-Nets: refuse an absurd network
+    # before diffusers spends seconds laying it out.
+    estimate = 50 * max(layers if isinstance(layers, (list, tuple)) else [layers]) * sum(w * w for w in widths)
+    if estimate > MAX_UNET_PARAMETERS:
+        fail(f"describes a network of more than {estimate:,} parameters (limit {MAX_UNET_PARAMETERS:,}); not a "
+             "usable LCTfound model")
+    try:
+        unet = build_unet(dict(config), meta=True)
+    except LCTfoundError as error:
+        fail(str(error))
+    except Exception as error:  # noqa: BLE001 - diffusers raises many kinds for a config it cannot build
+        fail(f"cannot build a UNet2DConditionModel from it ({type(error).__name__}: "
+             f"{' '.join(str(error).split())[:160]})")
+    parameters = sum(p.numel() for p in unet.parameters())
+    if parameters > MAX_UNET_PARAMETERS:
+        fail(f"describes a network of {parameters:,} parameters (more than {MAX_UNET_PARAMETERS:,}); not a usable "
+             "LCTfound model")

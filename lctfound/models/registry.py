@@ -80,7 +80,8 @@ def resolve_model(spec: Optional[str | Path] = None) -> Path:
     if spec in (None, "", "default"):
         default = EMBEDDED_DIR / DEFAULT_MODEL_NAME
         if not default.is_dir():
-            raise LCTfoundError(f"the embedded default model is missing from {EMBEDDED_DIR}; reinstall lctfound or pass --model")
+            raise LCTfoundError(f"the embedded default model is missing from {EMBEDDED_DIR}; reinstall lctfound or "
+                                "name a model folder")
         return default
     path = Path(spec).expanduser()
     if path.exists():

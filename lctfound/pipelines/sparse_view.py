@@ -217,7 +217,8 @@ def write_sinograms(stack: SinogramStack, path: str | os.PathLike, overwrite: bo
     side = sidecar_path(path)
     for target in (path, side):
         if target.exists() and not overwrite:
-            raise LCTfoundError(f"{target}: already exists; choose a new file or pass --overwrite")
+            raise LCTfoundError(f"{target}: already exists; choose a new file",
+                                option_hints={"overwrite": "or pass --overwrite to replace it"})
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, stack.sinograms.astype(np.float32), allow_pickle=False)

@@ -60,18 +60,11 @@ class SourceIndex:
 
 
 def _volume_slices(path: Path) -> int:
-    import SimpleITK as sitk
+    """Slices of a CT volume file or DICOM series folder, read once with the project's checks (header
+    against file, finite values, CT in HU), so that an MR or broken volume is never trained on."""
+    from ..io.volume import read_volume
 
-    from ..io.dicom import quiet_itk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    with quiet_itk():
-        reader.ReadImageInformation()
-    size = reader.GetSize()
-    if len(size) < 3 or size[2] < 1 or reader.GetNumberOfComponents() != 1:
-        raise InputError(f"not a scalar 3D volume (size {size})")
-    return int(size[2])
+    return int(read_volume(path).shape[0])
 
 
 def _slice_shape(path: Path) -> tuple[int, ...]:
@@ -124,22 +117,27 @@ def index_sources(root: str | os.PathLike, exclude: Sequence[str] = DEFAULT_EXCL
                 if len(shape) != 2:
                     raise InputError(f"a slice file must hold a 2D array, got shape {shape}")
                 sources.append(SliceSource(path, "slice", 1))
-        except Exception as error:  # any unreadable file is skipped and reported, never fatal
-            skipped.append((str(path), " ".join(str(error).split())[:160] or type(error).__name__))
+        except Exception as error:  # any unusable file is skipped and reported, never fatal
+            skipped.append((str(path), _reason(error, path)))
     for folder in sorted(dicom_dirs):
         try:
-            from ..io.dicom import list_dicom_series
-
-            series = list_dicom_series(folder)
-            sources.append(SliceSource(folder, "dicom", int(series[0].num_files)))
+            sources.append(SliceSource(folder, "dicom", _volume_slices(folder)))
         except Exception as error:
-            skipped.append((str(folder), " ".join(str(error).split())[:160] or type(error).__name__))
+            skipped.append((str(folder), _reason(error, folder)))
+    if not sources:
+        detail = f" ({len(skipped)} unusable file(s), e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise InputError(f"{root}: no CT volumes or slice files found{detail}")
     for path, reason in skipped:
         log.warning("skipping %s: %s", path, reason)
-    if not sources:
-        detail = f" ({len(skipped)} unreadable file(s), e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
-        raise InputError(f"{root}: no CT volumes or slice files found{detail}")
     return SourceIndex(root, sources, skipped)
+
+
+def _reason(error: BaseException, path: Path) -> str:
+    """Why a source was skipped, without repeating its path."""
+    text = " ".join(str(error).split())
+    if text.startswith(f"{path}: "):
+        text = text[len(str(path)) + 2:]
+    return text[:200] or type(error).__name__
 
 
 def _load_slice_file(path: Path) -> np.ndarray:

@@ -66,21 +66,33 @@ class LoopConfig:
     device: str = "auto"  # "cpu" forces the CPU even where CUDA is available
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
-            if getattr(self, key) < 1:
-                raise LCTfoundError(f"{key.replace('_', '-')} must be at least 1")
-        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
-            raise LCTfoundError("micro-batch-size must lie between 1 and batch-size")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise LCTfoundError("max-steps must be at least 1")
+        from ..validation import (
+            MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_STEPS, MAX_WORKERS, check_float, check_int, check_optional_float,
+            check_optional_int,
+        )
+
+        # Every setting is checked here, before any folder is created (CLI, Slicer and web alike).
+        self.batch_size = check_int(self.batch_size, "batch-size", 1, MAX_BATCH)
+        self.micro_batch_size = check_optional_int(self.micro_batch_size, "micro-batch-size", minimum=1,
+                                                   maximum=self.batch_size)
+        self.max_steps = check_optional_int(self.max_steps, "max-steps", minimum=1, maximum=MAX_STEPS)
+        self.epochs = check_float(self.epochs, "epochs", above=0, maximum=MAX_EPOCHS)
+        self.learning_rate = check_float(self.learning_rate, "learning rate (lr)", above=0, maximum=10)
+        self.weight_decay = check_float(self.weight_decay, "weight decay", minimum=0, maximum=10)
+        self.warmup_steps = check_int(self.warmup_steps, "warmup-steps", 0, MAX_STEPS)
+        self.grad_clip = check_float(self.grad_clip, "gradient clipping", above=0)
+        self.checkpoint_every = check_int(self.checkpoint_every, "checkpoint-every", 1, MAX_STEPS)
+        self.keep_checkpoints = check_int(self.keep_checkpoints, "keep-checkpoints", 1, 1000)
+        self.log_every = check_int(self.log_every, "log-every", 1, MAX_STEPS)
+        self.seed = check_int(self.seed, "seed", 0, MAX_SEED)
+        self.num_workers = check_int(self.num_workers, "num-workers", 0, MAX_WORKERS)
+        self.ema_decay = check_optional_float(self.ema_decay, "the EMA decay", above=0, below=1)
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise LCTfoundError(f"mixed precision {self.mixed_precision!r}: choose auto, no, bf16 or fp16")
         if self.device not in ("auto", "cpu", "cuda"):
             raise LCTfoundError(f"device {self.device!r}: choose auto, cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise LCTfoundError("device cuda is not available here; use --device cpu or auto")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise LCTfoundError("the EMA decay must lie strictly between 0 and 1")
+            raise LCTfoundError("device cuda is not available here; choose the device cpu or auto")
 
 
 class TrainingTask:
@@ -181,7 +193,8 @@ def check_run_folder(output: Path, resume: bool, inputs=()) -> Optional[tuple[in
         check_writable(output / "checkpoints" / "x")
         return checkpoints[-1]
     if output.exists() and any(output.iterdir()):
-        raise LCTfoundError(f"{output}: already holds a run; pass --resume to continue it or choose a new folder")
+        raise LCTfoundError(f"{output}: already holds a run; choose a new folder",
+                            option_hints={"resume": "or pass --resume to continue it"})
     check_writable(output / "x")
     return None
 

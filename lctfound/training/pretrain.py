@@ -61,14 +61,16 @@ class PretrainConfig(LoopConfig):
         super().__post_init__()
         if not self.data:
             raise LCTfoundError("pretraining needs a data folder")
+        from ..validation import MAX_DIFFUSION_STEPS, MAX_IMAGE_SIZE, check_float, check_int
+
         self.windows = tuple(self.windows)
         self.exclude = tuple(self.exclude)
-        if self.resolution % 16:
-            raise LCTfoundError(f"resolution must be a multiple of 16, got {self.resolution}")
-        if self.resolution < 16:
-            raise LCTfoundError(f"resolution must be at least 16, got {self.resolution}")
+        self.resolution = check_int(self.resolution, "resolution", 16, MAX_IMAGE_SIZE, multiple_of=16)
         if self.patch_size is not None and (self.patch_size % 16 or not 16 <= self.patch_size <= self.resolution):
             raise LCTfoundError(f"patch size must be a multiple of 16 between 16 and the resolution, got {self.patch_size}")
+        self.condition_dropout = check_float(self.condition_dropout, "condition-dropout", 0, 1)
+        self.num_samples = check_int(self.num_samples, "num-samples", 0, 256)
+        self.sample_steps = check_int(self.sample_steps, "sample-steps", 1, MAX_DIFFUSION_STEPS)
 
     # Settings that must not change when a run is resumed.
     RESUME_KEYS = ("preset", "init_model", "resolution", "patch_size", "batch_size", "windows", "seed", "augment",

@@ -98,11 +98,12 @@ def read_token_file(path: str | os.PathLike) -> str:
 def check_bind(host: str, token: Optional[str]) -> None:
     """Refuse to serve on a non-loopback address without an access token."""
     if not host or not host.strip():
-        raise InputError("--host is empty")
+        raise InputError("the host to listen on is empty; give a host name or address (e.g. 127.0.0.1)")
     if not is_loopback(host) and not token:
         raise InputError(
             f"refusing to listen on {host} without an access token: anyone who can reach it could read and "
-            "change the data; add --token-file FILE (or --token TOKEN), or keep the default --host 127.0.0.1"
+            "change the data; start `lctfound web` with --token-file FILE (or `lctfound web --token TOKEN`), or keep "
+            "`lctfound web --host 127.0.0.1` (the default)"
         )
 
 
@@ -150,7 +151,7 @@ class DataRoots:
         """The real path of ``path`` (absolute, or relative to root number ``root``, default the
         first) after following every symlink; `InputError` unless it lies inside a data root."""
         if not self.roots:
-            raise InputError("this server opens no server-side files: start it with --data-root FOLDER")
+            raise InputError("this server opens no server-side files: start it with `lctfound web --data-root FOLDER`")
         text = str(path or "").strip()
         if "\x00" in text:
             raise InputError("the path contains a NUL character")
