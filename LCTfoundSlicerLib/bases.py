@@ -12,6 +12,7 @@ import shutil
 import sys
 from typing import Any, Optional
 
+import ctk
 import qt
 import vtk
 
@@ -80,6 +81,14 @@ class LCTfoundModuleLogic(ScriptedLoadableModuleLogic):
     def __init__(self, engine: Any) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.engine = engine
+        self._installDependencyCheck()
+
+    def _installDependencyCheck(self) -> None:
+        """Before any job of this engine starts, make sure its Python packages are installed (asking the
+        user once); a declined or failed installation raises, so the job is not started."""
+        from .dependencies import ensureDependencies
+
+        self.engine.before_job = ensureDependencies
 
     def getParameterNode(self):
         return self.parameterNodeClass(super().getParameterNode())
@@ -133,11 +142,51 @@ class LCTfoundModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.setupWidgets(uiWidget)
+        self._addDependenciesSection()
 
         self.initializeParameterNode()
 
     def setupWidgets(self, uiWidget) -> None:
         """The module's own widgets and connections (called before the parameter node is bound)."""
+
+    # -- dependencies section ------------------------------------------------------------------
+
+    def _addDependenciesSection(self) -> None:
+        """A collapsed "Dependencies" section under the panel: check the installed Python packages and
+        install the missing ones (otherwise they are installed, after asking, when a job starts)."""
+        section = ctk.ctkCollapsibleButton()
+        section.objectName = "dependenciesCollapsibleButton"
+        section.text = _("Dependencies")
+        section.collapsed = True
+        self.layout.addWidget(section)
+        sectionLayout = qt.QFormLayout(section)
+        self.checkDependenciesButton = qt.QPushButton(_("Check dependencies"))
+        self.checkDependenciesButton.objectName = "checkDependenciesButton"
+        self.checkDependenciesButton.toolTip = _("Show the versions of the Python packages LCTfound uses")
+        self.installDependenciesButton = qt.QPushButton(_("Install missing packages"))
+        self.installDependenciesButton.objectName = "installDependenciesButton"
+        self.installDependenciesButton.toolTip = _("Install the Python packages LCTfound needs (asks first)")
+        self.dependenciesLabel = qt.QLabel()
+        self.dependenciesLabel.objectName = "dependenciesLabel"
+        self.dependenciesLabel.wordWrap = True
+        self.dependenciesLabel.textInteractionFlags = qt.Qt.TextSelectableByMouse
+        sectionLayout.addRow(self.checkDependenciesButton)
+        sectionLayout.addRow(self.installDependenciesButton)
+        sectionLayout.addRow(self.dependenciesLabel)
+        self.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
+        self.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+
+    def onCheckDependencies(self) -> None:
+        from .dependencies import versionReport
+
+        self.dependenciesLabel.text = versionReport()
+
+    def onInstallDependencies(self) -> None:
+        from .dependencies import ensureDependencies
+
+        with slicer.util.tryWithErrorDisplay(_("The Python packages could not be installed."), waitCursor=False):
+            ensureDependencies()
+        self.onCheckDependencies()
 
     def cleanup(self) -> None:
         self.removeObservers()
