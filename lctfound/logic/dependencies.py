@@ -26,6 +26,7 @@ platform (Windows, macOS arm64, Linux) against PyPI; the sizes below come from t
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import math
 import platform
 import re
 import sys
@@ -164,7 +165,7 @@ class DependencyReport:
         """Estimated pip download (MB), without torch."""
         if not self.to_install:
             return 0
-        return int(round(sum(package.download_mb for package in self.to_install) + SUPPORT_PACKAGES_MB))
+        return math.ceil(sum(package.download_mb for package in self.to_install) + SUPPORT_PACKAGES_MB)
 
     def missing_text(self) -> str:
         """One line naming what is missing (for an error message)."""
