@@ -47,7 +47,7 @@ def test_hidden_packages_are_missing_and_nothing_is_imported():
         assert [package.name for package in report.to_install] == ["diffusers", "psutil"]
         assert not report.complete and report.torch_ok
         assert report.missing_text() == "diffusers, psutil"
-        assert report.download_mb == 27
+        assert report.download_mb == 42  # 6.4 + 0.1 + 35, rounded up
         assert report.install_lines() == ["diffusers 0.42.1 (the LCTfound diffusion model)",
                                           "psutil 7.2.2 (cancelling jobs)",
                                           f"and the packages these need (about {deps.SUPPORT_PACKAGES_MB} MB)"]
@@ -215,7 +215,7 @@ def test_declining_starts_nothing(slicer_side):
     assert started == []
     assert fake.kinds() == ["confirm"]
     text = fake.calls[0][1]
-    assert "diffusers 0.42.1" in text and "psutil 7.2.2" in text and "Download: about 27 MB" in text
+    assert "diffusers 0.42.1" in text and "psutil 7.2.2" in text and "Download: about 42 MB" in text
     assert "Nothing was started" in str(raised.value) and "diffusers, psutil" in str(raised.value)
 
 

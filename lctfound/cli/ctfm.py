@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LCTfoundError
+from ..compat import strict_zip
 
 MODEL_HELP = ("CT-FM model: a folder in the published Hugging Face layout (config.json + model.safetensors, "
               "e.g. a local copy of project-lighter/ct_fm_feature_extractor), a .safetensors file, or a repo id "
@@ -317,7 +318,7 @@ def run_seg_predict(args: argparse.Namespace) -> int:
     out = sys.stderr if args.events else sys.stdout
     targets = [output] if not batch else [output / f"{volume_stem(path)}_seg.nii.gz" for path in inputs]
     written = 0
-    for path, target in zip(inputs, targets, strict=True):
+    for path, target in strict_zip(inputs, targets):
         if batch and target.exists() and not args.overwrite:
             print(f"{target.name}: already done, skipped", file=out)
             continue
