@@ -768,6 +768,10 @@ class QProgressDialog(QDialog):
     value = qproperty(0, _int)
     labelText = qproperty("", _str)
 
+    def setCancelButton(self, button) -> None:
+        """Qt: None removes the button (the dialog then cannot be cancelled)."""
+        self.cancelButton = button
+
 
 class QApplication:
     @staticmethod
