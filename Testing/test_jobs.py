@@ -258,7 +258,7 @@ def test_windows_jobs_start_hidden_in_their_own_group(monkeypatch):
     monkeypatch.setattr(subprocess, "STARTUPINFO", StartupInfo, raising=False)
     options = jobs.popen_options("nt")
     assert set(options) == {"creationflags", "startupinfo"}
-    assert options["creationflags"] == 0x00000200 | 0x08000000  # CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW
+    assert options["creationflags"] == 0x00000200  # CREATE_NEW_PROCESS_GROUP (a hidden console, not none)
     assert options["startupinfo"].dwFlags & 1 and options["startupinfo"].wShowWindow == 0  # SW_HIDE
     assert jobs.popen_options("posix") == {"start_new_session": True}
     for name in ("CREATE_NEW_PROCESS_GROUP", "CREATE_NO_WINDOW", "STARTF_USESHOWWINDOW", "SW_HIDE"):

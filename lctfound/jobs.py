@@ -14,7 +14,7 @@ One protocol for every front end (Slicer, web, command line):
   without psutil, ``taskkill /T /F`` ends the tree. A fresh Slicer has no psutil, so Cancel must
   not need it.
 
-On Windows the child gets no console window (closing one would kill the job) and, everywhere, its
+On Windows the child's console window is hidden (closing it would kill the job) and, everywhere, its
 standard streams are UTF-8 (``PYTHONIOENCODING``/``PYTHONUTF8``), whatever the system code page.
 
 After the child has ended and its output is drained, `Job.poll` returns one last event
@@ -99,15 +99,18 @@ SW_HIDE = 0
 
 
 def popen_options(os_name: str = os.name) -> dict[str, Any]:
-    """How to start a job's child: on Windows in its own process group with no console window
-    (as ``slicer.util.launchConsoleProcess`` does: a visible console's close button would kill the
-    job); elsewhere in its own session, so Cancel can signal its process group."""
+    """How to start a job's child: on Windows in its own process group with a hidden console window,
+    exactly as ``slicer.util.launchConsoleProcess`` starts ``PythonSlicer`` (a visible console's close
+    button would kill the job). Not CREATE_NO_WINDOW: PythonSlicer.exe is a launcher that starts the
+    real interpreter, and a console program started from a process without a console gets a new,
+    visible one; with a hidden console, the whole tree shares it. Elsewhere: its own session, so
+    Cancel can signal its process group."""
     if os_name != "nt":
         return {"start_new_session": True}
     startupinfo = subprocess.STARTUPINFO()  # type: ignore[attr-defined]  # Windows only
     startupinfo.dwFlags |= STARTF_USESHOWWINDOW
     startupinfo.wShowWindow = SW_HIDE
-    return {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW, "startupinfo": startupinfo}
+    return {"creationflags": CREATE_NEW_PROCESS_GROUP, "startupinfo": startupinfo}
 
 
 class Job:
