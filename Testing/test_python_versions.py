@@ -36,7 +36,7 @@ def pyenv_python(version: str) -> Path:
 @pytest.mark.parametrize("version", PYENV_VERSIONS)
 def test_engine_and_extension_compile_and_import(version):
     python = pyenv_python(version)
-    result = subprocess.run([str(python), "-I", str(REPO / "scripts" / "check_python_compat.py"), "--repo", str(REPO)],
+    result = subprocess.run([str(python), "-I", "-B", str(REPO / "scripts" / "check_python_compat.py"), "--repo", str(REPO)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith(f"Python {version}: compiled ")
