@@ -41,6 +41,7 @@ from lctfound.metrics.segmentation import (
     summarize_segmentation,
 )
 from lctfound.metrics.statistics import bootstrap_interval, bootstrap_intervals, paired_tests
+from lctfound.compat import strict_zip
 
 GROUPS = ("evaluate",)
 SPACING = (0.7, 0.8, 3.0)  # (i, j, k) mm, deliberately anisotropic
@@ -48,7 +49,7 @@ SPACING = (0.7, 0.8, 3.0)  # (i, j, k) mm, deliberately anisotropic
 
 def cube(shape=(20, 30, 30), start=(5, 5, 5), size=(10, 10, 10), value=1) -> np.ndarray:
     array = np.zeros(shape, dtype=np.uint8)
-    array[tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))] = value
+    array[tuple(slice(s, s + n) for s, n in strict_zip(start, size))] = value
     return array
 
 

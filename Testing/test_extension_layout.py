@@ -271,7 +271,6 @@ def test_top_level_files_exist():
                      "Resources/Icons/LCTfound.png", "lctfound/CMakeLists.txt", "scripts/make_icons.py",
                      f"{LIBRARY}/CMakeLists.txt", f"{LIBRARY}/__init__.py"):
         assert (REPO / relative).is_file(), f"missing {relative}"
-    assert (REPO / "Resources" / "Screenshots").is_dir(), "missing folder Resources/Screenshots"
 
 
 def test_top_level_cmake_follows_the_extension_template(top_variables):
@@ -287,7 +286,8 @@ def test_top_level_cmake_follows_the_extension_template(top_variables):
     assert cmake_scalar(top_variables, "EXTENSION_DEPENDS") == "PyTorch"
 
     find_slicer = names.index("find_package")
-    assert commands[find_slicer][1][:2] == ["Slicer", "REQUIRED"]
+    assert commands[find_slicer][1] == ["Slicer", "${LCTFOUND_MINIMUM_SLICER_VERSION}", "REQUIRED"], \
+        "find_package(Slicer <minimum version> REQUIRED): an older Slicer must fail to configure"
     assert commands[find_slicer + 1] == ("include", ["${Slicer_USE_FILE}"])
     subdirectories = [arguments[0] for name, arguments in commands if name == "add_subdirectory"]
     assert subdirectories == ["lctfound", LIBRARY, *MODULES], subdirectories
@@ -320,9 +320,62 @@ def test_icon_and_screenshot_urls_point_into_the_repository(top_variables):
     icon = REPO / icon_url.removeprefix(raw)
     assert icon.is_file(), f"EXTENSION_ICONURL names {icon}, which does not exist"
     assert png_size(icon) == (128, 128)
-    for url in cmake_scalar(top_variables, "EXTENSION_SCREENSHOTURLS").split():
-        assert url.startswith(raw + "Resources/Screenshots/"), url
-        assert (REPO / url.removeprefix(raw)).is_file(), f"screenshot {url} is not in Resources/Screenshots"
+    screenshots = cmake_scalar(top_variables, "EXTENSION_SCREENSHOTURLS").split()
+    assert len(screenshots) >= 3, "EXTENSION_SCREENSHOTURLS: the ExtensionsIndex check rejects an extension without screenshots"
+    for url in screenshots:
+        assert url.startswith(raw), f"{url}: screenshots must be raw URLs under {raw}"
+        path = REPO / url.removeprefix(raw)
+        assert path.is_file(), f"screenshot {url} names {path}, which is not in the repository"
+        width, height = png_size(path)
+        assert width >= 800 and height >= 500, f"{path}: too small for the catalog ({width}x{height})"
+
+
+def test_urls_are_found_the_way_the_extensions_index_reads_them():
+    """Slicer/ExtensionsIndex scripts/check_description_files.py reads the URLs with these patterns (one
+    quoted string closed by ")"); a URL it cannot read fails the index check."""
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    icons = re.findall(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', text, re.IGNORECASE | re.MULTILINE)
+    shots = re.findall(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', text, re.IGNORECASE | re.MULTILINE)
+    assert len(icons) == 1 and len(shots) == 1
+    variables = cmake_variables(REPO / "CMakeLists.txt")
+    assert shots[0].split() == cmake_scalar(variables, "EXTENSION_SCREENSHOTURLS").split()
+
+
+def test_minimum_slicer_version_is_declared_everywhere(top_variables):
+    from lctfound.logic.dependencies import MINIMUM_SLICER_VERSION
+
+    assert cmake_scalar(top_variables, "LCTFOUND_MINIMUM_SLICER_VERSION") == MINIMUM_SLICER_VERSION
+    assert f"Requires 3D Slicer {MINIMUM_SLICER_VERSION} or later" in cmake_scalar(top_variables, "EXTENSION_DESCRIPTION")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "## Install in 3D Slicer" in readme
+    section = readme[readme.index("## Install in 3D Slicer"):]
+    section = section[:section.index("\n## ", 5)]
+    assert f"3D Slicer {MINIMUM_SLICER_VERSION} or later" in section and "PyTorch" in section
+    requires = re.search(r'requires-python = ">=([0-9.]+)"', (REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert requires, "pyproject.toml: set requires-python"
+    from lctfound.logic.dependencies import MINIMUM_PYTHON
+    assert tuple(int(part) for part in requires.group(1).split(".")) == MINIMUM_PYTHON
+
+
+def test_catalog_entry_is_formatted_like_the_extensions_index():
+    """The index formats entries with prettier + prettier-plugin-multiline-arrays (wrap threshold 0):
+    2-space indent, every array one item per line, LF line endings, a final newline."""
+    raw = (REPO / f"{EXTENSION}.json").read_bytes()
+    assert b"\r" not in raw and raw.endswith(b"}\n")
+    entry = json.loads(raw)
+
+    def format_value(value, indent):
+        pad = "  " * indent
+        if isinstance(value, dict):
+            items = [f'{pad}  {json.dumps(k)}: {format_value(v, indent + 1)}' for k, v in value.items()]
+            return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+        if isinstance(value, list):
+            if not value:
+                return "[]"
+            return "[\n" + ",\n".join(f"{pad}  {format_value(v, indent + 1)}" for v in value) + f"\n{pad}]"
+        return json.dumps(value, ensure_ascii=False)
+
+    assert raw.decode("utf-8") == format_value(entry, 0) + "\n"
 
 
 def test_catalog_entry_matches_cmake(top_variables):

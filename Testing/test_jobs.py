@@ -198,3 +198,89 @@ def test_cancelled_pretraining_keeps_its_checkpoint(ct_folder, tmp_path, cache):
     state = json.loads((newest / "training" / "trainer_state.json").read_text())
     assert state["step"] == checkpoints[-1][0]
     assert (newest / "model" / "unet").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# A fresh Slicer: no psutil; Windows: no console window, UTF-8 pipes
+# ---------------------------------------------------------------------------------------------
+
+def test_cancel_without_psutil_ends_child_and_grandchild(tmp_path):
+    """Slicer does not ship psutil: Cancel still ends the tree (``ps`` lists it, the group is
+    signalled), from the engine's cancel thread and from the widget's cleanup, and nothing raises."""
+    import threading
+
+    from import_blocker import hidden_packages
+    from lctfound.logic import ModuleLogicBase
+
+    # The first grandchild stays in the child's session and ignores SIGTERM; the second also leaves
+    # the session (only the process listing finds it).
+    job = script_job(tmp_path, """
+        import json, subprocess, sys, time
+        code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+        stays = subprocess.Popen([sys.executable, "-c", code])
+        leaves = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+        print(json.dumps({"event": "start", "grandchildren": [stays.pid, leaves.pid]}), flush=True)
+        time.sleep(600)
+    """)
+    grandchildren = collect(job, until=lambda e: e["event"] == "start", timeout=30)[-1]["grandchildren"]
+    assert not any(gone(pid) for pid in [job.pid, *grandchildren])
+    thread_errors = []
+    previous_hook = threading.excepthook
+    threading.excepthook = lambda args: thread_errors.append(args.exc_value)
+    try:
+        with hidden_packages("psutil"):
+            with pytest.raises(ModuleNotFoundError):
+                import psutil as _  # noqa: F401
+            engine = ModuleLogicBase()
+            engine.job = job
+            engine.begin("running")
+            assert engine.cancel() is True
+            engine._cancel_thread.join(60)
+            assert not engine._cancel_thread.is_alive()
+            assert job.state is JobState.CANCELLED
+            assert job.cancel(timeout=1) is False  # what the widget's cleanup calls: no error
+    finally:
+        threading.excepthook = previous_hook
+    assert thread_errors == []
+    assert gone(job.pid) and all(gone(pid) for pid in grandchildren)
+
+
+def test_windows_jobs_start_hidden_in_their_own_group(monkeypatch):
+    """What `Job.start_command` passes to Popen on Windows (built here with a stand-in STARTUPINFO)."""
+    import subprocess
+
+    from lctfound import jobs
+
+    class StartupInfo:
+        def __init__(self):
+            self.dwFlags, self.wShowWindow = 0, 1
+
+    monkeypatch.setattr(subprocess, "STARTUPINFO", StartupInfo, raising=False)
+    options = jobs.popen_options("nt")
+    assert set(options) == {"creationflags", "startupinfo"}
+    assert options["creationflags"] == 0x00000200  # CREATE_NEW_PROCESS_GROUP (a hidden console, not none)
+    assert options["startupinfo"].dwFlags & 1 and options["startupinfo"].wShowWindow == 0  # SW_HIDE
+    assert jobs.popen_options("posix") == {"start_new_session": True}
+    for name in ("CREATE_NEW_PROCESS_GROUP", "CREATE_NO_WINDOW", "STARTF_USESHOWWINDOW", "SW_HIDE"):
+        if hasattr(subprocess, name):  # on Windows: the constants are Python's own
+            assert getattr(subprocess, name) == getattr(jobs, name)
+
+
+def test_non_ascii_log_text_round_trips(tmp_path, monkeypatch):
+    """The child writes UTF-8 whatever the parent's settings (an ASCII or cp1252 console on Windows)."""
+    monkeypatch.setenv("PYTHONIOENCODING", "ascii")
+    monkeypatch.setenv("PYTHONUTF8", "0")
+    text = "Lungenrundherd \u00e4\u00f6\u00fc \u2013 \u80ba\u7ed3\u8282 \u2713 \u00b5Sv"
+    job = script_job(tmp_path, f"""
+        import json, sys
+        text = {text!r}
+        print(text, flush=True)
+        print(json.dumps({{"event": "progress", "message": text}}, ensure_ascii=False), flush=True)
+        print("error: " + text, file=sys.stderr, flush=True)
+        sys.exit(3)
+    """)
+    events = collect(job, timeout=60)
+    assert events[0] == {"event": "log", "text": text, "received_at": events[0]["received_at"]}
+    assert events[1]["message"] == text
+    assert job.state is JobState.FAILED and job.error == text
+    assert child_environment()["PYTHONIOENCODING"] == "utf-8" and child_environment()["PYTHONUTF8"] == "1"

@@ -17,6 +17,7 @@ from lctfound.pipelines.super_resolution import (
     super_resolve_volume,
     super_resolved_geometry,
 )
+from lctfound.compat import strict_zip
 
 AXES = ("in-plane", "through-plane")
 
@@ -158,7 +159,7 @@ def test_through_plane_slice_runs_are_super_resolved_separately(synthetic_ct):
     np.testing.assert_allclose(result.array[0:6], interpolate(synthetic_ct.array[0:3], 2, "through-plane"))
     np.testing.assert_allclose(result.array[12:16], interpolate(synthetic_ct.array[6:8], 2, "through-plane"))
     assert np.all(result.array[6:12] == -1024) and np.all(result.array[16:] == -1024)
-    assert events[-1][0] == events[-1][1] and all(a <= b for (a, _), (b, _) in zip(events, events[1:], strict=False))
+    assert events[-1][0] == events[-1][1] and all(a <= b for (a, _), (b, _) in zip(events, events[1:]))
 
 
 def test_ddnm_refuses_grids_smaller_than_half_the_model(pipeline):
@@ -179,7 +180,7 @@ def test_baselines_reproduce_a_linear_ramp_on_the_new_grid(method, axis):
     high = interpolate(low, factor, axis, method)
     # New voxel centres at old index −½ + (m + ½)/f (see super_resolved_geometry).
     scale = (1, factor, factor) if axis == "in-plane" else (factor, 1, 1)
-    coords = [(np.arange(n * s) + 0.5) / s - 0.5 for n, s in zip(shape, scale, strict=True)]
+    coords = [(np.arange(n * s) + 0.5) / s - 0.5 for n, s in strict_zip(shape, scale)]
     kk, jj, ii = np.meshgrid(*coords, indexing="ij")
     expected = 3.0 * ii - 2.0 * jj + 5.0 * kk
     assert high.shape == expected.shape

@@ -19,6 +19,7 @@ from lctfound.tomography import (
     mu_to_hu,
     tv_reconstruction,
 )
+from lctfound.compat import strict_zip
 
 SIZE, PIXEL = 64, 2.0
 
@@ -205,7 +206,7 @@ def test_diffusion_reconstruction_runs_and_data_consistency_reduces_the_residual
 
     def residual(images):
         return [np.linalg.norm(projector.forward(hu_to_mu(image)) - sinogram) / np.linalg.norm(sinogram)
-                for image, sinogram in zip(images, stack.sinograms, strict=True)]
+                for image, sinogram in strict_zip(images, stack.sinograms)]
 
     free, _ = SparseViewDiffusionPipeline(tiny, steps=3, dc_iterations=0)(
         stack.sinograms, stack.geometry, stack.image_size, stack.pixel_mm, seed=0)

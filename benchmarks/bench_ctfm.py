@@ -43,6 +43,7 @@ from lctfound.ctfm.preprocess import prepare_volume  # noqa: E402
 from lctfound.devices import resolve_device  # noqa: E402
 from lctfound.io.sample_data import fetch_sample  # noqa: E402
 from lctfound.io.volume import read_volume  # noqa: E402
+from lctfound.compat import strict_zip
 
 RANDOM_NOTE = "random weights: only speed and memory are meaningful"
 
@@ -175,7 +176,7 @@ def bench_decoder(args, model, work: Path) -> dict:
     with Timed() as predict_timed:
         predicted = segmenter.predict(volume, args.decoder_overlap, args.decoder_batch)
     prepared_shape = list(prepare_volume(volume).shape)
-    total = window_count([max(s, r) for s, r in zip(prepared_shape, roi, strict=True)],
+    total = window_count([max(s, r) for s, r in strict_zip(prepared_shape, roi)],
                          WindowSettings(roi, args.decoder_overlap, args.decoder_batch))
     result["predict_lung1"] = predict_timed.result(prepared_shape=prepared_shape, windows=total,
                                                    output_on_input_grid=bool(predicted.same_grid(volume)))

@@ -52,6 +52,7 @@ from lctfound.io.sample_data import fetch_sample  # noqa: E402
 from lctfound.io.volume import read_volume  # noqa: E402
 from lctfound.metrics.image import METRICS, slice_metrics  # noqa: E402
 from lctfound.metrics.statistics import paired_tests  # noqa: E402
+from lctfound.compat import strict_zip
 
 HU_RANGE = (-1000.0, 1000.0)
 HELD_OUT_SLICE = 10
@@ -93,7 +94,7 @@ def central_slices(count: int, per_volume: int) -> list[int]:
 
 def score(images: dict[str, list[np.ndarray]], truth: list[np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     return {name: {metric: np.array([slice_metrics(image, reference, HU_RANGE)[metric]
-                                     for image, reference in zip(stack, truth, strict=True)])
+                                     for image, reference in strict_zip(stack, truth)])
                    for metric in METRICS}
             for name, stack in images.items()}
 
@@ -218,7 +219,7 @@ def run_low_dose(args, volumes) -> dict:
 
     def mean_psnr(function, parameter):
         return np.mean([slice_metrics(function(image, parameter), truth, HU_RANGE)["psnr"]
-                        for image, truth in zip(held_low, held_truth, strict=True)])
+                        for image, truth in strict_zip(held_low, held_truth)])
 
     tv_weight = max(TV_WEIGHTS, key=lambda w: mean_psnr(denoise_tv, w))
     nlm_h = max(NLM_H, key=lambda h: mean_psnr(denoise_nlm, h))
@@ -306,7 +307,7 @@ def run_sparse_view(args, volumes) -> list[dict]:
             images[warm] = []
             images[ablation] = []
         seconds = {name: ([], []) for name in images}
-        for image, pixel in zip(truth, pixels, strict=True):
+        for image, pixel in strict_zip(truth, pixels):
             geometry = Geometry.for_image("parallel", views, size, pixel)
             projector = Projector(geometry, size, pixel)
             sinogram = projector.forward(hu_to_mu(image))

@@ -8,8 +8,14 @@ One protocol for every front end (Slicer, web, command line):
 * the parent starts it with `Job.start`, calls `Job.poll` from its own loop (Slicer: a
   ``qt.QTimer``; web: an async task; scripts: a ``while`` loop) and gets the new events without
   blocking; a reader thread per pipe does the reading, so the GUI thread never waits;
-* `Job.cancel` ends the whole process tree (the child runs in its own process group/session and
-  every descendant is found with psutil): SIGTERM, then SIGKILL after a timeout.
+* `Job.cancel` ends the whole process tree: SIGTERM, then SIGKILL after a timeout. The child runs
+  in its own session (POSIX) or process group (Windows); its descendants are found with psutil
+  when it is installed, else with ``ps`` (POSIX), and the group is signalled as well; on Windows
+  without psutil, ``taskkill /T /F`` ends the tree. A fresh Slicer has no psutil, so Cancel must
+  not need it.
+
+On Windows the child's console window is hidden (closing it would kill the job) and, everywhere, its
+standard streams are UTF-8 (``PYTHONIOENCODING``/``PYTHONUTF8``), whatever the system code page.
 
 After the child has ended and its output is drained, `Job.poll` returns one last event
 ``{"event": "exit", "state": ..., "returncode": ..., "error": ...}``, so a consumer that only
@@ -78,7 +84,33 @@ def child_environment(extra: Optional[Mapping[str, str]] = None) -> dict[str, st
     paths = [str(PACKAGE_PARENT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
+    # UTF-8 pipes whatever the locale or Windows code page: log text may hold any character.
+    env["PYTHONIOENCODING"] = "utf-8"
+    env["PYTHONUTF8"] = "1"
     return env
+
+
+#: Windows process-creation flags (the values of Python's ``subprocess`` constants, which exist
+#: only on Windows).
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000
+STARTF_USESHOWWINDOW = 0x00000001
+SW_HIDE = 0
+
+
+def popen_options(os_name: str = os.name) -> dict[str, Any]:
+    """How to start a job's child: on Windows in its own process group with a hidden console window,
+    exactly as ``slicer.util.launchConsoleProcess`` starts ``PythonSlicer`` (a visible console's close
+    button would kill the job). Not CREATE_NO_WINDOW: PythonSlicer.exe is a launcher that starts the
+    real interpreter, and a console program started from a process without a console gets a new,
+    visible one; with a hidden console, the whole tree shares it. Elsewhere: its own session, so
+    Cancel can signal its process group."""
+    if os_name != "nt":
+        return {"start_new_session": True}
+    startupinfo = subprocess.STARTUPINFO()  # type: ignore[attr-defined]  # Windows only
+    startupinfo.dwFlags |= STARTF_USESHOWWINDOW
+    startupinfo.wShowWindow = SW_HIDE
+    return {"creationflags": CREATE_NEW_PROCESS_GROUP, "startupinfo": startupinfo}
 
 
 class Job:
@@ -128,11 +160,7 @@ class Job:
     ) -> "Job":
         """Run any command under the job protocol (tests, helper scripts)."""
         command = [str(part) for part in command]
-        options: dict[str, Any] = {}
-        if os.name == "nt":
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            options["start_new_session"] = True  # own session and process group
+        options = popen_options()
         process = subprocess.Popen(
             command,
             cwd=str(cwd) if cwd is not None else None,
@@ -278,16 +306,16 @@ class Job:
 
     def cancel(self, timeout: float = 5.0) -> bool:
         """End the child and all its descendants: SIGTERM, then SIGKILL after ``timeout`` s.
-        Returns False when the job had already ended."""
+        Returns False when the job had already ended. Works without psutil (see the module docstring)."""
         if self._process.poll() is not None:
             _signal_group(self._process.pid, "SIGKILL")  # stragglers of an ended job
             return False
         self._cancel_requested = True
         logger.info("job %d: cancelling", self.pid)
-        descendants = _descendants(self._process.pid)
+        descendants = descendant_pids(self._process.pid)
         for send in ("SIGTERM", "SIGKILL"):
             # Descendants are listed again: the child may have started one since.
-            descendants = _unique(descendants + _descendants(self._process.pid))
+            descendants = list(dict.fromkeys(descendants + descendant_pids(self._process.pid)))
             _send(self._process, descendants, send)
             deadline = time.monotonic() + timeout
             try:
@@ -297,7 +325,8 @@ class Job:
             descendants = _wait_gone(descendants, max(deadline - time.monotonic(), 0.05))
             if self._process.poll() is not None and not descendants:
                 break
-            logger.warning("job %d: still running %.0f s after SIGTERM; killing", self.pid, timeout)
+            if send == "SIGTERM":
+                logger.warning("job %d: still running %.0f s after SIGTERM; killing", self.pid, timeout)
         self._update_state()
         return True
 
@@ -305,21 +334,82 @@ class Job:
         return f"<Job pid={self.pid} {self.state.value}: {subprocess.list2cmdline(self.command)}>"
 
 
-def _descendants(pid: int) -> list:
-    import psutil
-
+def _psutil():
+    """psutil, or None: a fresh Slicer does not have it (the installer adds it)."""
     try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
+        import psutil
+    except ImportError:
+        return None
+    return psutil
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """The process ids of every descendant of ``pid`` (children first), found with psutil, else with
+    ``ps`` on POSIX; empty on Windows without psutil (``taskkill /T`` walks the tree itself)."""
+    psutil = _psutil()
+    if psutil is not None:
+        try:
+            return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+    if os.name == "nt":
         return []
+    try:
+        listing = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        logger.warning("job %d: cannot list its descendants (no psutil, ps failed); signalling its group only", pid)
+        return []
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+            children[int(fields[1])].append(int(fields[0]))
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(0), []):
+            if child not in found and child != pid:
+                found.append(child)
+                pending.append(child)
+    return found
 
 
-def _unique(processes: list) -> list:
-    return list({process.pid: process for process in processes}.values())
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped by its new parent counts as ended)."""
+    psutil = _psutil()
+    if psutil is not None:
+        try:
+            process = psutil.Process(pid)
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+    if os.name == "nt":
+        try:
+            listing = subprocess.run(["tasklist", "/FI", f"PID eq {pid}", "/NH", "/FO", "CSV"], capture_output=True,
+                                     text=True, timeout=30, creationflags=CREATE_NO_WINDOW).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return f'"{pid}"' in listing
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:  # Linux: the state follows the parenthesised command name
+        return stat.read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        pass
+    try:  # macOS and other POSIX systems
+        state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return bool(state.strip()) and not state.strip().startswith("Z")
 
 
 def _signal_group(pid: int, name: str) -> None:
-    """Signal the process group the child leads (it may hold members psutil no longer links)."""
+    """Signal the process group the child leads (it may hold members no longer linked to it)."""
     if os.name == "nt":
         return
     try:
@@ -328,36 +418,37 @@ def _signal_group(pid: int, name: str) -> None:
         pass
 
 
-def _send(process: subprocess.Popen, descendants: list, name: str) -> None:
-    import psutil
+def _kill_tree_windows(pid: int) -> None:
+    """Windows without psutil: ``taskkill /T /F`` ends ``pid`` and every process it started."""
+    try:
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, timeout=30,
+                       creationflags=CREATE_NO_WINDOW)
+    except (OSError, subprocess.SubprocessError):
+        logger.warning("job %d: taskkill failed", pid, exc_info=True)
 
+
+def _send(process: subprocess.Popen, descendants: list[int], name: str) -> None:
+    if os.name == "nt" and _psutil() is None and process.poll() is None:
+        _kill_tree_windows(process.pid)  # before the child ends: /T follows its children
     if process.poll() is None:
         if name == "SIGTERM":
             process.terminate()
         else:
             process.kill()
-    for descendant in descendants:
+    for pid in descendants:
         try:
-            descendant.terminate() if name == "SIGTERM" else descendant.kill()
-        except psutil.Error:
+            os.kill(pid, getattr(signal, name, signal.SIGTERM))
+        except (ProcessLookupError, PermissionError, OSError):
             pass
     _signal_group(process.pid, name)
 
 
-def _wait_gone(processes: list, timeout: float) -> list:
-    """Wait until ``processes`` (not our children: psutil polls them) have ended or are zombies
-    waiting for their new parent to reap them; returns those still alive."""
-    import psutil
-
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait until ``pids`` (not our children: they are polled) have ended or are zombies waiting for
+    their new parent to reap them; returns those still alive."""
     deadline = time.monotonic() + timeout
     while True:
-        alive = []
-        for process in processes:
-            try:
-                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(process)
-            except psutil.Error:
-                pass
+        alive = [pid for pid in pids if process_alive(pid)]
         if not alive or time.monotonic() >= deadline:
             return alive
         time.sleep(0.05)

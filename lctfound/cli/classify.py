@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 from ..errors import LCTfoundError
 from ..validation import batch_int
 from .train import FINETUNE_LOOP_DEFAULTS, add_classification_arguments, add_loop_arguments, run_finetune
+from ..compat import strict_zip
 
 
 def register(subparsers) -> None:
@@ -112,7 +113,7 @@ def _print_table(rows: list[dict[str, Any]], class_names: list[str]) -> None:
     cells = [[cell(row, column) for column in columns] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     for line in [headers] + cells:
-        print("  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)).rstrip())
+        print("  ".join(value.ljust(width) for value, width in strict_zip(line, widths)).rstrip())
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LCTfoundError
+from ..compat import strict_zip
 from ..validation import batch_int, float_type, int_type
 
 MODEL_HELP = ("CT-FM model: a folder in the published Hugging Face layout (config.json + model.safetensors, "
@@ -326,7 +327,7 @@ def run_seg_predict(args: argparse.Namespace) -> int:
     out = sys.stderr if args.events else sys.stdout
     targets = [output] if not batch else [output / f"{volume_stem(path)}_seg.nii.gz" for path in inputs]
     written = 0
-    for path, target in zip(inputs, targets):
+    for path, target in strict_zip(inputs, targets):
         refuse_input_conflict(target, inputs)
         if batch and not args.overwrite and output_is_complete(target, lambda p: read_volume(p, labels=True)):
             print(f"{target.name}: already done, skipped", file=out)

@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Optional
+from ..compat import strict_zip
 
 from ..validation import (
     MAX_DIFFUSION_STEPS, MAX_IMAGE_SIZE, batch_int, diffusion_steps_int, float_type, fraction_float, int_type,
@@ -325,7 +326,7 @@ def _volume_pairs(firsts: list[str], seconds: list[str], table: Optional[str], c
         raise LCTfoundError(f"{len(firsts)} {kinds[0]} path(s) for {len(seconds)} {kinds[1]} path(s); "
                             "give them in pairs")
     pairs: list[tuple[Path, Path]] = []
-    for first, second in zip(firsts, seconds, strict=True):
+    for first, second in strict_zip(firsts, seconds):
         first, second = Path(first), Path(second)
         for path in (first, second):
             if not path.exists():

@@ -44,6 +44,7 @@ from ..training.loop import LoopConfig, TrainingLoop, TrainingResult, TrainingTa
 from .model import CTFMModel, build_encoder, check_config
 from .preprocess import DEFAULT_PREPROCESSING, CTFMPreprocessing, PreparedVolume, prepare_volume
 from .tasks import SEGMENTATION_TASK, backbone_for, backbone_reference, load_ctfm_task_model
+from ..compat import strict_zip
 
 MODES = ("frozen", "full")
 DEFAULT_ROI = (32, 128, 128)  # CT-FM's pretraining patch: 96×128×128 mm at 3×1×1 mm
@@ -156,7 +157,7 @@ def prepare_case(volume: CTVolume, labels: CTVolume, class_values: Sequence[int]
     classes = prepared.from_source_grid(lookup[values.astype(np.int64)], fill=0, order=0)
     if not classes.any():
         raise InputError(f"{name or 'label map'}: no labelled voxel inside the body crop of the image")
-    pad = [(0, max(0, int(r) - s)) for s, r in zip(classes.shape, roi, strict=True)]
+    pad = [(0, max(0, int(r) - s)) for s, r in strict_zip(classes.shape, roi)]
     image = np.pad(prepared.array, pad, constant_values=0.0)
     classes = np.pad(classes, pad, constant_values=0)
     fg, bg = map_binary_to_indices(torch.from_numpy(classes[None] > 0))
@@ -288,7 +289,7 @@ def read_training_pairs(images: Sequence[str | Path], labels: Sequence[str | Pat
     if not images or len(images) != len(labels):
         raise LCTfoundError("give each image with its label map (at least one pair)")
     pairs = []
-    for image_path, label_path in zip(images, labels, strict=True):
+    for image_path, label_path in strict_zip(images, labels):
         image = read_volume(image_path, validate=validate)
         label = read_label_volume(label_path, reference=image)
         if not np.any(label.array):
@@ -373,7 +374,7 @@ class DecoderSegmenter:
         if not 0.0 <= overlap < 1.0:
             raise LCTfoundError(f"overlap {overlap}: must be at least 0 and below 1")
         array = prepared.array
-        pad = [(0, max(0, r - s)) for s, r in zip(array.shape, self.roi, strict=True)]
+        pad = [(0, max(0, r - s)) for s, r in strict_zip(array.shape, self.roi)]
         inputs = torch.from_numpy(np.ascontiguousarray(np.pad(array, pad, constant_values=0.0)))[None, None]
         total = window_count(inputs.shape[2:], WindowSettings(self.roi, overlap, batch_size))
         done = 0

@@ -34,6 +34,7 @@ from ..io.volume import CTVolume
 from ..progress import Progress, ensure_progress
 from .model import CTFMModel
 from .preprocess import DEFAULT_PREPROCESSING, CTFMPreprocessing, PreparedVolume, grid_affine, prepare_volume
+from ..compat import strict_zip
 
 DEFAULT_WINDOW = (32, 128, 128)
 DEFAULT_OVERLAP = 0.5
@@ -76,7 +77,7 @@ def window_count(shape: Sequence[int], settings: WindowSettings) -> int:
     from monai.data.utils import dense_patch_slices
     from monai.inferers.utils import _get_scan_interval
 
-    size = tuple(max(int(s), int(w)) for s, w in zip(shape, settings.window, strict=True))
+    size = tuple(max(int(s), int(w)) for s, w in strict_zip(shape, settings.window))
     interval = _get_scan_interval(size, tuple(settings.window), 3, (settings.overlap,) * 3)
     return len(dense_patch_slices(size, tuple(settings.window), interval))
 
@@ -84,7 +85,7 @@ def window_count(shape: Sequence[int], settings: WindowSettings) -> int:
 def _padded(prepared: PreparedVolume, window: Sequence[int]) -> torch.Tensor:
     """[1, 1, D, H, W] input, padded at the end (index origin unchanged) to at least one window."""
     array = prepared.array
-    pad = [max(0, int(w) - s) for s, w in zip(array.shape, window, strict=True)]
+    pad = [max(0, int(w) - s) for s, w in strict_zip(array.shape, window)]
     if any(pad):
         array = np.pad(array, [(0, p) for p in pad], constant_values=0.0)
     return torch.from_numpy(np.ascontiguousarray(array))[None, None]
@@ -252,7 +253,7 @@ def embed_point(model: CTFMModel, prepared: PreparedVolume, point_ras: Sequence[
         raise InputError(f"point {_fmt(point_ras)} (RAS) lies outside the body crop of the volume "
                          f"(source IJK {_fmt(source_ijk)})")
     start = window_start_around(prepared, index, window)
-    crop = prepared.array[tuple(slice(int(s), int(s) + int(w)) for s, w in zip(start, window, strict=True))]
+    crop = prepared.array[tuple(slice(int(s), int(s) + int(w)) for s, w in strict_zip(start, window))]
     centre = start + (np.asarray(crop.shape) - 1) / 2.0
     return embed_array(model, crop), prepared.index_to_ras(centre)
 
@@ -268,9 +269,9 @@ def embed_region(model: CTFMModel, prepared: PreparedVolume, corner_a_ras: Seque
     high = np.minimum(np.ceil(index.max(axis=0) - 0.5).astype(np.int64) + 1, np.asarray(prepared.shape))
     if np.any(high <= low):
         raise InputError(f"region {_fmt(a)} .. {_fmt(b)} (RAS) does not overlap the body crop of the volume")
-    crop = prepared.array[tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high, strict=True))]
+    crop = prepared.array[tuple(slice(int(lo), int(hi)) for lo, hi in strict_zip(low, high))]
     centre = prepared.index_to_ras((low + high - 1) / 2.0)
-    if all(c <= w for c, w in zip(crop.shape, settings.window, strict=True)):
+    if all(c <= w for c, w in strict_zip(crop.shape, settings.window)):
         return embed_array(model, crop), centre
     sub = PreparedVolume(crop, grid_affine(prepared.affine, 1.0, low), prepared.source_ijk_to_ras,
                          prepared.source_shape, prepared.settings)

@@ -49,6 +49,7 @@ from .tasks import (
     task_model_name,
     volume_fingerprint,
 )
+from ..compat import strict_zip
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ class ProbeTask(TrainingTask):
 
     def describe(self) -> str:
         counts = np.bincount(self.data.classes, minlength=len(self.class_names))
-        counted = zip(self.class_names, counts, strict=True)
+        counted = strict_zip(self.class_names, counts)
         return f"{len(self.data)} scans; " + ", ".join(f"{n}: {c}" for n, c in counted)
 
     def build_module(self) -> ProbeLossModule:
@@ -370,7 +371,7 @@ class LinearProbe:
         reference = self.task_model.backbone
         return {"case": case, "input": source, "predicted": self.class_names[int(np.argmax(probabilities))],
                 **{f"probability_{name}": f"{float(p):.6f}"
-                   for name, p in zip(self.class_names, probabilities, strict=True)},
+                   for name, p in strict_zip(self.class_names, probabilities)},
                 "model": task_model_name(self.task_model),
                 "model_sha256": self.weights_sha256, "backbone": reference.get("name") or "ctfm",
                 "backbone_sha256": reference.get("weights_sha256") or "", "note": RESEARCH_NOTE}

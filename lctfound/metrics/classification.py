@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import InputError, LCTfoundError
 from .cases import case_key
 from .statistics import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, bootstrap_intervals
+from ..compat import strict_zip
 
 PROBABILITY_PREFIX = "probability_"
 STRATIFIED_NOTE = ("cases are resampled within each true class (stratified), so every resample holds every "
@@ -286,7 +287,7 @@ def classification_metrics(
     intervals = bootstrap_intervals(_strata(data.truth, present), statistic, n_resamples=n_resamples, seed=seed,
                                     confidence=confidence, method=method)
     return {name: {"value": float(value), "ci": interval.as_dict()}
-            for name, value, interval in zip(names, values, intervals, strict=True)}
+            for name, value, interval in strict_zip(names, values, intervals)}
 
 
 # --------------------------------------------------------------------------------------------

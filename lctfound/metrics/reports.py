@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 from ..errors import LCTfoundError
 from .statistics import json_ready
+from ..compat import strict_zip
 
 OUTPUT_SUFFIXES = (".json", ".csv")
 
@@ -58,7 +59,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain-text table with columns padded to their widest cell."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines = ["  ".join(cell.ljust(width) for cell, width in strict_zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 

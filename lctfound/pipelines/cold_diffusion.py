@@ -53,6 +53,7 @@ from torch import nn
 from ..errors import CheckpointError, LCTfoundError
 from ..progress import Progress, ensure_progress
 from ..windows import Window, get_window
+from ..compat import strict_zip
 
 TASK = "low-dose-enhancement"
 TASK_LABEL = "low-dose enhancement"
@@ -410,7 +411,7 @@ class ColdDiffusionEnhancer:
         x = hu_to_model(hu, self.window).to(self.device)
         x_end = x[:, 1:2]
         state, estimate = x_end, None
-        for level, next_level in zip(levels[:-1], levels[1:], strict=True):
+        for level, next_level in strict_zip(levels[:-1], levels[1:]):
             adjust_input = None if estimate is None else torch.cat([estimate, x_end], dim=1)
             estimate = self._predict(torch.cat([x[:, :1], state, x[:, 2:]], dim=1), level, adjust_input)
             state = schedule.step(state, estimate, x_end, level, next_level)

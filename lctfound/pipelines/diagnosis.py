@@ -31,6 +31,7 @@ from ..models.task_models import TaskModel, load_task_model
 from ..preprocessing import prepare_slices, slice_batches
 from ..progress import Progress, ensure_progress
 from ..training.finetune import SliceClassifier, central_slices, classify_slices, slice_noise
+from ..compat import strict_zip
 
 TASK = "classification"
 
@@ -323,7 +324,7 @@ def results_rows(predictions: Iterable[ScanPrediction]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"case": volume_stem(prediction.input) if prediction.input else "",
                                "input": prediction.input, "predicted": prediction.predicted}
         row.update({f"probability_{name}": float(p)
-                    for name, p in zip(prediction.class_names, prediction.probabilities, strict=True)})
+                    for name, p in strict_zip(prediction.class_names, prediction.probabilities)})
         row.update({"slices": format_slices(prediction.slices), "model": provenance.get("model", ""),
                     "model_sha256": provenance.get("model_sha256", ""), "backbone": provenance.get("backbone", ""),
                     "backbone_sha256": provenance.get("backbone_sha256", ""), "status": "ok",

@@ -28,6 +28,7 @@ from ..errors import CheckpointError, LCTfoundError
 from ..progress import Progress, ensure_progress
 from .segmentation import TASK as FEWSHOT_TASK
 from .student import STUDENT_TASK
+from ..compat import strict_zip
 
 DENSE_TASK = "segmentation"  # the task name `DenseSegmentationTask` saves structures models under
 SEGMENTATION_TASKS = (FEWSHOT_TASK, DENSE_TASK, STUDENT_TASK)
@@ -135,7 +136,7 @@ class DensePredictor(SegmentationPredictor):
 
     def predict_probabilities(self, hu_volume, progress=None):
         for batch, logits in self._logits(hu_volume, progress):
-            for index, probabilities in zip(batch, torch.softmax(logits, dim=1).numpy(), strict=True):
+            for index, probabilities in strict_zip(batch, torch.softmax(logits, dim=1).numpy()):
                 yield index, probabilities
 
     def predict(self, hu_volume, progress=None, postprocess=()):

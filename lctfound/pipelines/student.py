@@ -31,6 +31,7 @@ from ..errors import CheckpointError, LCTfoundError
 from ..models.task_models import TaskModel, load_task_model, require_parts, save_task_model
 from ..preprocessing import resize_images, resize_labels, slice_batches, window_to_unit
 from ..progress import Progress, ensure_progress
+from ..compat import strict_zip
 
 STUDENT_TASK = "segmentation-student"
 UNLABELLED = -1
@@ -183,7 +184,7 @@ class StudentSegmenter:
                               batch_size: int = 8) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(slice index, probabilities (K, H, W))`` on the native grid (so a student can teach)."""
         for batch, logits in self._native_logits(hu_volume, progress, batch_size):
-            for index, probabilities in zip(batch, torch.softmax(logits, dim=1).numpy(), strict=True):
+            for index, probabilities in strict_zip(batch, torch.softmax(logits, dim=1).numpy()):
                 yield index, probabilities
 
     def predict(self, hu_volume: np.ndarray, progress: Optional[Progress] = None, postprocess: Sequence[str] = (),
@@ -449,7 +450,7 @@ def train_student(student: StudentSegmenter, data: DistillationSet, config: Stud
             y = small_labels[batch].long()
             if config.flips:
                 items = [seeded_flips((config.seed, epoch, int(i)), x[j], p[j], y[j]) for j, i in enumerate(batch)]
-                x, p, y = (torch.stack(parts) for parts in zip(*items, strict=True))
+                x, p, y = (torch.stack(parts) for parts in strict_zip(*items))
             x, p, y = x.to(student.device), p.to(student.device), y.to(student.device)
             logits = network(x).float()
             loss = distillation_loss(logits, p, config.temperature)

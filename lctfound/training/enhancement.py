@@ -41,6 +41,7 @@ from ..progress import Progress, ensure_progress
 from ..windows import get_window
 from .finetune import seeded_flips
 from .loop import TrainingTask
+from ..compat import strict_zip
 
 LOSSES = ("mse", "l1")
 #: γ of the min-SNR loss weights of VCTA fine-tuning (Hang et al.'s recommended 5); None = plain ε-MSE.
@@ -65,7 +66,7 @@ class PairedVolumes:
         if not sources:
             raise LCTfoundError(f"no {kinds[0]}/{kinds[1]} pairs to train on")
         self.names = list(names) if names is not None else [f"pair {i}" for i in range(len(sources))]
-        for name, source, target in zip(self.names, sources, targets, strict=True):
+        for name, source, target in strict_zip(self.names, sources, targets):
             if np.ndim(source) != 3 or np.shape(source) != np.shape(target):
                 raise InputError(f"{name}: the {kinds[0]} ({'×'.join(map(str, np.shape(source)))}) and {kinds[1]} "
                                  f"({'×'.join(map(str, np.shape(target)))}) volumes differ in size")
@@ -80,7 +81,7 @@ class PairedVolumes:
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
-        for source, target in zip(self.sources, self.targets, strict=True):
+        for source, target in strict_zip(self.sources, self.targets):
             for array in (source, target):
                 digest.update(str((array.shape, str(array.dtype))).encode())
                 digest.update(np.ascontiguousarray(array).tobytes())

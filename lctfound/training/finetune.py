@@ -34,6 +34,7 @@ from ..models.task_models import TaskModel, backbone_reference, require_parts, s
 from ..preprocessing import prepare_slices, resize_labels, slice_batches
 from ..progress import Progress, ensure_progress
 from .loop import TrainingTask
+from ..compat import strict_zip
 
 BACKBONE_MODES = ("frozen", "adapter", "full")
 
@@ -498,7 +499,7 @@ class SliceClassificationTask(TrainingTask):
     def describe(self) -> str:
         counts = np.bincount(self.data.classes, minlength=len(self.class_names))
         return (f"{len(self.data)} slices of {len(set(self.data.scans))} scans; "
-                + ", ".join(f"{name}: {count}" for name, count in zip(self.class_names, counts, strict=True)))
+                + ", ".join(f"{name}: {count}" for name, count in strict_zip(self.class_names, counts)))
 
     def build_module(self) -> ClassifierLossModule:
         classifier = SliceClassifier(self.backbone, len(self.class_names), self.timesteps, self.block, self.mode,

@@ -58,6 +58,7 @@ from ..errors import InputError, LCTfoundError
 from ..io.volume import CTVolume
 from .config import WebConfig
 from .loading import FILE_SUFFIXES, read_path, read_sample, upload_kind
+from ..compat import strict_zip
 from .security import UploadBudget, hide_folder, safe_file_name
 
 logger = logging.getLogger(__name__)
@@ -417,7 +418,7 @@ class LCTfoundWebApp(TrameApp):
             shutil.rmtree(self._upload_dir, ignore_errors=True)
         folder = Path(tempfile.mkdtemp(prefix="lctfound-web-upload-"))
         self._upload_dir = folder
-        for number, (entry, name) in enumerate(zip(files, names, strict=True)):
+        for number, (entry, name) in enumerate(strict_zip(files, names)):
             # DICOM slices may share names across sub-folders: keep them apart.
             target = folder / (name if kind == "file" else f"{number:05d}-{name}")
             target.write_bytes(ClientFile(entry).content or b"")
