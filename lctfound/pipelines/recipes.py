@@ -54,6 +54,17 @@ def is_official_backbone(model) -> bool:
     return model.preset == "official" or model.metadata.get("source") == "official-layout"
 
 
+def is_official_backbone_folder(folder) -> bool:
+    """`is_official_backbone` for a model folder, from its metadata alone (no weights are read)."""
+    from ..models.bundle import locate_unet_folder, read_metadata
+
+    unet_folder = locate_unet_folder(folder)
+    metadata = read_metadata(unet_folder.parent if unet_folder.name == "unet" else unet_folder)
+    if not metadata:
+        return True  # no lctfound.json: the release layout, which `load_model` marks "official-layout"
+    return metadata.get("preset") == "official" or metadata.get("source") == "official-layout"
+
+
 def resolve_recipe(name: Optional[str], model) -> str:
     """``auto`` (or None) → ``official`` for the official backbone, ``fast`` otherwise."""
     name = (name or "auto").strip().lower()

@@ -331,7 +331,7 @@ class FewShotSegmenter:
                     schedule.step()
                     step += 1
                     epoch_loss += float(loss.detach())
-                    progress.update(step, total, f"epoch {epoch + 1}, batch {batch_index + 1}, loss {float(loss):.4f}")
+                    progress.update(step, total, f"epoch {epoch + 1}, batch {batch_index + 1}, loss {float(loss.detach()):.4f}")
                     progress.check_cancelled()
                 losses.append(epoch_loss / batches_per_epoch)
         finally:
