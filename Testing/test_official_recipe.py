@@ -357,3 +357,29 @@ def test_fast_recipe_keeps_its_documented_differences(official_model):
 def test_segment_train_help_names_the_recipes(run_cli):
     code, out, _ = run_cli(["segment", "train", "--help"])
     assert code == 0 and "--recipe" in out and "official" in out and "fast" in out
+
+
+def test_segmentation_panel_names_the_recipe(official_tiny, tmp_path):
+    """The panel logic (Slicer and browser) says which recipe training runs, and passes it on."""
+    from types import SimpleNamespace
+
+    from lctfound.logic.segmentation import FEWSHOT, SegmentationModuleLogic, SegmentationParameters
+    from lctfound.models import save_model
+
+    from model_factory import tiny_model
+
+    fast_folder = tmp_path / "tiny-backbone"
+    save_model(tiny_model(64, seed=1), fast_folder)
+    entries = [SimpleNamespace(name="release", path=official_tiny, source="folder", preset="custom", description=""),
+               SimpleNamespace(name="tiny", path=fast_folder, source="user", preset="tiny", description="")]
+    logic = SegmentationModuleLogic(list_models=lambda extra_folders=(): entries, available_devices=lambda: ["cpu"],
+                                    runs_root=tmp_path / "runs")
+    volume = SimpleNamespace(GetImageData=lambda: object(), GetID=lambda: "vtkMRMLScalarVolumeNode1")
+    official = SegmentationParameters(task=FEWSHOT, input_volume=volume, model_name="release", device="cpu")
+    assert logic.training_recipe(official) == ("official", 20)
+    assert "official recipe" in logic.selection_summary(official) and "20 epochs" in logic.selection_summary(official)
+    fast = SegmentationParameters(task=FEWSHOT, input_volume=volume, model_name="tiny", device="cpu")
+    assert logic.training_recipe(fast) == ("fast", 30)
+    assert "fast recipe" in logic.selection_summary(fast)
+    fast.epochs = 7  # a changed field wins over the recipe's count
+    assert logic.training_recipe(fast) == ("fast", 7)
