@@ -25,10 +25,11 @@ def test_official_normalisation_matches_the_pretraining_loader():
     rng = np.random.default_rng(0)
     hu = rng.integers(-1024, 1500, size=(2, 32, 32)).astype(np.int16)
     ours = prepare_slices(hu, "lung", 32, mode="official")
-    # The loader, written out as the official code did it: clip, per-slice min-max, uint8, /255, (x-.5)/.5.
+    # The loader, written out as the official code did it: clip (int16 kept), per-slice min-max with
+    # +1e-8 (so the top quantises to 254), uint8, /255, (x-.5)/.5.
     for index in range(2):
-        clipped = np.clip(hu[index].astype(np.float64), -1250, 250)
-        unit = (clipped - clipped.min()) / (clipped.max() - clipped.min())
+        clipped = np.clip(hu[index], -1250, 250)
+        unit = (clipped - clipped.min()) / (clipped.max() - clipped.min() + 1e-8)
         expected = ((unit * 255).astype(np.uint8) / 255.0 - 0.5) / 0.5
         for channel in range(3):
             np.testing.assert_allclose(ours[index, channel].numpy(), expected, atol=1e-6)

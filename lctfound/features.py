@@ -32,7 +32,7 @@ from .errors import LCTfoundError
 from .models.bundle import LCTfoundModel
 from .models.presets import FEATURE_BLOCKS, FEATURE_TIMESTEPS, feature_channels
 from .models.taps import tap_up_blocks
-from .preprocessing import NormalizationMode, prepare_slices, slice_batches
+from .preprocessing import NORMALIZATION_MODES, RESIZE_MODES, NormalizationMode, ResizeMode, prepare_slices, slice_batches
 from .progress import Progress, ensure_progress
 
 
@@ -47,8 +47,15 @@ class FeatureSpec:
     resolution: Optional[int] = None
     seed: int = 0
     normalization: NormalizationMode = "official"
+    #: How slices reach the model's input size: ``area`` (the original loaders) or ``antialias``.
+    resize: ResizeMode = "antialias"
 
     def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATION_MODES:
+            raise LCTfoundError(f"unknown normalisation {self.normalization!r}; choose one of: "
+                                f"{', '.join(NORMALIZATION_MODES)}")
+        if self.resize not in RESIZE_MODES:
+            raise LCTfoundError(f"unknown resize mode {self.resize!r}; choose one of: {', '.join(RESIZE_MODES)}")
         if not self.timesteps:
             raise LCTfoundError("at least one timestep is needed")
         if any(not 0 <= t < 1000 for t in self.timesteps):
@@ -107,14 +114,21 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def __call__(self, x0: torch.Tensor, slice_ids: Optional[Sequence[int]] = None,
-                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Model inputs (B, 3, S, S) in [−1, 1] → features (B, C, R, R) on the CPU."""
+                 out_dtype: torch.dtype = torch.float32, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Model inputs (B, 3, S, S) in [−1, 1] → features (B, C, R, R) on the CPU.
+
+        ``noise`` (B, 3, S, S): the ε to use instead of the seeded per-slice draw (training with
+        fresh noise per batch, as the original did, or comparing with its stored noise)."""
         unet, scheduler = self.model.unet, self.model.scheduler
         device = self.model.device
         batch = x0.shape[0]
         slice_ids = list(range(batch)) if slice_ids is None else list(slice_ids)
         x0 = x0.to(device, torch.float32)
-        noise = self.noise_for(slice_ids, tuple(x0.shape[1:])).to(device)
+        if noise is None:
+            noise = self.noise_for(slice_ids, tuple(x0.shape[1:]))
+        elif tuple(noise.shape) != tuple(x0.shape):
+            raise LCTfoundError(f"noise {tuple(noise.shape)} does not match the inputs {tuple(x0.shape)}")
+        noise = noise.to(device, torch.float32)
         condition = self._condition(batch)
         out = torch.empty((batch, self.channels, self.resolution, self.resolution), dtype=out_dtype)
         with tap_up_blocks(unet, self.spec.blocks) as captured:
@@ -136,7 +150,8 @@ class FeatureExtractor:
 
     # ------------------------------------------------------------------ slices and volumes
     def prepare(self, hu_slices: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return prepare_slices(hu_slices, self.spec.window, self.model.sample_size, self.spec.normalization)
+        return prepare_slices(hu_slices, self.spec.window, self.model.sample_size, self.spec.normalization,
+                              self.spec.resize)
 
     def iter_volume(self, hu_volume: np.ndarray, slices: Optional[Sequence[int]] = None, batch_size: int = 1,
                     progress: Optional[Progress] = None, out_dtype: torch.dtype = torch.float16,

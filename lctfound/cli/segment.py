@@ -32,7 +32,12 @@ def register(subparsers) -> None:
                        help="continue from this few-shot model (after corrections): its head is the start, and "
                             "pixels it gets wrong on the labelled slices count more")
     train.add_argument("--window", default="mediastinal", help="input window (default mediastinal)")
-    train.add_argument("--epochs", type=epochs_int, default=30, help="head training epochs (default 30)")
+    train.add_argument("--recipe", default="auto", choices=("auto", "official", "fast"),
+                       help="training recipe: 'official' reproduces the paper's code (every pixel at the model's "
+                            "input size, batches of 4 augmented images through the backbone, 20 epochs; slow on "
+                            "a CPU); 'fast' trains on cached features of a grid of at most 128² (default 'auto': "
+                            "official for the official backbone, fast for any other; see docs/recipes.md)")
+    train.add_argument("--epochs", type=epochs_int, help="head training epochs (default: the recipe's, 20 official, 30 fast)")
     train.add_argument("--output", "-o", required=True, help="new task-model folder")
     train.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     train.add_argument("--register", metavar="NAME", help="also register it under NAME for every front end")
@@ -125,15 +130,24 @@ def run_train(args: argparse.Namespace) -> int:
         if segmenter.label_names != {value: name for value, name in names.items() if value > 0}:
             raise LCTfoundError(f"--init model {args.init} segments {_format_names(segmenter.label_names)}, "
                                 f"these labels are {_format_names(names)}; train without --init")
-        segmenter.config = replace(segmenter.config, epochs=args.epochs)
+        if args.recipe != "auto" and args.recipe != segmenter.config.recipe:
+            raise LCTfoundError(f"--init model {args.init} was trained with the {segmenter.config.recipe} recipe; "
+                                f"drop --recipe or train without --init")
+        if args.epochs is not None:
+            segmenter.config = replace(segmenter.config, epochs=args.epochs)
     else:
         backbone = load_model(resolve_model(args.backbone or "default"), device=resolve_device(args.device))
-        segmenter = FewShotSegmenter(backbone, names, FewShotConfig(window=args.window, epochs=args.epochs))
+        config = FewShotConfig.for_model(backbone, args.recipe, window=args.window, epochs=args.epochs)
+        segmenter = FewShotSegmenter(backbone, names, config)
+    from ..pipelines.recipes import describe_recipe
+
+    print(f"training with the {describe_recipe(segmenter.config.recipe)}")
     start = time.perf_counter()
     with command_progress(args.events, "segment train", unit="step") as progress:
         report = segmenter.fit(volume.array, labels, progress=progress)
     segmenter.save(output, extra={"name": args.register or output.name,
                                   "training": {"volume": str(args.volume), "slices": report.slices,
+                                               "recipe": segmenter.config.recipe,
                                                "pixels": report.pixels, "final_loss": report.final_loss}},
                    overwrite=args.overwrite)
     print(f"trained on slices {report.slices} ({report.pixels} pixels) in {time.perf_counter() - start:.1f} s; "

@@ -100,6 +100,7 @@ class SegmentationParameters(ModuleParameters):
     annotation_segmentation: Any = None
     task_model: str = ""
     new_model_name: str = ""
+    #: Head training epochs; left at this default, the recipe's own count is used (20 official, 30 fast).
     epochs: int = 30
     window: str = "mediastinal"
     output_mode: str = "new"
@@ -343,12 +344,31 @@ class SegmentationModuleLogic(ModuleLogicBase):
         problems.append(self.check_device(p.device))
         return [problem for problem in problems if problem]
 
+    def training_recipe(self, parameters: Any) -> tuple[str, int]:
+        """The few-shot recipe that training runs for the selected backbone (official for the official
+        backbone, fast otherwise) and its epochs (the recipe's own unless the field was changed)."""
+        from ..pipelines.recipes import OFFICIAL_SETTINGS, is_official_backbone_folder
+
+        p = self.parameters_from(parameters)
+        official = is_official_backbone_folder(self._backbone_path(p.model_name))
+        recipe_epochs = OFFICIAL_SETTINGS["epochs"] if official else SegmentationParameters.epochs
+        epochs = recipe_epochs if int(p.epochs) == SegmentationParameters.epochs else int(p.epochs)
+        return ("official" if official else "fast"), epochs
+
     def selection_summary(self, parameters: Any) -> str:
         p = self.parameters_from(parameters)
         problem = self.first_problem(p)
         if problem:
             return problem
         text = super().selection_summary(p) if p.task == FEWSHOT else f"Runs on {self.device_label(p.device)}."
+        if p.task == FEWSHOT:
+            from ..pipelines.recipes import describe_recipe
+
+            try:
+                recipe, epochs = self.training_recipe(p)
+                text += f" Training uses the {describe_recipe(recipe)}, {epochs} epochs."
+            except LCTfoundError as error:
+                text += f" {error}"
         missing = self.check_task_model(p)
         return f"{text} {missing}" if missing else f"{text} Predicts with '{p.task_model}'."
 
@@ -437,16 +457,17 @@ class SegmentationModuleLogic(ModuleLogicBase):
             labels_path = run / "labels.nrrd"
             write_volume(ctvolume_from_volume_node(p.input_volume).with_array(labels), labels_path)
             name = p.new_model_name.strip()
+            recipe, epochs = self.training_recipe(p)
             args = ["segment", "train", str(volume_path), "--labels", str(labels_path),
                     "--slices", format_slices(slices),
                     "--names", ",".join(f"{value}={text}" for value, text in sorted(names.items())),
-                    "--window", p.window, "--epochs", str(int(p.epochs)), "--output", str(run / "model"), "--events"]
+                    "--window", p.window, "--epochs", str(epochs), "--output", str(run / "model"), "--events"]
             start_from = self.correction_start(p.annotation_segmentation, names)
             if start_from is not None:
-                args += ["--init", str(start_from.path)]
+                args += ["--init", str(start_from.path)]  # the recipe is the start model's
             else:
-                args += ["--backbone", str(self._backbone_path(p.model_name))]
-            info = {"action": "train", "new_model_name": name, "slices": slices, "names": names,
+                args += ["--backbone", str(self._backbone_path(p.model_name)), "--recipe", recipe]
+            info = {"action": "train", "new_model_name": name, "slices": slices, "names": names, "recipe": recipe,
                     "init": start_from.name if start_from is not None else "",
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         except BaseException:

@@ -2,9 +2,11 @@
 
 An annotator labels a few slices; `FewShotSegmenter.fit` trains the per-pixel MLP head
 (`PixelMLPHead`, CE + focal loss, AdamW 1e-3, cosine decay) on the denoising features of those
-slices only; `__call__` predicts every slice. Features are cached per (volume, model, feature
-recipe) on disk, slice by slice, so retraining after corrections and predicting again reuse them:
-the second round costs the MLP, not the backbone.
+slices only; `__call__` predicts every slice. Two recipes (`lctfound.pipelines.recipes`):
+``official`` reproduces the paper's code (every pixel at the model's input size, batches of 4
+augmented images through the backbone, 20 epochs); ``fast`` caches features per (volume, model,
+feature recipe) on disk, slice by slice, so retraining after corrections and predicting again
+reuse them: the second round costs the MLP, not the backbone.
 
 Label arrays use -1 for "not labelled" (those slices are ignored); 0 is background.
 """
@@ -31,7 +33,8 @@ from ..models.bundle import WEIGHTS_NAME, LCTfoundModel, locate_unet_folder
 from ..models.task_models import TaskModel, backbone_reference, load_task_model, require_parts, save_task_model
 from ..paths import feature_cache_dir
 from ..progress import Progress, ensure_progress
-from ..training.finetune import PixelMLPHead
+from ..training.finetune import PixelMLPHead, official_head_widths
+from .recipes import OFFICIAL_SETTINGS, official_augmentation, resolve_recipe, segmentation_loss, warmup_cosine_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -248,10 +251,13 @@ def _npy_problem(path: Path, shape: tuple[int, ...], dtype) -> str:
 
 @dataclass
 class FewShotConfig:
+    """Settings of a few-shot model; `for_recipe` / `for_model` give a recipe's defaults."""
+
     timesteps: tuple[int, ...] = (0, 50, 100, 150)
     blocks: tuple[int, ...] = (1, 2, 3, 4)
     window: str = "mediastinal"
-    resolution: Optional[int] = None  # feature grid R; default min(model size, 128) to bound the cache
+    #: Feature grid R; default: the model's input size (official), min(model size, 128) (fast, bounds the cache).
+    resolution: Optional[int] = None
     epochs: int = 30
     #: With few labelled slices an epoch is a few optimiser steps: train at least this many steps
     #: (benchmarks/RESULTS.md: 30 epochs on one slice under-trained the head, Dice 0.19 vs 0.28).
@@ -264,8 +270,42 @@ class FewShotConfig:
     #: On retraining, pixels the current model gets wrong (the annotator's corrections) count this much more.
     correction_weight: float = 5.0
     seed: int = 0
+    #: ``official`` or ``fast`` (see `lctfound.pipelines.recipes`); the fields below are the official
+    #: recipe's training settings (0 / None / False: not used by the fast recipe).
+    recipe: str = "fast"
+    focal_alpha: float = 0.25
+    batch_images: int = 0
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = None
+    augment: bool = False
+
+    def __post_init__(self) -> None:
+        if self.recipe not in ("official", "fast"):
+            raise LCTfoundError(f"unknown recipe {self.recipe!r}; choose official or fast")
+
+    @classmethod
+    def for_recipe(cls, recipe: str, **overrides: Any) -> "FewShotConfig":
+        """A recipe's settings; ``overrides`` that are None keep the recipe's value."""
+        overrides = {key: value for key, value in overrides.items() if value is not None}
+        if recipe == "official":
+            settings = {key: value for key, value in OFFICIAL_SETTINGS.items() if key != "dropout"}
+            return cls(**{**settings, "min_steps": 0, "recipe": "official", **overrides})
+        return cls(**{"recipe": recipe, **overrides})
+
+    @classmethod
+    def for_model(cls, model: LCTfoundModel, recipe: Optional[str] = "auto", **overrides: Any) -> "FewShotConfig":
+        """``recipe`` ``auto`` → official for the official backbone, fast otherwise."""
+        return cls.for_recipe(resolve_recipe(recipe, model), **overrides)
+
+    @property
+    def official(self) -> bool:
+        return self.recipe == "official"
 
     def feature_spec(self, model: LCTfoundModel) -> FeatureSpec:
+        if self.official:
+            return FeatureSpec(tuple(self.timesteps), tuple(self.blocks), self.window,
+                               resolution=self.resolution or model.sample_size, seed=self.seed,
+                               normalization="official-segmentation", resize="area")
         resolution = self.resolution or min(model.sample_size, 128)
         return FeatureSpec(tuple(self.timesteps), tuple(self.blocks), self.window, resolution=resolution, seed=self.seed)
 
@@ -299,7 +339,8 @@ class FewShotSegmenter:
         """An untrained head whose start depends on ``config.seed`` only, not on earlier work in the process."""
         with torch.random.fork_rng():
             torch.manual_seed(self.config.seed)
-            return PixelMLPHead(self.extractor.channels, len(self.class_values))
+            widths = official_head_widths(len(self.class_values)) if self.config.official else None
+            return PixelMLPHead(self.extractor.channels, len(self.class_values), widths=widths)
 
     # ------------------------------------------------------------------ training
     def _training_rows(self, features: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
@@ -323,8 +364,6 @@ class FewShotSegmenter:
     def fit(self, hu_volume: np.ndarray, labels: np.ndarray, progress: Optional[Progress] = None,
             cache_root: Optional[Path] = None) -> FitReport:
         """Train the head on the slices of ``labels`` that hold any value ≥ 0 (−1 = not labelled)."""
-        from monai.losses import FocalLoss
-
         progress = ensure_progress(progress)
         if labels.shape != hu_volume.shape:
             raise LCTfoundError(f"labels {labels.shape} are not on the volume's grid {hu_volume.shape}")
@@ -336,6 +375,8 @@ class FewShotSegmenter:
             raise LCTfoundError(f"label value {unknown[0]} has no name in this segmenter")
         if not any((labels[k] > 0).any() for k in labelled):
             raise LCTfoundError("the labelled slices hold only background: paint the structure on a slice")
+        if self.config.official:
+            return self._fit_official(hu_volume, labels, labelled, progress)
         cache = FeatureCache(self.extractor, hu_volume, cache_root)
         features = cache.get(labelled, progress=progress)
         rng = np.random.default_rng(self.config.seed)
@@ -353,8 +394,7 @@ class FewShotSegmenter:
         steps_per_epoch = max(1, int(np.ceil(len(rows) / self.config.batch_pixels)))
         epochs = max(self.config.epochs, int(np.ceil(self.config.min_steps / steps_per_epoch)))
         total = steps_per_epoch * epochs
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
-        focal = FocalLoss(gamma=self.config.focal_gamma, use_softmax=True, to_onehot_y=True, reduction="none")
+        schedule = warmup_cosine_schedule(optimizer, self.config.warmup_steps, total)
         losses = []
         for epoch in range(epochs):
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.config.seed + epoch))
@@ -364,11 +404,12 @@ class FewShotSegmenter:
                 if len(index) < 2:
                     continue  # BatchNorm needs two rows
                 logits = head(x_all[index])
-                per_pixel = (F.cross_entropy(logits, y_all[index], reduction="none")
-                             + focal(logits, y_all[index][:, None]).sum(dim=1))
-                loss = (per_pixel * weights[index]).sum() / weights[index].sum()
+                loss = segmentation_loss(logits, y_all[index], self.config.focal_alpha, self.config.focal_gamma,
+                                         weights[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(head.parameters(), self.config.grad_clip)
                 optimizer.step()
                 schedule.step()
                 epoch_loss += float(loss.detach()) * len(index)
@@ -382,6 +423,94 @@ class FewShotSegmenter:
                         for v, c in zip(self.class_values, counts)}
         return FitReport(labelled, len(rows), int((weights > 1).sum()), class_pixels, losses[-1], losses)
 
+    def _fit_official(self, hu_volume: np.ndarray, labels: np.ndarray, labelled: list[int],
+                      progress: Progress) -> FitReport:
+        """The original training loop (main_seg.py:125-165): per step, a batch of 4 labelled slices
+        (shuffled, the last incomplete batch dropped) is augmented, noised with a fresh ε and run
+        through the backbone; the head classifies every pixel at the model's input size."""
+        from ..preprocessing import resize_images, window_to_unit
+
+        config, size = self.config, self.extractor.resolution
+        structures = self.class_values[1:]
+        # Image in [0, 1] and per-structure cover fractions at the model's size, as the original
+        # loader's Resized (area) left them before augmentation.
+        unit = resize_images(window_to_unit(np.asarray(hu_volume[labelled]), config.window, "official-segmentation")[:, None],
+                             size, "area")[:, 0]
+        slice_labels = torch.as_tensor(np.asarray(labels[labelled]), dtype=torch.long)
+        cover = torch.stack([torch.nn.functional.interpolate((slice_labels == value).float()[:, None], size=(size, size),
+                                                             mode="area")[:, 0] for value in structures], dim=1)
+        batch_images = max(1, config.batch_images)
+        count = len(labelled)
+        batches_per_epoch = max(1, count // batch_images)  # drop_last, but never zero batches
+        total = batches_per_epoch * config.epochs
+        torch.manual_seed(config.seed)
+        device = self.model.device
+        head = self.head.to(device).train()  # dropout on and batch statistics, as the original trains
+        optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        schedule = warmup_cosine_schedule(optimizer, config.warmup_steps, total)
+        augmentation = official_augmentation() if config.augment else None
+        noise_generator = torch.Generator().manual_seed(config.seed)
+        losses, step = [], 0
+        try:
+            for epoch in range(config.epochs):
+                order = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
+                epoch_loss = 0.0
+                for batch_index in range(batches_per_epoch):
+                    members = order[batch_index * batch_images:(batch_index + 1) * batch_images]
+                    images, covers = unit[members], cover[members]
+                    if augmentation is not None:
+                        images, covers = self._augment(augmentation, images, covers, (config.seed, epoch, batch_index))
+                    targets = self._full_cover_targets(covers)
+                    x0 = ((images - 0.5) / 0.5)[:, None].expand(-1, 3, -1, -1)
+                    noise = torch.randn(x0.shape, generator=noise_generator)
+                    features = self.extractor(x0, [labelled[m] for m in members], torch.float16, noise=noise)
+                    rows = features.to(device).permute(0, 2, 3, 1).reshape(-1, features.shape[1]).float()
+                    del features
+                    loss = segmentation_loss(head(rows), targets.reshape(-1).to(device), config.focal_alpha,
+                                             config.focal_gamma)
+                    del rows
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if config.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip)
+                    optimizer.step()
+                    schedule.step()
+                    step += 1
+                    epoch_loss += float(loss.detach())
+                    progress.update(step, total, f"epoch {epoch + 1}, batch {batch_index + 1}, loss {float(loss.detach()):.4f}")
+                    progress.check_cancelled()
+                losses.append(epoch_loss / batches_per_epoch)
+        finally:
+            head.cpu()
+        head.eval()
+        self._trained = True
+        targets_all = self._full_cover_targets(cover)
+        counts = np.bincount(targets_all.reshape(-1).numpy(), minlength=len(self.class_values))
+        class_pixels = {("background" if v == 0 else self.label_names[v]): int(c)
+                        for v, c in zip(self.class_values, counts)}
+        return FitReport(labelled, int(targets_all.numel()), 0, class_pixels, losses[-1], losses)
+
+    @staticmethod
+    def _full_cover_targets(covers: torch.Tensor) -> torch.Tensor:
+        """Class index per pixel: structure k+1 where its cover is complete (the original's ``.long()``
+        truncation of the area-resized label), else background."""
+        targets = torch.zeros((covers.shape[0], *covers.shape[2:]), dtype=torch.long)
+        for channel in range(covers.shape[1]):
+            targets[covers[:, channel] >= 1.0] = channel + 1
+        return targets
+
+    @staticmethod
+    def _augment(augmentation, images: torch.Tensor, covers: torch.Tensor, key: tuple[int, ...]):
+        """The original's random flips and rotation, per image, seeded by (seed, epoch, batch)."""
+        seed = int(np.random.default_rng(list(key)).integers(0, 2**31 - 1))
+        augmentation.set_random_state(seed=seed)
+        out_images, out_covers = [], []
+        for image, cover in zip(images, covers):
+            item = augmentation({"image": image[None].clone(), "label": cover.clone()})
+            out_images.append(torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32)[0])
+            out_covers.append(torch.as_tensor(np.asarray(item["label"]), dtype=torch.float32))
+        return torch.stack(out_images), torch.stack(out_covers)
+
     # ------------------------------------------------------------------ prediction
     @torch.no_grad()
     def predict_probabilities(self, hu_volume: np.ndarray, slices: Optional[Sequence[int]] = None,
@@ -390,12 +519,17 @@ class FewShotSegmenter:
         """Yield ``(slice index, probabilities (K, H, W))`` on the native grid, slice by slice."""
         progress = ensure_progress(progress)
         slices = list(range(hu_volume.shape[0])) if slices is None else [int(s) for s in slices]
-        cache = FeatureCache(self.extractor, hu_volume, cache_root)
+        # The official recipe's full grid (0.5 GB per slice for the official model in fp16) is
+        # computed per batch and not cached.
+        cache = None if self.config.official else FeatureCache(self.extractor, hu_volume, cache_root)
         head = self.head.eval()
         height, width = hu_volume.shape[1:]
         for done, first in enumerate(range(0, len(slices), batch_size)):
             batch = slices[first:first + batch_size]
-            features = torch.from_numpy(cache.get(batch).astype(np.float32))
+            if cache is None:
+                features = self.extractor(self.extractor.prepare(np.asarray(hu_volume[batch])), batch)
+            else:
+                features = torch.from_numpy(cache.get(batch).astype(np.float32))
             channels, resolution = features.shape[1], features.shape[-1]
             rows = features.permute(0, 2, 3, 1).reshape(-1, channels)
             logits = head(rows).reshape(len(batch), resolution, resolution, -1).permute(0, 3, 1, 2)
@@ -419,8 +553,9 @@ class FewShotSegmenter:
         info = {"labels": {str(k): v for k, v in self.label_names.items()}, "class_values": self.class_values,
                 "fewshot": {**asdict(self.config), "feature_channels": self.extractor.channels,
                             "feature_resolution": self.extractor.resolution},
-                "preprocessing": {"window": self.config.window, "normalization": "official",
-                                  "size": self.model.sample_size},
+                "head_widths": list(self.head.widths),
+                "preprocessing": {"window": self.config.window, "normalization": self.extractor.spec.normalization,
+                                  "resize": self.extractor.spec.resize, "size": self.model.sample_size},
                 **(extra or {})}
         return save_task_model(folder, TASK, backbone_reference(self.model), {"head": self.head}, info,
                                overwrite=overwrite)
@@ -435,7 +570,8 @@ class FewShotSegmenter:
         settings.pop("feature_resolution", None)
         config = FewShotConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
         names = {int(k): v for k, v in task_model.info["labels"].items()}
-        head = PixelMLPHead(channels, len(names) + 1)
+        widths = task_model.info.get("head_widths")  # absent in models saved before recipes: the scaled widths
+        head = PixelMLPHead(channels, len(names) + 1, widths=widths)
         head.load_state_dict(task_model.parts["head"])
         segmenter = cls(model, names, config, head.eval())
         if segmenter.extractor.channels != channels:

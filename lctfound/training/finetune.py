@@ -149,33 +149,66 @@ class DenseBackbone(nn.Module):
         return dense.eval()
 
 
-class PixelMLPHead(nn.Module):
-    """The paper's per-pixel classifier on frozen features: C → 256 → 32 → K (dropout, BatchNorm).
+#: Hidden widths of the original ``pixel_classifier`` (segmentation/pixel_classifier.py:23-48),
+#: fixed whatever the input width: below 30 classes with Dropout(0.25), from 30 on without Dropout.
+OFFICIAL_HEAD_WIDTHS = (256, 32)
+OFFICIAL_HEAD_WIDTHS_MANY_CLASSES = (256, 128)
+MANY_CLASSES = 30
 
-    For the official 3,840 feature channels the widths are the paper's; for narrower presets
-    they scale down with the input (never below 32 / 16), and for ≥ 30 classes the second layer
-    widens to 128 without dropout, as in the reference code.
+
+def scaled_head_widths(in_channels: int, num_classes: int) -> tuple[int, int]:
+    """The fast recipe's widths: the paper's for 3,840 channels, scaled down for narrow backbones."""
+    first = max(32, min(256, in_channels // 15))
+    return first, (128 if num_classes >= MANY_CLASSES else max(16, min(32, first // 8)))
+
+
+def official_head_widths(num_classes: int) -> tuple[int, int]:
+    return OFFICIAL_HEAD_WIDTHS_MANY_CLASSES if num_classes >= MANY_CLASSES else OFFICIAL_HEAD_WIDTHS
+
+
+class PixelMLPHead(nn.Module):
+    """The paper's per-pixel classifier on frozen features: C → h1 → h2 → K (dropout, BatchNorm).
+
+    Layer order and indices are the original's, so its heads load strictly: below 30 classes
+    ``Linear, Dropout, ReLU, BatchNorm1d`` twice then ``Linear`` (weights at ``layers.{0,3,4,7,8}``);
+    from 30 classes on the same without the Dropout modules (``layers.{0,2,3,5,6}``). ``widths``
+    (h1, h2) default to `scaled_head_widths`; the official recipe passes `official_head_widths`.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.25):
+    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.25,
+                 widths: Optional[Sequence[int]] = None):
         super().__init__()
         if num_classes < 2:
             raise LCTfoundError("a pixel classifier needs at least two classes (background and one structure)")
-        first = max(32, min(256, in_channels // 15))
-        second = 128 if num_classes >= 30 else max(16, min(32, first // 8))
-        drop = 0.0 if num_classes >= 30 else dropout
-        self.in_channels, self.num_classes = in_channels, num_classes
-        self.layers = nn.Sequential(
-            nn.Linear(in_channels, first), nn.Dropout(drop), nn.ReLU(), nn.BatchNorm1d(first),
-            nn.Linear(first, second), nn.Dropout(drop), nn.ReLU(), nn.BatchNorm1d(second),
-            nn.Linear(second, num_classes))
+        first, second = (int(w) for w in (widths or scaled_head_widths(in_channels, num_classes)))
+        self.in_channels, self.num_classes, self.widths = in_channels, num_classes, (first, second)
+        many = num_classes >= MANY_CLASSES
+
+        def block(width_in: int, width_out: int) -> list[nn.Module]:
+            return [nn.Linear(width_in, width_out), *([] if many else [nn.Dropout(dropout)]), nn.ReLU(),
+                    nn.BatchNorm1d(width_out)]
+
+        self.layers = nn.Sequential(*block(in_channels, first), *block(first, second), nn.Linear(second, num_classes))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, C) pixel feature rows → (N, K) logits."""
         return self.layers(pixels)
 
-    def config(self) -> dict[str, int]:
-        return {"in_channels": self.in_channels, "num_classes": self.num_classes}
+    def config(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "num_classes": self.num_classes, "widths": list(self.widths)}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Heads of ≥ 30 classes saved before the Dropout-free layout held Dropout(0) modules at
+        # layers.1 and .5: their weights sit at layers.{0,3,4,7,8}; move them to {0,2,3,5,6}.
+        if self.num_classes >= MANY_CLASSES and f"{prefix}layers.8.weight" in state_dict:
+            moves = {"3": "2", "4": "3", "7": "5", "8": "6"}
+            moved = {}
+            for key in [k for k in list(state_dict) if k.startswith(f"{prefix}layers.")]:
+                index, _, rest = key[len(prefix) + len("layers."):].partition(".")
+                if index in moves:
+                    moved[f"{prefix}layers.{moves[index]}.{rest}"] = state_dict.pop(key)
+            state_dict.update(moved)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def seeded_flips(key: Sequence[int], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
