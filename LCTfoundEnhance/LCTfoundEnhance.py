@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import slicer
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import Decimals, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
 # A source checkout has LCTfoundSlicerLib and lctfound next to this module's folder (an installed
@@ -78,7 +78,9 @@ class LCTfoundEnhanceParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     modelName: str = ""
     taskModel: str = ""
-    dose: Annotated[float, WithinRange(0.01, 0.99), Decimals(2)] = _DEFAULTS.dose
+    # Decimals of the float fields are set in the .ui: the wrapper ignores a Decimals(...) annotation
+    # ("Unused annotations" warning at every Slicer start).
+    dose: Annotated[float, WithinRange(0.01, 0.99)] = _DEFAULTS.dose
     views: Annotated[int, WithinRange(1, 4096)] = _DEFAULTS.views
     reconstruction: str = _DEFAULTS.reconstruction
     geometry: str = _DEFAULTS.geometry
@@ -87,7 +89,7 @@ class LCTfoundEnhanceParameterNode:
     interpolation: str = _DEFAULTS.interpolation
     window: str = _DEFAULTS.window
     count: Annotated[int, WithinRange(1, 1024)] = _DEFAULTS.count
-    guidanceScale: Annotated[float, WithinRange(0.0, 20.0), Decimals(1)] = _DEFAULTS.guidance_scale
+    guidanceScale: Annotated[float, WithinRange(0.0, 20.0)] = _DEFAULTS.guidance_scale
     steps: Annotated[int, WithinRange(1, 1000)] = _DEFAULTS.steps
     seed: Annotated[int, WithinRange(0, 2147483647)] = _DEFAULTS.seed
     device: str = _DEFAULTS.device

@@ -8,15 +8,18 @@ node's name from the concrete class names, so these bases work unchanged for eve
 
 import importlib
 import os
+import pathlib
 import shutil
 import sys
 from typing import Any, Optional
 
+import ctk
 import qt
 import vtk
 
 import slicer
 from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import GuiConnector, unannotatedType
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -88,6 +91,41 @@ class LCTfoundModuleLogic(ScriptedLoadableModuleLogic):
 #
 # Widgets
 #
+
+
+class PathFieldConnector(GuiConnector):
+    """A ctkPathLineEdit bound to a ``Path`` parameter, showing an unset path as an empty field.
+
+    Slicer's own connector writes ``str(Path())``, so every unset folder or file reads ``.`` (the
+    current folder). Given to ``connectParametersToGui`` explicitly; never chosen by the wrapper."""
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return False
+
+    @staticmethod
+    def create(widget, datatype):
+        return None
+
+    def __init__(self, widget) -> None:
+        super().__init__()
+        self._widget = widget
+
+    def _connect(self) -> None:
+        self._widget.currentPathChanged.connect(self.changed)
+
+    def _disconnect(self) -> None:
+        self._widget.currentPathChanged.disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self) -> pathlib.Path:
+        return pathlib.Path(self._widget.currentPath.strip())  # an empty field is Path(): unset
+
+    def write(self, value) -> None:
+        text = "" if value is None else str(value)
+        self._widget.currentPath = "" if text == "." else text
 
 
 class LCTfoundModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -176,9 +214,24 @@ class LCTfoundModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateStatus)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # connectParametersToGui, not connectGui: Slicer 5.8's connectGui returns no tag, so
+            # disconnectGui would never disconnect and every enter() would bind the widgets again.
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(self._guiBindings())
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateStatus)
         self._updateStatus()
+
+    def _guiBindings(self) -> dict:
+        """{parameter: widget or connector} for the widgets with a SlicerParameterName (what
+        connectGui would bind); Path fields get a `PathFieldConnector`."""
+        bindings = {}
+        for widget in vars(self.ui).values():
+            name = widget.property("SlicerParameterName")
+            if not name:
+                continue
+            isPath = isinstance(widget, ctk.ctkPathLineEdit) and unannotatedType(
+                self._parameterNode.dataType(name)) in (pathlib.Path, pathlib.PurePath)
+            bindings[name] = PathFieldConnector(widget) if isPath else widget
+        return bindings
 
     # -- selectors synced by hand ------------------------------------------------------------
 

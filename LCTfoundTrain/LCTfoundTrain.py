@@ -17,7 +17,7 @@ import qt
 import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import Decimals, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleTest
 
 # A source checkout has LCTfoundSlicerLib and lctfound next to this module's folder (an installed
@@ -105,9 +105,10 @@ class LCTfoundTrainParameterNode:
     patchSize: Annotated[int, WithinRange(0, 2048)] = _DEFAULTS.patch_size
     batchSize: Annotated[int, WithinRange(1, 4096)] = _DEFAULTS.batch_size
     maxSteps: Annotated[int, WithinRange(1, 100_000_000)] = _DEFAULTS.max_steps
-    learningRate: Annotated[float, WithinRange(0.0, 1.0), Decimals(6)] = _DEFAULTS.learning_rate
+    # Decimals of the float fields are set in the .ui (a Decimals(...) annotation logs "Unused annotations").
+    learningRate: Annotated[float, WithinRange(0.0, 1.0)] = _DEFAULTS.learning_rate
     checkpointEvery: Annotated[int, WithinRange(1, 100_000_000)] = _DEFAULTS.checkpoint_every
-    emaDecay: Annotated[float, WithinRange(0.0, 0.9999), Decimals(4)] = _DEFAULTS.ema_decay
+    emaDecay: Annotated[float, WithinRange(0.0, 0.9999)] = _DEFAULTS.ema_decay
     device: str = _DEFAULTS.device
     runFolder: Path
     newModelName: str = ""
@@ -386,8 +387,9 @@ class LCTfoundTrainTest(LCTfoundModuleTestMixin, ScriptedLoadableModuleTest):
         parameterNode = logic.getParameterNode()
         parameterNode.task = "finetune-segmentation"
         logic.engine.fill_defaults(parameterNode)
-        self.assertEqual(parameterNode.dataSource, "volumes")
         self.assertEqual(parameterNode.mode, "full")
+        # A folder of image/label pairs (the default source) is valid for fine-tuning too: choose volumes.
+        parameterNode.dataSource = "volumes"
         array = np.full((6, 32, 32), -1000, dtype=np.int16)
         volume = slicer.util.addVolumeFromArray(array, name="LCTfoundTestCT")
         parameterNode.trainingVolumes = [volume]
