@@ -3,9 +3,11 @@ search it by the loaded scan, a point or a region with a similarity heat map ove
 and segment the loaded scan with trained probes and decoders, and train new ones.
 
 Thin Slicer front end over the Qt-free `lctfound.logic.CTFMLogic`, which decides what each button
-may do and why not, runs indexing and training as background jobs (a QTimer polls it), and runs the
-query, heat map, probe and decoder in this process because they read the scene's nodes (each under
-the same run state with a real Cancel). That logic is tested without Slicer.
+may do and why not and runs every action as a background job (a QTimer polls it; Cancel ends the job's
+process tree): indexing, training, and search, classify and segment, whose input volume (and query
+point or box) is read from the scene when the button is clicked and whose results are added as new
+nodes when the job has finished. This process never imports PyTorch: even the encoders, task models
+and devices are listed by a child process. That logic is tested without Slicer.
 """
 
 import os
@@ -17,6 +19,7 @@ import qt
 import slicer
 from slicer import (
     vtkMRMLMarkupsFiducialNode,
+    vtkMRMLMarkupsNode,
     vtkMRMLMarkupsROINode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
@@ -135,6 +138,7 @@ class LCTfoundCTFMWidget(LCTfoundJobModuleWidget):
     def __init__(self, parent=None) -> None:
         LCTfoundJobModuleWidget.__init__(self, parent)
         self._shownEncoderFolder = None
+        self._observedQueryPoint = None
 
     def createLogic(self) -> "LCTfoundCTFMLogic":
         return LCTfoundCTFMLogic()
@@ -163,6 +167,7 @@ class LCTfoundCTFMWidget(LCTfoundJobModuleWidget):
     def _updateStatus(self, caller=None, event=None) -> None:
         node = self._parameterNode
         engine = self.logic.engine
+        self._observeQueryPoint(node.queryPoint if node else None)
         if node and str(node.encoderFolder) != self._shownEncoderFolder:
             self._shownEncoderFolder = str(node.encoderFolder)
             name = engine.use_encoder_folder(node.encoderFolder)
@@ -182,60 +187,71 @@ class LCTfoundCTFMWidget(LCTfoundJobModuleWidget):
         self.ui.loadMatchButton.enabled = bool(node and node.resultsTable and not engine.state.busy)
         self._showProgress()
 
-    def _onInProcessProgress(self) -> None:
-        """Show progress of work running in this process and let Qt handle clicks (Cancel) meanwhile."""
-        self._updateStatus()
-        slicer.app.processEvents()
+    # -- the query point: one point, placing it again moves it ---------------------------------
 
-    # -- actions ------------------------------------------------------------------------------
+    def _observeQueryPoint(self, markups) -> None:
+        if markups is self._observedQueryPoint:
+            return
+        if self._observedQueryPoint is not None:
+            self.removeObserver(self._observedQueryPoint, vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+                                self._onQueryPointPlaced)
+        self._observedQueryPoint = markups
+        if markups is not None:
+            self.addObserver(markups, vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._onQueryPointPlaced)
+
+    def _onQueryPointPlaced(self, caller, event) -> None:
+        # After the markups widget has finished placing the new point: removing points inside its
+        # event would change the index of the point it is placing.
+        qt.QTimer.singleShot(0, lambda: self.logic.engine.keep_last_point(caller))
+
+    # -- actions: each starts a job; its results are added when it has finished ---------------
+
+    def _startJob(self, failureMessage: str, start) -> None:
+        try:
+            with slicer.util.tryWithErrorDisplay(failureMessage, waitCursor=True):
+                start(self._parameterNode)
+                self._startPolling()
+        finally:
+            self._updateStatus()  # also after a failed start: the status line says why
 
     def onBuildIndexButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Indexing could not start."), waitCursor=True):
-            self.logic.engine.start_index(self._parameterNode)
-            self._startPolling()
-        self._updateStatus()
+        self._startJob(_("Indexing could not start."), self.logic.engine.start_index)
 
     def onTrainButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
-            self.logic.engine.start_training(self._parameterNode)
-            self._startPolling()
-        self._updateStatus()
-
-    def _onJobEnded(self) -> None:
-        if self._parameterNode:
-            self._fillChoiceSelectors()  # a newly registered probe or decoder
-            self.logic.engine.apply_finished_job(self._parameterNode)
+        self._startJob(_("Training could not start."), self.logic.engine.start_training)
 
     def onSearchButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("The search failed."), waitCursor=True):
-            result = self.logic.engine.run_search(self._parameterNode, self._onInProcessProgress)
-            if result is not None:
-                table, heatmap = result
-                self._parameterNode.resultsTable = table
-                if heatmap is not None:
-                    slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, foreground=heatmap,
-                                                     foregroundOpacity=0.5)
-                    self._jumpTo(self.logic.engine.peak_ras(heatmap))
-        self._updateStatus()
+        self._startJob(_("The search could not start."), self.logic.engine.start_search)
+
+    def onClassifyButton(self) -> None:
+        self._startJob(_("Classification could not start."), self.logic.engine.start_classify)
+
+    def onSegmentButton(self) -> None:
+        self._startJob(_("Segmentation could not start."), self.logic.engine.start_segment)
+
+    def _onJobEnded(self) -> None:
+        """The new nodes of a finished job (added by the engine's poll) into the panel and the views,
+        also when another module is shown (the parameter node is then read from the logic)."""
+        engine = self.logic.engine
+        parameterNode = self._parameterNode or self.logic.getParameterNode()
+        if engine.job_kind in ("probe", "decoder"):
+            self._fillChoiceSelectors()  # the newly registered probe or decoder
+        engine.apply_finished_job(parameterNode)
+        if engine.heatmap_node is not None:
+            slicer.util.setSliceViewerLayers(background=engine.job_parameters.input_volume,
+                                             foreground=engine.heatmap_node, foregroundOpacity=0.5)
+            self._jumpTo(engine.peak_ras(engine.heatmap_node))
 
     def onLoadMatchButton(self) -> None:
         view = self.ui.resultsTableView
-        row = view.sortFilterProxyModel().mapToSource(view.currentIndex()).row()
+        table = self._parameterNode.resultsTable
+        # view row → source model row (the view sorts) → table row (the model may show the titles in row 0)
+        row = self.logic.engine.table_row(table, view.sortFilterProxyModel().mapToSource(view.currentIndex()).row())
         with slicer.util.tryWithErrorDisplay(_("The scan could not be loaded."), waitCursor=True):
-            volume, centre = self.logic.engine.load_match(self._parameterNode.resultsTable, row)
+            volume, centre = self.logic.engine.load_match(table, row)
             slicer.util.setSliceViewerLayers(background=volume, foreground=None, fit=True)
             if centre is not None:
                 self._jumpTo(centre)
-
-    def onClassifyButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Classification failed."), waitCursor=True):
-            self.logic.engine.run_classify(self._parameterNode, self._onInProcessProgress)
-        self._updateStatus()  # the status line shows the prediction
-
-    def onSegmentButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
-            self.logic.engine.run_segment(self._parameterNode, self._onInProcessProgress)  # a new segmentation node
-        self._updateStatus()
 
     @staticmethod
     def _jumpTo(ras) -> None:
@@ -252,7 +268,9 @@ class LCTfoundCTFMLogic(LCTfoundModuleLogic):
     (`lctfound.logic.CTFMLogic`). Can be used without the GUI widget:
 
         logic = LCTfoundCTFMLogic()
-        table, heatmap = logic.engine.run_search(parameterNode)
+        logic.engine.start_search(parameterNode)
+        while logic.engine.state.busy:
+            logic.engine.poll()  # adds the results table and the heat map when the job has finished
     """
 
     parameterNodeClass = LCTfoundCTFMParameterNode
@@ -272,7 +290,7 @@ class LCTfoundCTFMTest(LCTfoundModuleTestMixin, ScriptedLoadableModuleTest):
 
     @staticmethod
     def _engine() -> CTFMLogic:
-        return CTFMLogic(list_models=lambda extra_folders=(): [], available_devices=lambda: ["cpu"])
+        return CTFMLogic(inventory=lambda folders: {"encoders": [], "rejected": {}, "task_models": [], "devices": ["cpu"]})
 
     def test_ParameterNodeDefaults(self):
         parameterNode = LCTfoundCTFMLogic(self._engine()).getParameterNode()

@@ -1,11 +1,13 @@
 """The CT-FM module logic, headless on slicer-core: backbones and capabilities, retrieval by scan,
 point (markups) and region (ROI), the similarity heat map as a new node that peaks on the queried
 voxel of an oblique, anisotropic (and transformed) volume, the exact node → CT-FM space → node
-round trip, and the probe and decoder on loaded volumes."""
+round trip, the probe and decoder on loaded volumes, and the panel's jobs: classify and segment run
+as child processes whose results become new nodes, and the panel's own process never imports PyTorch."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from lctfound.ctfm.features import WindowSettings  # noqa: E402
 from lctfound.ctfm.model import load_model  # noqa: E402
 from lctfound.ctfm.preprocess import prepare_volume  # noqa: E402
 from lctfound.ctfm.retrieval import build_index  # noqa: E402
+from lctfound.ctfm.tasks import inventory  # noqa: E402
 from lctfound.errors import LCTfoundError  # noqa: E402
 from lctfound.io.volume import CTVolume, write_volume  # noqa: E402
 from lctfound.logic.base import RunState  # noqa: E402
@@ -42,7 +45,10 @@ def encoder_folder(tmp_path_factory):
 
 @pytest.fixture
 def logic(encoder_folder, tmp_path):
-    return CTFMLogic(ctfm_folders=[encoder_folder, tmp_path], available_devices=lambda: ["cpu"])
+    # The inventory in this process; the panel's default (a child process) is checked in
+    # test_the_panel_process_never_imports_torch and test_index_job_and_decoder_training_from_the_panel.
+    return CTFMLogic(ctfm_folders=[encoder_folder, tmp_path], inventory=inventory, available_devices=lambda: ["cpu"],
+                     runs_root=tmp_path / "runs")
 
 
 def oblique_volume(seed: int = 0, feature_ijk=None) -> CTVolume:
@@ -340,27 +346,126 @@ def test_panel_choices_fields_and_problems(logic, tmp_path, empty_cache):
     assert none_here.check_model("").startswith("No CT-FM encoder is available")
 
 
-def test_in_process_work_fails_cancels_and_finishes(logic):
-    def broken(progress):
-        raise LCTfoundError("no such thing")
+def test_the_panel_process_never_imports_torch(encoder_folder, tmp_path, empty_cache):
+    """Everything the panel does while it is open (list and check encoders, task models and devices,
+    fill its selectors, check every button, say what is missing) leaves PyTorch and MONAI unimported:
+    the listing runs in a child (`lctfound ctfm list --json`)."""
+    import json
+    import subprocess
+    import sys
 
-    with pytest.raises(LCTfoundError, match="no such thing"):
-        logic.run_in_process("trying", broken)
-    assert logic.state is RunState.FAILED and "no such thing" in logic.status_summary()
+    script = """
+import json, sys
+from lctfound.logic import CTFMLogic, CTFMParameters
+from lctfound.logic.ctfm import ACTIONS
 
-    def windows(progress):
-        for done in range(1, 5):
-            progress.update(done, 4, f"window {done}/4")
-            progress.check_cancelled()
-        return "result", "all done"
+folder, cohort, other = sys.argv[1:4]
+logic = CTFMLogic(ctfm_folders=[other])
+p = CTFMParameters(encoder_folder=folder, cohort_folder=cohort, device="cpu", new_model_name="panel-model",
+                   training_table=cohort + "/cases.csv")
+name = logic.use_encoder_folder(folder)
+logic.fill_defaults(p)
+choices = {name: [c.value for c in logic.choices(name, parameters=p)]
+           for name in ("modelName", "device", "queryKind", "trainingKind", "decoderMode", "probeModel", "decoderModel")}
+states = {action: logic.action_state(action, p).tooltip for action in ACTIONS}
+p.encoder_folder = other
+print(json.dumps({"name": name, "choices": choices, "states": states, "visible": sorted(logic.visible_fields(p)),
+                  "summary": logic.selection_summary(p), "bad_name": logic.action_problems("train", CTFMParameters(
+                      new_model_name="bad name!"))[-1],
+                  "loaded": sorted(m for m in ("torch", "monai", "safetensors.torch") if m in sys.modules)}))
+"""
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    done = subprocess.run([sys.executable, "-c", script, str(encoder_folder), str(cohort), str(tmp_path)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    panel = json.loads(done.stdout.splitlines()[-1])
+    assert panel["loaded"] == []  # no PyTorch in the panel's process …
+    assert panel["name"] == "encoder" and panel["choices"]["modelName"] == ["encoder"]  # … yet the child listed it
+    assert panel["choices"]["device"][:2] == ["auto", "cpu"] and panel["choices"]["probeModel"] == []
+    assert panel["states"]["index"] == ACTIONS["index"]
+    assert panel["states"]["search"] == "Select an input volume."
+    assert panel["summary"].startswith("The encoder folder is not a CT-FM encoder:")  # checked in the child too
+    assert panel["bad_name"].startswith("model name 'bad name!': use 1-64 letters")
 
-    assert logic.run_in_process("again", windows, on_update=logic.cancel) is None  # Cancel clicked at once
-    assert logic.state is RunState.CANCELLED and logic.status().done == 1
-    seen = []
-    assert logic.run_in_process("third", windows, on_update=lambda: seen.append(logic.status().done)) == "result"
-    assert logic.state is RunState.FINISHED and logic.status_summary().endswith("all done")
-    assert seen == [0, 1, 2, 3, 4]
-    assert not logic.cancel()
+
+def test_the_inventory_failing_is_one_line_on_the_panel(tmp_path):
+    """A child that cannot list (here: an interpreter that is not Python) leaves the panel usable, saying why."""
+    logic = CTFMLogic(python=str(tmp_path / "no-python"))
+    assert logic.models() == [] and logic.inventory_error.startswith("cannot list the CT-FM models:")
+    assert logic.check_model("").startswith("No model could be listed: cannot list the CT-FM models")
+    assert logic.devices() == [] and logic.devices_error.startswith("PyTorch is not available (cannot list")
+
+
+def test_classify_and_segment_jobs_add_new_results(logic, encoder_folder, tmp_path, empty_cache):
+    """Classify and Segment from the panel run `ctfm probe-predict` / `ctfm seg-predict` as jobs on the
+    exported input volume; the prediction row and a NEW segmentation node come when the job has finished,
+    equal to the same work done in this process."""
+    from lctfound.ctfm.probe import EmbeddingRecipe, train_probe
+    from lctfound.models.registry import register_model
+
+    encoder = logic.load_backbone("encoder")
+    image, labels = data_factory_scan(1)
+    probe_table = tmp_path / "cases.csv"
+    probe_table.write_text("image,label\n" + "".join(
+        f"{write_volume(data_factory_scan(seed)[0], tmp_path / f's{seed}.nii.gz').name},{'lesion' if seed % 2 else 'clear'}\n"
+        for seed in range(2)))
+    probe = train_probe(encoder, probe_table, LoopConfig(str(tmp_path / "probe"), batch_size=2, max_steps=2, device="cpu"),
+                        EmbeddingRecipe(WINDOWS), validate=False).model_folder
+    decoder = train_decoder(encoder, [("c1", image, labels)], LoopConfig(str(tmp_path / "seg"), batch_size=1, max_steps=2,
+                                                                       device="cpu"),
+                            {1: "Lesion"}, "frozen", (32, 32, 32), patches_per_case=2).model_folder
+    register_model(probe, "panel-probe")
+    register_model(decoder, "panel-decoder")
+    logic.refresh()
+    scene = mrml.new_headless_scene()
+    node = mrml.volume_node_from_ctvolume(scene, image, "loaded")
+    p = CTFMParameters(model_name="encoder", device="cpu", input_volume=node)
+    logic.fill_defaults(p)
+    assert [logic.task_model_choices(t)[0].label for t in ("ctfm-probe", "ctfm-segmentation")] == ["panel-probe",
+                                                                                                   "panel-decoder"]
+    before = scene.GetNumberOfNodes()
+
+    job = logic.start_classify(p)
+    assert job.command[3:5] == ["ctfm", "probe-predict"] and scene.GetNumberOfNodes() == before
+    _wait(logic)
+    assert logic.state is RunState.FINISHED, logic.status_summary() + " " + job.stderr_tail
+    row = logic.classification_row
+    expected = logic.classify_volume_node(node, p.probe_model, encoder)  # the same work in this process
+    assert row["case"] == "loaded" and row["predicted"] == expected["predicted"]
+    assert float(row["probability_lesion"]) == pytest.approx(float(expected["probability_lesion"]), abs=1e-4)
+    assert logic.status_summary().split(": ", 1)[1].startswith(f"predicted '{row['predicted']}'")
+    assert scene.GetNumberOfNodes() == before
+
+    job = logic.start_segment(p)
+    assert job.command[3:5] == ["ctfm", "seg-predict"]
+    _wait(logic)
+    assert logic.state is RunState.FINISHED, logic.status_summary() + " " + job.stderr_tail
+    segmentation = logic.result_segmentation
+    assert segmentation.GetName() == "loaded CT-FM segmentation" and scene.GetNumberOfNodes() > before
+    labels_out, names = mrml.labels_from_segmentation(segmentation, node)
+    expected = DecoderSegmenter.load(decoder, encoder).predict(image).array
+    assert set(names.values()) == {"Lesion"} and np.array_equal(labels_out > 0, expected > 0)
+    assert segmentation.GetAttribute("LCTfound.CTFMModel") == str(Path(p.decoder_model))
+
+    # the input volume removed while the job runs: nothing is added, one line says why
+    logic.start_segment(CTFMParameters(model_name="encoder", device="cpu", decoder_model=p.decoder_model,
+                                       input_volume=mrml.volume_node_from_ctvolume(scene, image, "gone")))
+    scene.RemoveNode(scene.GetFirstNodeByName("gone"))
+    count = scene.GetNumberOfNodes()
+    _wait(logic)
+    assert logic.state is RunState.FAILED and "removed from the scene" in logic.status_summary()
+    assert scene.GetNumberOfNodes() == count
+
+
+def test_query_point_is_the_last_placed_point():
+    scene = mrml.new_headless_scene()
+    fiducial = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    fiducial.AddControlPointWorld([1.0, 2.0, 3.0])
+    fiducial.AddControlPointWorld([4.0, 5.0, 6.0])  # placed again
+    assert CTFMLogic.point_from_markup(fiducial) == [4.0, 5.0, 6.0]
+    assert CTFMLogic.keep_last_point(fiducial) == 1 and fiducial.GetNumberOfControlPoints() == 1
+    assert CTFMLogic.point_from_markup(fiducial) == [4.0, 5.0, 6.0] and CTFMLogic.keep_last_point(fiducial) == 0
 
 
 def test_results_table_and_loading_a_match(tmp_path):
@@ -373,6 +478,12 @@ def test_results_table_and_loading_a_match(tmp_path):
     scan_result = SearchResult(Query(np.zeros(4), "volume", "scan"),
                                [{"rank": 1, "case": "match", "score": 0.93, "path": str(path)}])
     table = CTFMLogic.results_table_node(scene, scan_result, "search")
+    # the view shows the column titles as its header, so its row 0 is the first result (table row 0)
+    assert table.GetUseColumnTitleAsColumnHeader()
+    assert [CTFMLogic.table_row(table, row) for row in (-1, 0)] == [-1, 0]
+    table.SetUseColumnTitleAsColumnHeader(False)  # a table made elsewhere: the model's row 0 shows the titles
+    assert [CTFMLogic.table_row(table, row) for row in (0, 1)] == [-1, 0]
+    table.SetUseColumnTitleAsColumnHeader(True)
     columns = table.GetTable()
     assert [columns.GetColumnName(i) for i in range(columns.GetNumberOfColumns())] == ["rank", "case", "score", "path"]
     assert columns.GetValueByName(0, "score").ToDouble() == pytest.approx(0.93)
@@ -414,7 +525,7 @@ def test_index_job_and_decoder_training_from_the_panel(encoder_folder, tmp_path,
     image, labels = data_factory_scan(1)
     write_volume(image, cohort / "s1.nii.gz")
     p = CTFMParameters(model_name="encoder", device="cpu", cohort_folder=str(cohort))
-    job = logic.start_index(p)
+    job = logic.start_index(p)  # the encoder was listed by the default inventory, `lctfound ctfm list` in a child
     assert job.command[3:6] == ["ctfm", "index", str(cohort.resolve())]
     _wait(logic)
     assert logic.state is RunState.FINISHED, logic.status_summary() + " " + job.stderr_tail()

@@ -85,7 +85,21 @@ def register(subparsers) -> None:
     search.add_argument("--json", action="store_true", help="print results as JSON")
     search.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     search.add_argument("--no-validate", action="store_true", help="skip the CT plausibility check of the inputs")
+    search.add_argument("--events", action="store_true",
+                        help="print JSON event lines on stdout (for front ends): progress, then one 'result' event "
+                             "holding what --json prints")
     search.set_defaults(func=run_search)
+
+    listing = groups.add_parser(
+        "list", help="list the CT-FM encoders, probes and decoders found here and the devices to run them on",
+        description="List the CT-FM encoders found in the --folder(s) (each strictly checked without loading its "
+                    "weights; a folder that fails says why) and the published repos already in the local Hugging Face "
+                    "cache, the trained ctfm-probe and ctfm-segmentation task models in the user model folder, and the "
+                    "devices PyTorch can use here. The Slicer and browser panels run it in a child process, so that "
+                    "their own process never imports PyTorch. " + WEIGHTS_NOTE)
+    listing.add_argument("--folder", action="append", default=[], help="a CT-FM encoder folder to check (repeat)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=run_list)
 
     _register_tasks(groups)
 
@@ -250,7 +264,7 @@ def _inputs(source: str) -> list[Path]:
 def run_probe_predict(args: argparse.Namespace) -> int:
     from ..ctfm.probe import LinearProbe, predict_probe
     from ..devices import resolve_device
-    from ..progress import command_progress
+    from ..progress import command_progress, print_event
 
     output = Path(args.output)
     if output.suffix.lower() != ".csv":
@@ -269,6 +283,8 @@ def run_probe_predict(args: argparse.Namespace) -> int:
                              overwrite=args.overwrite, progress=progress)
     out = sys.stderr if args.events else sys.stdout
     for row in rows:
+        if args.events:
+            print_event({"event": "result", "row": row})
         print(f"{row['case']}: {row['predicted']} "
               f"({', '.join(f'{k[12:]} {float(v):.3f}' for k, v in row.items() if k.startswith('probability_'))})",
               file=out)
@@ -304,7 +320,7 @@ def run_seg_predict(args: argparse.Namespace) -> int:
     from ..ctfm.decoder import DecoderSegmenter
     from ..devices import resolve_device
     from ..io.volume import WRITE_FORMATS, find_volumes, read_volume, volume_stem, write_volume
-    from ..progress import command_progress
+    from ..progress import command_progress, print_event
 
     source, output = Path(args.input), Path(args.output)
     inputs = find_volumes(source)
@@ -338,6 +354,10 @@ def run_seg_predict(args: argparse.Namespace) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_volume(labels, target)
         written += 1
+        if args.events:
+            print_event({"event": "result", "input": str(path), "output": str(target),
+                         "labels": {str(value): name for value, name in sorted(segmenter.label_names.items())},
+                         "decoder": str(segmenter.task_model.folder)})
         counts = ", ".join(f"{name} {int((labels.array == value).sum())} voxels"
                            for value, name in sorted(segmenter.label_names.items()))
         print(f"wrote {target}: {counts}", file=out)
@@ -476,7 +496,7 @@ def run_search(args: argparse.Namespace) -> int:
     from ..ctfm.preprocess import prepare_volume
     from ..ctfm.retrieval import load_index, parse_region, parse_triplet
     from ..io.volume import WRITE_FORMATS, read_volume, write_volume
-    from ..progress import TqdmProgress
+    from ..progress import command_progress, print_event
 
     if args.top < 1:
         raise LCTfoundError("--top must be at least 1")
@@ -498,21 +518,24 @@ def run_search(args: argparse.Namespace) -> int:
         query, centre = embed_region(model, prepared, region[0], region[1], settings)
         level = "window"
     else:
-        with TqdmProgress("query", unit="window") as progress:
+        with command_progress(args.events, "query", unit="window") as progress:
             query, _ = embed_volume(model, prepared, index.aggregation, settings, progress=progress)
         level = "volume"
     matches = index.search(query, level, args.top)
     heatmap_path = None
     if args.heatmap:
         target = volume if not args.heatmap_volume else read_volume(args.heatmap_volume, validate=not args.no_validate)
-        with TqdmProgress("heat map", unit="window") as progress:
+        with command_progress(args.events, "heat map", unit="window") as progress:
             heatmap, _ = similarity_volume(model, target, query, settings,
                                            prepared=prepared if not args.heatmap_volume else None, progress=progress)
         heatmap_path = write_volume(heatmap, args.heatmap)
+    result = {"level": level, "query_centre_ras": None if centre is None else [float(v) for v in centre],
+              "matches": [m.as_dict() for m in matches], "heatmap": str(heatmap_path) if heatmap_path else None}
+    if args.events:  # stdout holds only JSON event lines
+        print_event({"event": "result", **result})
+        return 0
     if args.json:
-        print(json.dumps({"level": level, "query_centre_ras": None if centre is None else [float(v) for v in centre],
-                          "matches": [m.as_dict() for m in matches],
-                          "heatmap": str(heatmap_path) if heatmap_path else None}, indent=2))
+        print(json.dumps(result, indent=2))
         return 0
     if centre is not None:
         print(f"query window centred at RAS ({', '.join(f'{v:.1f}' for v in centre)})")
@@ -521,4 +544,23 @@ def run_search(args: argparse.Namespace) -> int:
         print(f"{match.rank:3d}  {match.score:+.4f}  {match.name}{where}")
     if heatmap_path:
         print(f"wrote {heatmap_path}")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from ..ctfm.tasks import inventory
+
+    found = inventory(args.folder)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    print("CT-FM encoders:" + ("" if found["encoders"] else " none (add the folder of a local copy with --folder)"))
+    for entry in found["encoders"]:
+        print(f"  {entry['name']}  ({entry['source']}) {entry['path']}: {entry['description']}")
+    for reason in found["rejected"].values():
+        print(f"  not an encoder: {reason}")
+    print("CT-FM task models:" + ("" if found["task_models"] else " none"))
+    for entry in found["task_models"]:
+        print(f"  {entry['name']}  ({entry['task']}) {entry['path']}")
+    print(f"devices: {', '.join(found['devices'])}")
     return 0

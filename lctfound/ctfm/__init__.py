@@ -8,10 +8,29 @@ saving), `features` (sliding-window embeddings and maps), `retrieval` (index and
 frozen or fully fine-tuned), `tasks` (what their task models share: the backbone reference).
 """
 
-from .features import WindowSettings, dense_features, embed_point, embed_region, embed_volume, similarity_volume
-from .model import CTFM_CONFIG, CTFMModel, inspect_model, load_model, new_model, save_model
-from .preprocess import CTFMPreprocessing, PreparedVolume, prepare_volume
-from .retrieval import RetrievalIndex, build_index, load_index
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Where each public name lives. They are imported on first use (PEP 562), so that light modules of
+# this package (`layout`) and the panels that read them do not import PyTorch.
+_EXPORTS = {
+    "WindowSettings": "features", "dense_features": "features", "embed_point": "features",
+    "embed_region": "features", "embed_volume": "features", "similarity_volume": "features",
+    "CTFM_CONFIG": "model", "CTFMModel": "model", "inspect_model": "model", "load_model": "model",
+    "new_model": "model", "save_model": "model",
+    "CTFMPreprocessing": "preprocess", "PreparedVolume": "preprocess", "prepare_volume": "preprocess",
+    "RetrievalIndex": "retrieval", "build_index": "retrieval", "load_index": "retrieval",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
 
 __all__ = [
     "CTFM_CONFIG", "CTFMModel", "CTFMPreprocessing", "PreparedVolume", "RetrievalIndex", "WindowSettings",

@@ -29,13 +29,12 @@ from ..errors import InputError, LCTfoundError
 from ..io.volume import read_volume, volume_stem
 from ..progress import Progress, ensure_progress
 from .features import WindowSettings, embed_volume
+from .layout import MANIFEST_NAME, MATRIX_NAME
 from .model import CTFMModel
 from .preprocess import DEFAULT_PREPROCESSING, CTFMPreprocessing, prepare_volume
 
 DEFAULT_SETTINGS = WindowSettings()
 INDEX_FORMAT = 1
-MANIFEST_NAME = "index.json"
-MATRIX_NAME = "embeddings.safetensors"
 
 
 @dataclass

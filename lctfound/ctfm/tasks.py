@@ -122,3 +122,31 @@ def backbone_for(task_model: TaskModel, model: Optional[CTFMModel | str | Path] 
         model = load_model(model, device=device)
     check_backbone(task_model, model)
     return model
+
+
+def inventory(folders: Any = ()) -> dict[str, Any]:
+    """What CT-FM can use here, as JSON-ready data: the encoders found (``folders``, strictly checked
+    without loading weights, and the published repos in the local Hugging Face cache), why each other
+    folder of ``folders`` is not an encoder, the trained probes and decoders, and PyTorch's devices.
+    ``lctfound ctfm list --json`` prints it; the panels run that command so that their process never
+    imports PyTorch."""
+    import dataclasses
+
+    from ..devices import available_devices
+    from .model import inspect_model, list_ctfm_models
+
+    def as_dict(entry: Any) -> dict[str, str]:
+        return {key: str(value) for key, value in dataclasses.asdict(entry).items()}
+
+    encoders = list_ctfm_models(folders)
+    listed = {Path(entry.path).expanduser().resolve() for entry in encoders}
+    rejected = {}
+    for folder in folders:
+        if Path(folder).expanduser().resolve() not in listed:
+            try:
+                inspect_model(folder)
+            except LCTfoundError as error:
+                rejected[str(folder)] = str(error)
+    task_models = [entry for task in TASKS for entry in list_task_models(task)]
+    return {"encoders": [as_dict(entry) for entry in encoders], "rejected": rejected,
+            "task_models": [as_dict(entry) for entry in task_models], "devices": available_devices()}

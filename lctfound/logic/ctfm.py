@@ -15,15 +15,21 @@ nodes it
 * classifies a volume with a linear probe (a row in the columns of ``lctfound classify predict``)
   and segments it with a trained decoder into a NEW segmentation node.
 
-Training (probe, decoder) and indexing run as jobs (`lctfound.jobs`): ``lctfound ctfm probe-train``
-/ ``seg-train`` and ``ctfm index``, each with ``--events``; `poll()` turns the events into progress and a loss
-history.
+A panel (the Slicer module LCTfoundCTFM) drives it from one parameters object (`CTFMParameters`, a
+dataclass or a parameter node): `choices`, `visible_fields`, `action_state`, then one job per action
+(`lctfound.jobs`: a child process with ``--events``, progress, a real Cancel; `poll()` follows it):
 
-A panel (the Slicer module LCTfoundCTFM) drives all of it from one parameters object
-(`CTFMParameters`, a dataclass or a parameter node): `choices`, `visible_fields`, `action_state`,
-then `start_index` / `start_training` (jobs) or `run_search` / `run_classify` / `run_segment`,
-which run here because they read the scene's nodes, under the same run state with a real Cancel
-(`run_in_process`).
+* `start_index` → ``lctfound ctfm index``; `start_training` → ``ctfm probe-train`` / ``seg-train``;
+* `start_search` → ``ctfm search``, `start_classify` → ``ctfm probe-predict``, `start_segment` →
+  ``ctfm seg-predict``: the input volume (and the query point or box, in world RAS) is read from the
+  scene when the button is clicked and exported into a new run folder; the command ends with a
+  ``result`` event; when the job has finished, `poll()` (on the GUI thread) adds the results as NEW
+  nodes: the ranked table and the heat map, the classification row, the segmentation.
+
+The panel's process never imports PyTorch: the encoders, probes, decoders and devices are listed by
+``lctfound ctfm list --json`` in a child process (`inventory`), and everything else runs in jobs.
+`search`, `query`, `create_heatmap_node`, `classify_volume_node` and `segment_volume_node` do the same
+work in this process, for scripts and tests.
 
 Geometry: node → `CTVolume` (`lctfound.mrml.ctvolume_from_volume_node`, parent linear transform
 applied, so points in world RAS match) → CT-FM's prepared space (`prepare_volume`, exact affine)
@@ -36,13 +42,18 @@ Nothing here imports Qt, Slicer or torch at import time; MRML nodes are used thr
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from ..errors import Cancelled, InputError, LCTfoundError
+from ..errors import InputError, LCTfoundError
 from .base import AUTO_DEVICE, ButtonState, Choice, ModuleLogicBase, RunState, _camel_case, _snake_case
 from .train import chosen_path
 
@@ -84,6 +95,13 @@ ACTIONS = {
 TASK_MODEL_PARAMETERS = {"probe_model": "ctfm-probe", "decoder_model": "ctfm-segmentation"}
 #: Window of indexes built from the panel: CT-FM's published window (multiples of 16).
 INDEX_WINDOW = (32, 128, 128)
+#: Files in the run folder of a search, classify or segment job.
+INPUT_FILE = "volume.nrrd"  # the input volume node, exported (world geometry)
+HEATMAP_FILE = "heatmap.nrrd"
+PREDICTIONS_FILE = "predictions.csv"
+SEGMENTATION_FILE = "segmentation.nrrd"
+#: Seconds `lctfound ctfm list` may take (it imports PyTorch and MONAI, slow on a busy machine).
+INVENTORY_TIMEOUT_S = 600
 
 
 @dataclass
@@ -139,30 +157,125 @@ def _node_name(node: Any) -> str:
     return get_name() if callable(get_name) else str(node)
 
 
+def _device_arguments(device: str) -> list[str]:
+    """The ``--device`` of a job; `device_environment` shows it only the chosen GPU."""
+    return ["--device", "cpu" if device == "cpu" else "auto"]
+
+
+def _coordinates(values: Sequence[float]) -> str:
+    """``R,A,S`` for the command line, without rounding."""
+    return ",".join(repr(float(value)) for value in values)
+
+
+def _export_volume(volume_node: Any, path: Path) -> Path:
+    """A volume node as a file (world geometry), uncompressed: a job reads it at once."""
+    from ..io.volume import write_volume
+    from ..mrml import ctvolume_from_volume_node
+
+    return write_volume(ctvolume_from_volume_node(volume_node), path, compress=False)
+
+
 class CTFMLogic(ModuleLogicBase):
     """Backbones and capabilities, retrieval, heat maps, probe and decoder on loaded volumes."""
 
     task_name = "CT-FM"
     parameters_class = CTFMParameters
 
-    def __init__(self, *, ctfm_folders: Sequence[Any] = (), **kwargs: Any) -> None:
+    def __init__(self, *, ctfm_folders: Sequence[Any] = (),
+                 inventory: Optional[Callable[[list[str]], dict[str, Any]]] = None, **kwargs: Any) -> None:
         """``ctfm_folders``: CT-FM encoder folders to offer (besides the published repos already in
-        the local Hugging Face cache); task models are found in the user model folder."""
-        if "list_models" not in kwargs:
-            def list_models(extra_folders=()):
-                from ..ctfm.model import list_ctfm_models
-
-                return list_ctfm_models(extra_folders)
-
-            kwargs["list_models"] = list_models
+        the local Hugging Face cache); task models are found in the user model folder.
+        ``inventory(folders)`` lists encoders, task models and devices (`lctfound.ctfm.tasks.inventory`'s
+        answer); by default ``lctfound ctfm list --json`` answers in a child process, so that this process
+        never imports PyTorch. ``list_models``, ``list_task_models`` and ``available_devices`` replace
+        parts of it."""
+        kwargs.setdefault("list_models", self._listed_encoders)
+        kwargs.setdefault("list_task_models", self._listed_task_models)
+        kwargs.setdefault("available_devices", self._listed_devices)
         super().__init__(extra_model_folders=ctfm_folders, **kwargs)
+        self._inventory_source = inventory
+        self._inventory: Optional[dict[str, Any]] = None
+        #: Why the inventory could not be taken (empty when it worked).
+        self.inventory_error = ""
         self._loaded: dict[tuple[str, str], Any] = {}
         self.run_output: Optional[Path] = None
         self.loss_history: list[tuple[int, float]] = []
-        #: What the current (or last) job does: index, probe or decoder; and the name it registers.
+        #: What the current (or last) job does: index, probe, decoder, search, classify or segment; the
+        #: name a training job registers.
         self.job_kind = ""
         self.registered_name = ""
-        self._cancel_token: Any = None  # set while `run_in_process` runs
+        #: The parameters a search, classify or segment job started with (its nodes are read at its end).
+        self.job_parameters: Optional[CTFMParameters] = None
+        self._job_model: Optional[Path] = None
+        self._results: list[dict[str, Any]] = []  # the job's "result" events
+        #: What the last finished search, classify or segment job added (NEW nodes) or predicted.
+        self.results_table: Any = None
+        self.heatmap_node: Any = None
+        self.result_segmentation: Any = None
+        self.classification_row: Optional[dict[str, str]] = None
+
+    # -- what is installed here (listed in a child process) ----------------------------------
+
+    def inventory(self) -> dict[str, Any]:
+        """Encoders (with the reasons other offered folders are not), probes and decoders, devices:
+        taken once for the offered folders (`refresh()` takes it again). On failure it is empty and
+        `inventory_error` says why."""
+        if self._inventory is None:
+            folders = [str(folder) for folder in self.extra_model_folders]
+            try:
+                self._inventory = (self._inventory_source or self._inventory_in_child)(folders)
+                self.inventory_error = ""
+            except LCTfoundError as error:
+                logger.warning("cannot list the CT-FM models: %s", error)
+                self._inventory = {"encoders": [], "rejected": {}, "task_models": [], "devices": []}
+                self.inventory_error = str(error)
+        return self._inventory
+
+    def _inventory_in_child(self, folders: list[str]) -> dict[str, Any]:
+        from ..jobs import child_environment
+
+        command = [str(self.python or sys.executable), "-m", "lctfound", "ctfm", "list", "--json",
+                   *(f"--folder={folder}" for folder in folders)]
+        options: dict[str, Any] = {}
+        if os.name == "nt":
+            options["creationflags"] = subprocess.CREATE_NO_WINDOW  # type: ignore[attr-defined]
+        try:
+            done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, encoding="utf-8",
+                                  errors="replace", env=child_environment(), timeout=INVENTORY_TIMEOUT_S, **options)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise LCTfoundError(f"cannot list the CT-FM models: {error}") from None
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            errors = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+            reason = errors[-1] if errors else lines[-1] if lines else f"exit code {done.returncode}"
+            raise LCTfoundError(f"cannot list the CT-FM models: {reason}")
+        try:
+            return json.loads(done.stdout)
+        except ValueError:
+            raise LCTfoundError(f"cannot list the CT-FM models: unexpected answer {done.stdout[:200]!r}") from None
+
+    def _listed_encoders(self, extra_folders: Any = ()) -> list[Any]:
+        from ..models.registry import ModelEntry
+
+        inventory = self.inventory()
+        if self.inventory_error:
+            raise LCTfoundError(self.inventory_error)
+        return [ModelEntry(entry["name"], Path(entry["path"]), entry["source"], entry["preset"], entry["description"])
+                for entry in inventory["encoders"]]
+
+    def _listed_task_models(self, extra_folders: Any = ()) -> list[Any]:
+        return [types.SimpleNamespace(**{**entry, "path": Path(entry["path"])})
+                for entry in self.inventory()["task_models"]]
+
+    def _listed_devices(self) -> list[str]:
+        inventory = self.inventory()
+        if self.inventory_error:  # shown as the device problem (the usual cause: PyTorch missing)
+            raise ImportError(self.inventory_error)
+        return list(inventory["devices"])
+
+    def refresh(self) -> None:
+        super().refresh()
+        self._inventory = None
 
     # -- backbones and what they can do ------------------------------------------------------
 
@@ -189,10 +302,8 @@ class CTFMLogic(ModuleLogicBase):
 
     def task_model_choices(self, task: str) -> list[Choice]:
         """Trained CT-FM task models (``ctfm-probe`` / ``ctfm-segmentation``) in the user model folder."""
-        from ..models.task_models import list_task_models
-
         return [Choice(str(entry.path), entry.name, entry.description or str(entry.path))
-                for entry in list_task_models(task)]
+                for entry in self.task_models() if entry.task == task]
 
     # -- models ------------------------------------------------------------------------------
 
@@ -234,14 +345,27 @@ class CTFMLogic(ModuleLogicBase):
     # -- geometry helpers --------------------------------------------------------------------
 
     @staticmethod
-    def point_from_markup(node: Any, index: int = 0) -> list[float]:
-        """World RAS position of control point ``index`` of a markups node (transforms applied)."""
+    def point_from_markup(node: Any, index: int = -1) -> list[float]:
+        """World RAS position of control point ``index`` of a markups node (transforms applied); by
+        default the last one, the point placed most recently."""
         count = node.GetNumberOfControlPoints() if hasattr(node, "GetNumberOfControlPoints") else 0
+        if index < 0:
+            index += count
         if not 0 <= index < count:
             raise LCTfoundError(f"markups '{_node_name(node)}' has no control point {index + 1} (it has {count})")
         position = [0.0, 0.0, 0.0]
         node.GetNthControlPointPositionWorld(index, position)
         return [float(v) for v in position]
+
+    @staticmethod
+    def keep_last_point(node: Any) -> int:
+        """Remove every control point but the last (the one just placed): the query is one point, and
+        placing it again moves it. Returns how many were removed."""
+        removed = 0
+        while node.GetNumberOfControlPoints() > 1:
+            node.RemoveNthControlPoint(0)
+            removed += 1
+        return removed
 
     @staticmethod
     def region_from_roi(node: Any) -> tuple[list[float], list[float]]:
@@ -321,14 +445,9 @@ class CTFMLogic(ModuleLogicBase):
         """A NEW scalar volume node with the cosine similarity of every window of ``volume_node`` with
         the query, on the node's own voxel grid (its IJK→RAS matrix and parent transform), styled as a
         foreground overlay (values −1..1; outside the body crop 0)."""
-        import json
-
         import numpy as np
 
         from ..ctfm.features import WindowSettings, similarity_volume
-        from ..io.volume import CTVolume
-        from ..mrml import volume_node_from_ctvolume
-        from ..mrml.volumes import ijk_to_ras_of
 
         encoder = self.load_backbone(model)
         ct = self.volume_of(volume_node)
@@ -336,17 +455,34 @@ class CTFMLogic(ModuleLogicBase):
             and np.array_equal(np.asarray(query.volume.array), np.asarray(ct.array))
         heatmap, _ = similarity_volume(encoder, ct, np.asarray(query.vector), settings or WindowSettings(),
                                        prepared=query.prepared if same else None, progress=progress)
-        scene = volume_node.GetScene()
-        local = CTVolume.from_ijk_to_ras(heatmap.array.astype(np.float32), ijk_to_ras_of(volume_node))
-        node = volume_node_from_ctvolume(scene, local, name or f"{volume_node.GetName()} CT-FM similarity",
+        return self._heatmap_node(volume_node, heatmap.array, query, encoder.path, name)
+
+    @classmethod
+    def _heatmap_node(cls, volume_node: Any, similarity: Any, query: Query, model_path: Any,
+                      name: Optional[str] = None) -> Any:
+        """A NEW volume node of ``similarity`` (an array on ``volume_node``'s voxels), on the node's own
+        grid and under its parent transform, styled as an overlay."""
+        import numpy as np
+
+        from ..io.volume import CTVolume
+        from ..mrml import volume_node_from_ctvolume, volume_shape
+        from ..mrml.volumes import ijk_to_ras_of
+
+        similarity = np.asarray(similarity, dtype=np.float32)
+        if similarity.shape != tuple(volume_shape(volume_node)):
+            raise LCTfoundError(f"the similarity map ({similarity.shape}) is not on the voxels of "
+                                f"'{_node_name(volume_node)}' ({tuple(volume_shape(volume_node))})")
+        local = CTVolume.from_ijk_to_ras(similarity, ijk_to_ras_of(volume_node))
+        node = volume_node_from_ctvolume(volume_node.GetScene(), local,
+                                         name or f"{volume_node.GetName()} CT-FM similarity",
                                          provenance={"kind": "ctfm-similarity"})
         transform_id = volume_node.GetTransformNodeID()
         if transform_id:
             node.SetAndObserveTransformNodeID(transform_id)
         node.SetAttribute(HEATMAP_ATTRIBUTE, json.dumps({"kind": query.kind, "level": query.level,
                                                          "centre_ras": query.centre_ras}))
-        node.SetAttribute(MODEL_ATTRIBUTE, str(encoder.path or ""))
-        self._style_overlay(node)
+        node.SetAttribute(MODEL_ATTRIBUTE, str(model_path or ""))
+        cls._style_overlay(node)
         return node
 
     @staticmethod
@@ -388,23 +524,28 @@ class CTFMLogic(ModuleLogicBase):
                             progress: Any = None) -> Any:
         """A NEW segmentation node on ``volume_node`` predicted by a ``ctfm-segmentation`` task model."""
         from ..ctfm.decoder import DecoderSegmenter
-        from ..mrml import segmentation_node_from_labels
 
         segmenter = decoder if isinstance(decoder, DecoderSegmenter) else DecoderSegmenter.load(
             decoder, self.load_backbone(model) if model is not None else None)
         labels = segmenter.predict(self.volume_of(volume_node), overlap, 1, progress)
-        names = {int(k): v for k, v in segmenter.label_names.items()}
-        node = segmentation_node_from_labels(volume_node.GetScene(), labels.array, volume_node, names,
+        return self._segmentation_node(volume_node, labels.array, segmenter.label_names, segmenter.task_model.folder)
+
+    @staticmethod
+    def _segmentation_node(volume_node: Any, labels: Any, names: dict[Any, str], decoder_folder: Any) -> Any:
+        """A NEW segmentation node of a label array on ``volume_node``'s voxels."""
+        from ..mrml import segmentation_node_from_labels
+
+        node = segmentation_node_from_labels(volume_node.GetScene(), labels, volume_node,
+                                             {int(k): v for k, v in names.items()},
                                              name=f"{volume_node.GetName()} CT-FM segmentation")
-        node.SetAttribute(MODEL_ATTRIBUTE, str(segmenter.task_model.folder))
+        node.SetAttribute(MODEL_ATTRIBUTE, str(decoder_folder))
         return node
 
     # -- training through jobs ---------------------------------------------------------------
 
     def _training_arguments(self, model: Any, output: Path, max_steps: Optional[int], learning_rate: Optional[float],
                             batch_size: Optional[int], register_as: str, device: str) -> list[str]:
-        args = ["--model", str(self.model_path(model)), "-o", str(output), "--events",
-                "--device", "cpu" if device == "cpu" else "auto"]
+        args = ["--model", str(self.model_path(model)), "-o", str(output), "--events", *_device_arguments(device)]
         if max_steps:
             args += ["--max-steps", str(int(max_steps))]
         if learning_rate:
@@ -450,7 +591,7 @@ class CTFMLogic(ModuleLogicBase):
             raise LCTfoundError(f"{output}: already exists; choose a new index folder")
         args = ["ctfm", "index", str(folder), "--model", str(self.model_path(model)), "-o", str(output),
                 "--window", ",".join(str(int(v)) for v in window), "--aggregation", aggregation,
-                "--device", "cpu" if device == "cpu" else "auto", "--events"]
+                *_device_arguments(device), "--events"]
         return self._launch(args, output, device, f"indexing {folder.name}", "index", "")
 
     def _launch(self, args: list[str], output: Path, device: str, message: str, kind: str, register_as: str) -> "Job":
@@ -458,15 +599,25 @@ class CTFMLogic(ModuleLogicBase):
             raise LCTfoundError(f"{output}: already holds a run; choose a new folder")
         output.parent.mkdir(parents=True, exist_ok=True)
         job = self.start_job(args, device=device, message=message, cwd=output.parent)
-        self.run_output, self.loss_history = output, []
-        self.job_kind, self.registered_name = kind, register_as
+        self._began(kind, output, register_as)
         return job
+
+    def _began(self, kind: str, output: Path, register_as: str = "", parameters: Optional[CTFMParameters] = None,
+               model: Optional[Path] = None) -> None:
+        """Remember what the job just started does (and forget the last one's results)."""
+        self.run_output, self.loss_history, self._results = output, [], []
+        self.job_kind, self.registered_name = kind, register_as
+        self.job_parameters, self._job_model = parameters, model
+        self.results_table = self.heatmap_node = self.result_segmentation = self.classification_row = None
 
     def handle_event(self, event: dict[str, Any]) -> None:
         kind, at = event["event"], event.get("received_at")
         if kind in ("embedding", "progress"):
-            message = str(event.get("message") or f"embedding {event.get('case', '')}")
+            message = str(event.get("message") or (f"embedding {event['case']}" if event.get("case")
+                                                   else self.status().message))
             self.report_progress(int(event.get("done", 0)), int(event.get("total", 0)), message, at, rate_sample=False)
+        elif kind == "result":
+            self._results.append(event)
         elif kind == "start":
             message = f"training on {event.get('data', 'the data')}"
             self.report_progress(0, int(event.get("total_steps", 0)), message, at, rate_sample=False)
@@ -478,9 +629,17 @@ class CTFMLogic(ModuleLogicBase):
             logger.warning("CT-FM training: %s", event.get("message"))
 
     def on_job_finished(self, job: "Job") -> str:
-        self.refresh()
+        """Runs in `poll()` (the GUI thread in Slicer): adds the results of a search, classify or
+        segment job to the scene as NEW nodes; after training, lists the new model."""
         if self.job_kind == "index":
             return f"index in {self.run_output}"
+        finish = {"search": self._finish_search, "classify": self._finish_classify,
+                  "segment": self._finish_segment}.get(self.job_kind)
+        if finish is not None:
+            if not self._results:
+                raise LCTfoundError(f"the {self.job_kind} job ended without a result")
+            return finish(self.job_parameters, self._results[-1])
+        self.refresh()  # the newly registered probe or decoder
         loss = f", loss {self.loss_history[-1][1]:.4f}" if self.loss_history else ""
         registered = f", registered as '{self.registered_name}'" if self.registered_name else ""
         return f"model in {self.run_output / 'model' if self.run_output else '?'}{registered}{loss}"
@@ -526,22 +685,19 @@ class CTFMLogic(ModuleLogicBase):
         path = path.resolve()
         if path not in {Path(f).expanduser().resolve() for f in self.extra_model_folders}:
             self.extra_model_folders = (*self.extra_model_folders, path)
-            self._models = None
+            self.refresh()  # the inventory checks it
         return next((m.name for m in self.models() if Path(m.path).resolve() == path), "")
 
-    @staticmethod
-    def check_encoder_folder(folder: Any) -> str:
-        """Why ``folder`` is not a CT-FM encoder in the published layout, or ``""`` (also when empty)."""
+    def check_encoder_folder(self, folder: Any) -> str:
+        """Why ``folder`` is not a CT-FM encoder in the published layout, or ``""`` (also when empty).
+        The folder is offered (`use_encoder_folder`) and checked by the inventory, outside this process."""
         path = chosen_path(folder)
         if path is None:
             return ""
-        from ..ctfm.model import inspect_model
-
-        try:
-            inspect_model(path)
-        except LCTfoundError as error:
-            return f"The encoder folder is not a CT-FM encoder: {error}"
-        return ""
+        self.use_encoder_folder(path)
+        rejected = {Path(folder).expanduser().resolve(): why for folder, why in self.inventory()["rejected"].items()}
+        reason = rejected.get(path.resolve())
+        return f"The encoder folder is not a CT-FM encoder: {reason}" if reason else ""
 
     def check_model(self, name: Optional[str]) -> str:
         if not name and not self.models() and not self.models_error:
@@ -584,7 +740,7 @@ class CTFMLogic(ModuleLogicBase):
 
     @staticmethod
     def _index_problem(index_folder: Any) -> str:
-        from ..ctfm.retrieval import MANIFEST_NAME
+        from ..ctfm.layout import MANIFEST_NAME
 
         folder = chosen_path(index_folder)
         if folder is None:
@@ -703,19 +859,21 @@ class CTFMLogic(ModuleLogicBase):
         if not labels.any():
             raise LCTfoundError(f"segmentation '{_node_name(segmentation_node)}' has no labelled voxels on "
                                 f"'{_node_name(volume_node)}'")
-        ct = ctvolume_from_volume_node(volume_node)
         folder.mkdir(parents=True)
-        return (write_volume(ct, folder / "image.nrrd", compress=False),
-                write_volume(ct.with_array(labels), folder / "labels.nrrd"), names)
+        image = _export_volume(volume_node, folder / "image.nrrd")
+        return image, write_volume(ctvolume_from_volume_node(volume_node).with_array(labels), folder / "labels.nrrd"), names
 
     def apply_finished_job(self, target: Any) -> dict[str, Any]:
         """After a finished job, point ``target`` (parameters: a dataclass, dict or parameter node) at
-        what it made: the new index folder, or the newly registered probe or decoder. Returns what was set."""
+        what it made: the new index folder, the new results table, or the newly registered probe or
+        decoder. Returns what was set."""
         if self.state is not RunState.FINISHED or not self.job_kind:
             return {}
         values: dict[str, Any] = {}
         if self.job_kind == "index" and self.run_output is not None:
             values["index_folder"] = Path(self.run_output)
+        elif self.job_kind == "search" and self.results_table is not None:
+            values["results_table"] = self.results_table
         elif self.job_kind in ("probe", "decoder") and self.registered_name:
             parameter = "probe_model" if self.job_kind == "probe" else "decoder_model"
             found = [c.value for c in self.task_model_choices(TASK_MODEL_PARAMETERS[parameter])
@@ -731,94 +889,108 @@ class CTFMLogic(ModuleLogicBase):
                 setattr(target, _camel_case(name), value)
         return values
 
-    # -- panel actions in this process (they read and add the scene's nodes) ----------------
+    # -- panel actions on the scene's nodes: jobs, results added when they finish -------------
 
-    def run_in_process(self, message: str, work: Callable[[Any], tuple[Any, str]],
-                       on_update: Optional[Callable[[], None]] = None) -> Any:
-        """Run ``work(progress)`` → ``(result, finished message)`` here under the module's run state:
-        its progress reports move the state, `cancel()` stops it at the next window (state Cancelled,
-        result None, nothing added). ``on_update`` runs after every change (Slicer: refresh the panel
-        and process events, so that Cancel can be clicked). Other errors fail the run and propagate."""
-        from ..progress import CancelToken, Progress
-
-        def report(done: int, total: int, text: str) -> None:
-            self.report_progress(done, total, text)
-            if on_update is not None:
-                on_update()
-
-        self.begin(message)
-        self.job_kind, self._cancel_token = "", CancelToken()
+    def _node_job_folder(self, kind: str, p: CTFMParameters) -> tuple[Path, Path]:
+        """A NEW run folder holding the input volume node, exported (world geometry: the parent
+        transform applied, as points read from markups are)."""
+        run = self.new_run_folder(f"ctfm-{kind}")
+        run.mkdir(parents=True)
         try:
-            if on_update is not None:
-                on_update()
-            result, finished = work(Progress(report, self._cancel_token))
-        except Cancelled:
-            self.mark_cancelled("nothing was added")
-            return None
-        except BaseException as error:
-            self.fail(error)
+            return run, _export_volume(p.input_volume, run / INPUT_FILE)
+        except BaseException:
+            shutil.rmtree(run, ignore_errors=True)
             raise
-        finally:
-            self._cancel_token = None
-        self.finish(finished)
-        return result
 
-    def cancel(self) -> bool:
-        """Stop the running work: a job's process tree, or in-process work at its next window."""
-        token = self._cancel_token
-        if token is None:
-            return super().cancel()
-        if not self.request_cancel("stopping"):
-            return False
-        token.cancel()
-        return True
+    def _start_node_job(self, kind: str, p: CTFMParameters, run: Path, args: list[str], model: Path,
+                        message: str) -> "Job":
+        try:
+            job = self.start_job([*args, *_device_arguments(p.device), "--no-validate", "--events"], device=p.device,
+                                 message=message, cwd=run)
+        except BaseException:
+            shutil.rmtree(run, ignore_errors=True)
+            raise
+        self._began(kind, run, parameters=p, model=model)
+        return job
 
-    def run_search(self, parameters: Any, on_update: Optional[Callable[[], None]] = None) -> Optional[tuple[Any, Any]]:
-        """Search the index by the whole input volume, the point's first control point or the ROI;
-        returns ``(NEW results table node, NEW heat-map node or None)``, or None when cancelled."""
+    def start_search(self, parameters: Any) -> "Job":
+        """Search the index by the whole input volume, the query point (its last control point) or the
+        ROI, as a job (``lctfound ctfm search``); when it has finished, `poll()` adds a NEW results table
+        (`results_table`) and, with the heat map on, a NEW similarity overlay (`heatmap_node`)."""
         p = self._ready("search", parameters)
+        point = self.point_from_markup(p.query_point) if p.query_kind == "point" else None
+        region = self.region_from_roi(p.query_region) if p.query_kind == "region" else None
+        model = self.model_path(p.model_name)
+        run, volume = self._node_job_folder("search", p)
+        args = ["ctfm", "search", str(chosen_path(p.index_folder).resolve()), "--query", str(volume),
+                "--model", str(model), "--top", str(int(p.top_k))]
+        if point is not None:
+            args.append("--point=" + _coordinates(point))  # "=": a coordinate may start with "-"
+        if region is not None:
+            args.append("--region=" + _coordinates([*region[0], *region[1]]))
+        if p.show_heatmap:
+            args += ["--heatmap", str(run / HEATMAP_FILE)]
+        return self._start_node_job("search", p, run, args, model, f"{p.query_kind} query")
 
-        def work(progress: Any) -> tuple[tuple[Any, Any], str]:
-            encoder = self.load_backbone(p.model_name, p.device)
-            point = self.point_from_markup(p.query_point) if p.query_kind == "point" else None
-            region = self.region_from_roi(p.query_region) if p.query_kind == "region" else None
-            result = self.search(chosen_path(p.index_folder), p.input_volume, encoder, point, region, int(p.top_k),
-                                 progress)
-            heatmap = None
-            if p.show_heatmap:
-                heatmap = self.create_heatmap_node(p.input_volume, result.query, encoder, result.settings,
-                                                   progress=progress)
-            table = self.results_table_node(p.input_volume.GetScene(), result,
-                                            f"{_node_name(p.input_volume)} CT-FM {p.query_kind} search")
-            best = result.rows[0] if result.rows else None
-            summary = f"best '{best['case']}' (similarity {best['score']:.3f})" if best else "no indexed scan"
-            return (table, heatmap), f"{len(result.rows)} result(s), {summary}"
-
-        return self.run_in_process(f"{p.query_kind} query", work, on_update)
-
-    def run_classify(self, parameters: Any, on_update: Optional[Callable[[], None]] = None) -> Optional[dict[str, str]]:
-        """Classify the input volume with the probe: a prediction row, or None when cancelled."""
+    def start_classify(self, parameters: Any) -> "Job":
+        """Classify the input volume with the probe as a job (``lctfound ctfm probe-predict``); when it
+        has finished, `classification_row` holds the prediction and the status line says it."""
         p = self._ready("classify", parameters)
+        model = self.model_path(p.model_name)
+        run, volume = self._node_job_folder("classify", p)
+        args = ["ctfm", "probe-predict", str(volume), "--probe", str(p.probe_model), "--model", str(model),
+                "-o", str(run / PREDICTIONS_FILE)]
+        return self._start_node_job("classify", p, run, args, model, "classifying")
 
-        def work(progress: Any) -> tuple[dict[str, str], str]:
-            row = self.classify_volume_node(p.input_volume, p.probe_model, self.load_backbone(p.model_name, p.device),
-                                            progress)
-            probabilities = ", ".join(f"{key[len('probability_'):]} {float(value):.3f}"
-                                      for key, value in row.items() if key.startswith("probability_"))
-            return row, f"predicted '{row['predicted']}' ({probabilities}). {row.get('note', '')}".strip()
-
-        return self.run_in_process("classifying", work, on_update)
-
-    def run_segment(self, parameters: Any, on_update: Optional[Callable[[], None]] = None) -> Any:
-        """Segment the input volume with the decoder: a NEW segmentation node, or None when cancelled."""
+    def start_segment(self, parameters: Any) -> "Job":
+        """Segment the input volume with the decoder as a job (``lctfound ctfm seg-predict``); when it
+        has finished, `result_segmentation` is a NEW segmentation node on the input volume."""
         p = self._ready("segment", parameters)
+        model = self.model_path(p.model_name)
+        run, volume = self._node_job_folder("segment", p)
+        args = ["ctfm", "seg-predict", str(volume), "--decoder", str(p.decoder_model), "--model", str(model),
+                "-o", str(run / SEGMENTATION_FILE)]
+        return self._start_node_job("segment", p, run, args, model, "segmenting")
 
-        def work(progress: Any) -> tuple[Any, str]:
-            node = self.segment_volume_node(p.input_volume, p.decoder_model,
-                                            self.load_backbone(p.model_name, p.device), progress=progress)
-            return node, f"new segmentation '{node.GetName()}'"
+    @staticmethod
+    def _input_node(p: CTFMParameters) -> Any:
+        node = p.input_volume
+        if node is None or node.GetScene() is None:
+            raise LCTfoundError("the input volume was removed from the scene while the job ran; nothing was added")
+        return node
 
-        return self.run_in_process("segmenting", work, on_update)
+    def _finish_search(self, p: CTFMParameters, result: dict[str, Any]) -> str:
+        from ..io.volume import read_volume
+
+        node = self._input_node(p)
+        query = Query(None, result["level"], p.query_kind, result.get("query_centre_ras"))
+        rows = [{"rank": int(match["rank"]), "case": match["name"], "score": float(match["score"]),
+                 "path": match["path"], **({"centre_ras": match["centre_ras"]} if match.get("centre_ras") else {})}
+                for match in result["matches"]]
+        if result.get("heatmap"):
+            self.heatmap_node = self._heatmap_node(node, read_volume(result["heatmap"], validate=False).array, query,
+                                                   self._job_model)
+        self.results_table = self.results_table_node(node.GetScene(), SearchResult(query, rows),
+                                                     f"{_node_name(node)} CT-FM {p.query_kind} search")
+        best = rows[0] if rows else None
+        summary = f"best '{best['case']}' (similarity {best['score']:.3f})" if best else "no indexed scan"
+        return f"{len(rows)} result(s), {summary}"
+
+    def _finish_classify(self, p: CTFMParameters, result: dict[str, Any]) -> str:
+        row = {**result["row"], "case": _node_name(self._input_node(p))}
+        self.classification_row = row
+        probabilities = ", ".join(f"{key[len('probability_'):]} {float(value):.3f}"
+                                  for key, value in row.items() if key.startswith("probability_"))
+        return f"predicted '{row['predicted']}' ({probabilities}). {row.get('note', '')}".strip()
+
+    def _finish_segment(self, p: CTFMParameters, result: dict[str, Any]) -> str:
+        from ..io.volume import read_label_volume
+        from ..mrml import ctvolume_from_volume_node
+
+        node = self._input_node(p)
+        labels = read_label_volume(result["output"], reference=ctvolume_from_volume_node(node))
+        self.result_segmentation = self._segmentation_node(node, labels.array, result["labels"], result["decoder"])
+        return f"new segmentation '{self.result_segmentation.GetName()}'"
 
     # -- results in the scene ----------------------------------------------------------------
 
@@ -831,6 +1003,7 @@ class CTFMLogic(ModuleLogicBase):
         from ..mrml._compat import vtk
 
         node = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+        node.SetUseColumnTitleAsColumnHeader(True)  # the view's row N is the table's row N (`table_row`)
         columns = [("rank", vtk.vtkIntArray, lambda row: row["rank"]),
                    ("case", vtk.vtkStringArray, lambda row: row["case"]),
                    ("score", vtk.vtkDoubleArray, lambda row: row["score"]),
@@ -850,6 +1023,15 @@ class CTFMLogic(ModuleLogicBase):
                                                          "centre_ras": query.centre_ras}))
         node.Modified()
         return node
+
+    @staticmethod
+    def table_row(table_node: Any, model_row: int) -> int:
+        """The table row shown in row ``model_row`` of a table view's model (qMRMLTableModel): the same
+        row when the column titles are the header, else one less (the model's row 0 shows the titles);
+        -1 for the titles or no row."""
+        if model_row < 0:
+            return -1
+        return model_row if table_node.GetUseColumnTitleAsColumnHeader() else model_row - 1
 
     @staticmethod
     def load_match(table_node: Any, row: int) -> tuple[Any, Optional[list[float]]]:

@@ -1,10 +1,25 @@
 """Networks, presets, conditioning, model folders and the model registry."""
 
-from .bundle import LCTfoundModel, add_prompt_cache, load_model, new_model, save_model
-from .presets import PRESETS, Preset, build_unet, describe_unet, get_preset
-from .registry import ModelEntry, list_models, resolve_model
+from __future__ import annotations
 
-__all__ = [
-    "LCTfoundModel", "ModelEntry", "PRESETS", "Preset", "add_prompt_cache", "build_unet", "describe_unet",
-    "get_preset", "list_models", "load_model", "new_model", "resolve_model", "save_model",
-]
+import importlib
+from typing import Any
+
+# Where each public name lives. They are imported on first use (PEP 562): the panels read the registry
+# (model names, entries) without importing PyTorch, which `bundle` and `presets` need.
+_EXPORTS = {
+    "LCTfoundModel": "bundle", "add_prompt_cache": "bundle", "load_model": "bundle", "new_model": "bundle",
+    "save_model": "bundle",
+    "PRESETS": "presets", "Preset": "presets", "build_unet": "presets", "describe_unet": "presets",
+    "get_preset": "presets",
+    "ModelEntry": "registry", "list_models": "registry", "resolve_model": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

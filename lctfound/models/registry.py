@@ -18,7 +18,8 @@ from typing import Iterable, Optional
 
 from ..errors import CheckpointError, LCTfoundError
 from ..paths import user_models_dir
-from .bundle import METADATA_FILE, locate_unet_folder, read_unet_config
+
+# `.bundle` (PyTorch) is imported where it is used: the panels check new model names without PyTorch.
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 DEFAULT_MODEL_NAME = "lctfound-cpu-tiny"
@@ -35,6 +36,8 @@ class ModelEntry:
 
 
 def _entry(path: Path, source: str, name: Optional[str] = None) -> Optional[ModelEntry]:
+    from .bundle import METADATA_FILE, locate_unet_folder, read_unet_config
+
     metadata_path = path / METADATA_FILE
     try:
         if metadata_path.is_file():
@@ -56,6 +59,8 @@ def _children(folder: Path) -> list[Path]:
 
 def list_models(extra_folders: Iterable[str | Path] = ()) -> list[ModelEntry]:
     """All models found, the embedded default first."""
+    from .bundle import locate_unet_folder
+
     entries: list[ModelEntry] = []
     for path in _children(EMBEDDED_DIR):
         entries.append(_entry(path, "embedded"))
@@ -77,6 +82,8 @@ def list_models(extra_folders: Iterable[str | Path] = ()) -> list[ModelEntry]:
 
 def resolve_model(spec: Optional[str | Path] = None) -> Path:
     """A model name from `list_models`, ``default``, a folder path, or a cached repo id → folder."""
+    from .bundle import locate_unet_folder
+
     if spec in (None, "", "default"):
         default = EMBEDDED_DIR / DEFAULT_MODEL_NAME
         if not default.is_dir():
@@ -115,6 +122,7 @@ def register_model(folder: str | Path, name: str) -> Path:
 
     from ..atomic import atomic_directory
 
+    from .bundle import METADATA_FILE, locate_unet_folder
     from .task_models import TASK_FILE
 
     check_new_model_name(name)

@@ -1,7 +1,8 @@
 """Headless tests of the LCTfoundCTFM module logic (`lctfound.logic.CTFMLogic`) driven the way the
 panel drives it: one parameters object, the CT-FM backbones and what they refuse, and a point query
 with its heat map on a small synthetic volume (a tiny random CT-FM encoder saved in the published
-layout; the real weights are not needed to check the plumbing), with Cancel.
+layout; the real weights are not needed to check the plumbing), run as a job (re-placing the point
+moves it), with Cancel.
 
 Written as `unittest.TestCase` so that the same file runs under pytest (with the slicer-core wheel)
 and inside Slicer (``slicer_add_python_unittest`` in this folder's CMakeLists.txt). Skipped without
@@ -10,6 +11,7 @@ torch or MRML.
 
 import os
 import tempfile
+import time
 import unittest
 from pathlib import Path
 
@@ -22,6 +24,7 @@ try:
     from lctfound.ctfm.model import load_model, new_model, save_model
     from lctfound.ctfm.preprocess import prepare_volume
     from lctfound.ctfm.retrieval import build_index
+    from lctfound.ctfm.tasks import inventory
     from lctfound.errors import LCTfoundError
     from lctfound.io.volume import CTVolume, write_volume
     from lctfound.logic import CTFMLogic, CTFMParameters, RunState
@@ -79,7 +82,8 @@ class CTFMModuleLogicTest(unittest.TestCase):
         cls._tmp.cleanup()
 
     def setUp(self):
-        self.logic = CTFMLogic(available_devices=lambda: ["cpu"], runs_root=self.folder / "runs")
+        # The inventory in this process (the panel runs it in a child: Testing/test_ctfm_logic.py checks that).
+        self.logic = CTFMLogic(inventory=inventory, available_devices=lambda: ["cpu"], runs_root=self.folder / "runs")
         self.parameters = CTFMParameters(encoder_folder=str(self.encoder), device="cpu")
 
     def test_backbones_and_encoder_folder(self):
@@ -116,15 +120,31 @@ class CTFMModuleLogicTest(unittest.TestCase):
                          "Choose an index folder (or build one from a folder of volumes).")
         p.index_folder = str(self.index)
         self.assertIn("Place a point", self.logic.action_state("search", p).tooltip)
+        fiducial.AddControlPointWorld([0.0, 0.0, 0.0])  # placed first, then placed again at the point
         fiducial.AddControlPointWorld([float(v) for v in point])
+        self.assertEqual(self.logic.keep_last_point(fiducial), 1)  # what the panel does when a point is placed
+        self.assertEqual(fiducial.GetNumberOfControlPoints(), 1)
+        self.assertTrue(np.allclose(self.logic.point_from_markup(fiducial), point))
         self.assertTrue(self.logic.action_state("search", p).enabled)
         return scene, node, np.asarray(point)
 
+    def _wait(self):
+        deadline = time.monotonic() + 600  # a guard only: the loop ends when the job does
+        while self.logic.state.busy and time.monotonic() < deadline:
+            self.logic.poll()
+            time.sleep(0.1)
+
     def test_point_query_with_heat_map(self):
         scene, node, point = self._query_scene()
-        table, heatmap = self.logic.run_search(self.parameters)
-        self.assertIs(self.logic.state, RunState.FINISHED)
+        before = scene.GetNumberOfNodes()
+        job = self.logic.start_search(self.parameters)
+        self.assertEqual(job.command[3:5], ["ctfm", "search"])
+        self.assertEqual(scene.GetNumberOfNodes(), before)  # results are added when the job has finished
+        self._wait()
+        self.assertIs(self.logic.state, RunState.FINISHED, job.stderr_tail)
         self.assertIn("best 'case0'", self.logic.status_summary())
+        self.assertEqual(self.logic.apply_finished_job(self.parameters), {"results_table": self.logic.results_table})
+        table, heatmap = self.parameters.results_table, self.logic.heatmap_node
         rows = table.GetTable()
         self.assertEqual(rows.GetNumberOfRows(), 2)
         self.assertEqual(rows.GetValueByName(0, "case").ToString(), "case0")  # the loaded scan itself …
@@ -147,16 +167,14 @@ class CTFMModuleLogicTest(unittest.TestCase):
     def test_cancel_adds_nothing(self):
         scene, _, _ = self._query_scene()
         before = scene.GetNumberOfNodes()
-        seen = []
-
-        def on_update():  # what the panel does after each progress report: here, click Cancel
-            seen.append(self.logic.state)
-            self.logic.cancel()
-
-        self.assertIsNone(self.logic.run_search(self.parameters, on_update))
-        self.assertEqual(seen[0], RunState.RUNNING)
+        self.logic.start_search(self.parameters)
+        self.assertIs(self.logic.state, RunState.RUNNING)
+        self.assertTrue(self.logic.cancel())  # Cancel clicked at once: the job's process tree ends
+        self._wait()
         self.assertIs(self.logic.state, RunState.CANCELLED)
         self.assertEqual(scene.GetNumberOfNodes(), before)
+        self.assertIsNone(self.logic.results_table)
+        self.assertEqual(self.logic.apply_finished_job(self.parameters), {})
         self.assertFalse(self.logic.cancel())  # nothing runs any more
 
 
