@@ -427,27 +427,48 @@ def test_features_on_a_full_disk_is_one_line_not_sigbus(ct_file, tiny_backbone, 
     assert_unchanged(before)
 
 
-def test_a_batch_rerun_redoes_empty_or_unreadable_outputs(tiny_backbone, tmp_path, run_cli):
+class ThresholdSegmenter:
+    """A stand-in segmentation predictor (the batch bookkeeping is under test, not a model)."""
+
+    label_names = {1: "Dense"}
+
+    def predict(self, array, progress=None, postprocess=()):
+        return (array > 0).astype(np.uint8)
+
+
+def test_a_batch_rerun_redoes_empty_or_unreadable_outputs(tmp_path, run_cli, monkeypatch):
+    from lctfound.pipelines import predictors
+
+    monkeypatch.setattr(predictors, "load_segmentation_predictor", lambda *args: ThresholdSegmenter())
     ct = synthetic_ct()
     batch = tmp_path / "batch"
     batch.mkdir()
     for name in ("a", "b", "c"):
         write_volume(ct, batch / f"{name}.nrrd")
-    write_volume(nodule_label(ct), tmp_path / "label.nrrd")
-    code, _, err = run_cli(["segment", "train", batch / "a.nrrd", "--labels", tmp_path / "label.nrrd",
-                            "--backbone", tiny_backbone, "--epochs", "1", "--device", "cpu", "-o", tmp_path / "m"])
-    assert code == 0, err
+    before = snapshot(batch)
     out = tmp_path / "out"
-    code, _, err = run_cli(["segment", "predict", batch, "--model", tmp_path / "m", "--device", "cpu", "-o", out])
+    command = ["segment", "predict", batch, "--model", tmp_path / "m", "-o", out]
+    code, _, err = run_cli(command)
     assert code == 0, err
     kept = (out / "a_seg.nii.gz").stat().st_mtime_ns
     (out / "b_seg.nii.gz").write_bytes(b"")                                        # a full disk's 0-byte file
     (out / "c_seg.nii.gz").write_bytes((out / "c_seg.nii.gz").read_bytes()[:40])   # a killed write
-    code, _, err = run_cli(["segment", "predict", batch, "--model", tmp_path / "m", "--device", "cpu", "-o", out])
+    code, _, err = run_cli(command)
     assert code == 0, err
     assert (out / "a_seg.nii.gz").stat().st_mtime_ns == kept                       # complete: skipped
     for name in ("b", "c"):                                                         # redone, readable
         assert read_volume(out / f"{name}_seg.nii.gz", labels=True).shape == ct.shape
+    # Results in a sub-folder of the input folder are fine, and a re-run there too.
+    for _ in range(2):
+        code, _, err = run_cli(["segment", "predict", batch, "--model", tmp_path / "m", "-o", batch / "seg"])
+        assert code == 0, err
+    # An existing label map the batch did not make is not replaced without --overwrite.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a_seg.nii.gz").write_bytes(b"manual")
+    code, out_text, err = run_cli(["segment", "predict", batch, "--model", tmp_path / "m", "-o", other])
+    assert code == 1 and (other / "a_seg.nii.gz").read_bytes() == b"manual"
+    assert_unchanged(before)
     assert not temporaries(tmp_path)
 
 

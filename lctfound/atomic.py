@@ -510,6 +510,8 @@ def output_is_complete(path: PathLike, read: Optional[Callable[[Path], object]] 
     reading a volume) accepts. Batch commands redo an empty or unreadable output (a full disk or a
     killed run) instead of skipping it."""
     path = Path(path)
+    noted = getattr(_scope, "inputs", None)
+    _scope.inputs = None  # reading back an output does not make it an input
     try:
         if not path.is_file() or path.stat().st_size == 0:
             return False
@@ -518,6 +520,8 @@ def output_is_complete(path: PathLike, read: Optional[Callable[[Path], object]] 
         return True
     except Exception:  # noqa: BLE001 - any failure to read means "not done"
         return False
+    finally:
+        _scope.inputs = noted
 
 
 def write_text_file(target: PathLike, text: str, encoding: str = "utf-8") -> Path:
