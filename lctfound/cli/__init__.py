@@ -113,7 +113,7 @@ def describe_error(error: BaseException) -> str:
     """One line for an exception that is not an `LCTfoundError` (no traceback)."""
     from ..atomic import is_disk_full
 
-    if isinstance(error, MemoryError):
+    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
         return "out of memory; use smaller inputs (fewer slices, a smaller batch) or a machine with more memory"
     if isinstance(error, OSError):
         where = f"{error.filename}: " if getattr(error, "filename", None) else ""
