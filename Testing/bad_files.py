@@ -155,7 +155,15 @@ def _nan_ct() -> CTVolume:
 
 def nan_nifti(folder) -> Path:
     """NaN and +inf voxels in a float NIfTI (ITK's NIfTI reader would turn them into 0 HU)."""
-    return write_volume(_nan_ct(), _folder(folder) / "nan.nii.gz")
+    import SimpleITK as sitk
+
+    from lctfound.io.volume import volume_to_sitk
+
+    # Written by SimpleITK itself: `write_volume` verifies by reading back, and ITK's NIfTI reader
+    # turns NaN into 0, so a NaN NIfTI never verifies (which is right for outputs).
+    path = _folder(folder) / "nan.nii.gz"
+    sitk.WriteImage(volume_to_sitk(_nan_ct()), str(path))
+    return path
 
 
 def nan_nrrd(folder) -> Path:

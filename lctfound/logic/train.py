@@ -580,6 +580,9 @@ class TrainModuleLogic(ModuleLogicBase):
 
             from ..io.volume import read_volume
 
+            problem = self._image_file_problem(image)
+            if problem:
+                return problem
             try:
                 labels = read_volume(label, validate=False, labels=True)
                 reader = sitk.ImageFileReader()
@@ -603,6 +606,30 @@ class TrainModuleLogic(ModuleLogicBase):
             return ""
 
         return self._cached(("file-pair", stamp(image), stamp(label)), compute)
+
+    def _image_file_problem(self, image: Path) -> str:
+        """Why a training image file (a table row, a pair's image) cannot be used, from its header
+        checked against the file (truncated, a header that lies, NaN in NIfTI, no voxel size) —
+        before a job is started on it. A folder must be a DICOM series. Cached per file version."""
+        def compute() -> str:
+            from ..io.dicom import looks_like_dicom
+            from ..io.headers import check_volume_file
+
+            if image.is_dir():
+                files = [f for f in sorted(image.iterdir())[:5] if f.is_file()]
+                if files and any(looks_like_dicom(f) for f in files):
+                    return ""
+                return f"{image}: a folder that holds no DICOM series; name a CT file or a DICOM folder"
+            try:
+                check_volume_file(image)
+            except LCTfoundError as error:
+                return str(error)
+            except OSError as error:
+                return f"{image}: cannot be read ({error.strerror or error})"
+            return ""
+
+        status = image.stat()
+        return self._cached(("image-file", str(image), status.st_mtime_ns, status.st_size), compute)
 
     def structure_table(self, segmentations: Sequence[Any], statuses: Optional[Sequence[str]] = None):
         """The structure table extended with every (chosen) segment name of ``segmentations``,
@@ -684,6 +711,9 @@ class TrainModuleLogic(ModuleLogicBase):
             image = table_path(table, row["image"])
             if not image.exists():
                 return f"{table.name} line {number}: image not found: {image}"
+            problem = self._image_file_problem(image)
+            if problem:
+                return f"{table.name} line {number}: {problem}"
         classes = sorted({row["label"] for row in rows})
         if len(classes) < 2:
             return f"{table.name}: every scan has class '{classes[0]}'; classification needs at least two classes."
