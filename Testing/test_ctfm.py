@@ -433,6 +433,21 @@ def test_cli_round_trip(small_folder, tmp_path, run_cli):
     assert "case1" in out.splitlines()[1]
     heat = read_volume(tmp_path / "heat.nii.gz", validate=False)
     assert heat.same_grid(query)
+    # --events (the panel's search job): only JSON lines, progress then one result event with --json's content
+    code, out, err = run_cli(["ctfm", "search", tmp_path / "idx", "--query", folder / "case1.nii.gz", "--model",
+                              small_folder, "--heatmap", tmp_path / "heat2.nrrd", "--device", "cpu", "--events"],
+                             groups=["ctfm"])
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert {event["event"] for event in events[:-1]} == {"progress"} and events[-1]["event"] == "result"
+    assert events[-1]["matches"][0]["name"] == "case1" and events[-1]["level"] == "volume"
+    assert events[-1]["heatmap"] == str(tmp_path / "heat2.nrrd") and events[-1]["query_centre_ras"] is None
+    # list: what the panel offers, checked without loading weights
+    code, out, err = run_cli(["ctfm", "list", "--json", "--folder", small_folder, "--folder", folder], groups=["ctfm"])
+    assert code == 0, err
+    listed = json.loads(out)
+    assert [entry["path"] for entry in listed["encoders"]] == [str(small_folder)]
+    assert list(listed["rejected"]) == [str(folder)] and "cpu" in listed["devices"]
     # one-line errors, exit code 2
     code, _, err = run_cli(["ctfm", "inspect", tmp_path / "nowhere"], groups=["ctfm"])
     assert code == 2 and err.count("\n") == 1 and "no such model folder" in err
