@@ -480,3 +480,9 @@ def test_an_interrupt_during_a_write_leaves_the_old_file(tmp_path):
             tmp.write_text("half")
             raise KeyboardInterrupt
     assert target.read_text() == "old" and not temporaries(tmp_path)
+
+
+def test_free_text_arguments_are_not_taken_for_paths():
+    from lctfound.cli import given_paths
+
+    assert given_paths("x" * 5000, "a\0b", ["lung", None]) == []

@@ -112,7 +112,7 @@ def reserve_space(path: PathLike, nbytes: int) -> None:
         os.close(fd)
 
 
-def create_memmap(path: PathLike, dtype, shape) -> "numpy.memmap":  # noqa: F821
+def create_memmap(path: PathLike, dtype, shape):
     """A new ``.npy`` file opened as a writable memory map whose blocks are reserved on disk
     (`reserve_space`): a full disk is a `DiskFullError` here (and the file is removed), never a
     SIGBUS while the map is filled."""
@@ -130,7 +130,7 @@ def create_memmap(path: PathLike, dtype, shape) -> "numpy.memmap":  # noqa: F821
     try:
         reserve_space(path, path.stat().st_size)
     except BaseException:
-        del array
+        array = None  # unmap before the file goes
         with contextlib.suppress(OSError):
             path.unlink()
         raise

@@ -67,8 +67,11 @@ def given_paths(*values) -> list:
             found.extend(given_paths(*value))
         elif value not in (None, "", "-"):
             path = Path(os.path.expanduser(os.fspath(value)))
-            if path.exists():
-                found.append(path)
+            try:
+                if path.exists():
+                    found.append(path)
+            except (OSError, ValueError):  # free text (a prompt) too long or odd for a path
+                pass
     return found
 
 
