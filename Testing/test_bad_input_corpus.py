@@ -172,6 +172,12 @@ def _empty(path: Path) -> Path:
     return path
 
 
+def _mkdir_all(path: Path) -> Path:
+    """An existing cache root (its folders are the cache's, not a command's output)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir()
     return path
@@ -462,7 +468,8 @@ DISK_FULL_CASES = [
     Case("disk-full-generate", lambda inputs, values: {},
          ("generate", "--model", "{backbone}", "--num-images", "1", "--steps", "2", "-o", "{full}/space/gen"),
          Expect(phrase="no space left", tripwire=False)),
-    Case("disk-full-feature-cache", _good,
+    Case("disk-full-feature-cache", _and(_good, lambda inputs, values: {
+         "cache_folder": _mkdir_all(values["full"] / "space" / "cache" / "features")}),
          ("segment", "predict", "{ct}", "--model", "{segmodel}", "-o", "{out}.nrrd"),
          Expect(phrase="no space left", tripwire=False, env=(("LCTFOUND_CACHE_DIR", "{full}/space/cache"),))),
 ]
