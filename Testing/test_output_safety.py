@@ -401,3 +401,88 @@ def test_web_export_on_a_full_disk_leaves_no_partial_file(tmp_path):
         with pytest.raises(LCTfoundError, match="no space left on"):
             export("volume_nrrd", node, None, disk)
         assert_no_partial_outputs(disk, allowed=[filler])
+
+
+# ---------------------------------------------------------------------------- commands with a tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    from lctfound.models import save_model
+    from model_factory import tiny_model
+
+    folder = tmp_path_factory.mktemp("backbone") / "tiny"
+    save_model(tiny_model(64, seed=1), folder)
+    return folder
+
+
+def test_features_on_a_full_disk_is_one_line_not_sigbus(ct_file, tiny_backbone, tmp_path, run_cli):
+    # The features are a memory map: without reserved blocks, filling it on a full disk is SIGBUS.
+    before = snapshot(ct_file, tiny_backbone)
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
+        code, _, err = run_cli(["features", ct_file, "--model", tiny_backbone, "--device", "cpu",
+                                "--timesteps", "0", "--blocks", "1", "-o", disk / "features"])
+        assert_one_line_error(code, err, contains="no space left on")
+        assert_no_partial_outputs(disk)
+    assert_unchanged(before)
+
+
+class ThresholdSegmenter:
+    """A stand-in segmentation predictor (the batch bookkeeping is under test, not a model)."""
+
+    label_names = {1: "Dense"}
+
+    def predict(self, array, progress=None, postprocess=()):
+        return (array > 0).astype(np.uint8)
+
+
+def test_a_batch_rerun_redoes_empty_or_unreadable_outputs(tmp_path, run_cli, monkeypatch):
+    from lctfound.pipelines import predictors
+
+    monkeypatch.setattr(predictors, "load_segmentation_predictor", lambda *args: ThresholdSegmenter())
+    ct = synthetic_ct()
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for name in ("a", "b", "c"):
+        write_volume(ct, batch / f"{name}.nrrd")
+    before = snapshot(batch)
+    out = tmp_path / "out"
+    command = ["segment", "predict", batch, "--model", tmp_path / "m", "-o", out]
+    code, _, err = run_cli(command)
+    assert code == 0, err
+    kept = (out / "a_seg.nii.gz").stat().st_mtime_ns
+    (out / "b_seg.nii.gz").write_bytes(b"")                                        # a full disk's 0-byte file
+    (out / "c_seg.nii.gz").write_bytes((out / "c_seg.nii.gz").read_bytes()[:40])   # a killed write
+    code, _, err = run_cli(command)
+    assert code == 0, err
+    assert (out / "a_seg.nii.gz").stat().st_mtime_ns == kept                       # complete: skipped
+    for name in ("b", "c"):                                                         # redone, readable
+        assert read_volume(out / f"{name}_seg.nii.gz", labels=True).shape == ct.shape
+    # Results in a sub-folder of the input folder are fine, and a re-run there too.
+    for _ in range(2):
+        code, _, err = run_cli(["segment", "predict", batch, "--model", tmp_path / "m", "-o", batch / "seg"])
+        assert code == 0, err
+    # An existing label map the batch did not make is not replaced without --overwrite.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a_seg.nii.gz").write_bytes(b"manual")
+    code, out_text, err = run_cli(["segment", "predict", batch, "--model", tmp_path / "m", "-o", other])
+    assert code == 1 and (other / "a_seg.nii.gz").read_bytes() == b"manual"
+    assert_unchanged(before)
+    assert not temporaries(tmp_path)
+
+
+def test_an_interrupt_during_a_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert target.read_text() == "old" and not temporaries(tmp_path)
+
+
+def test_free_text_arguments_are_not_taken_for_paths():
+    from lctfound.cli import given_paths
+
+    assert given_paths("x" * 5000, "a\0b", ["lung", None]) == []

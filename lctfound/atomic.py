@@ -112,7 +112,7 @@ def reserve_space(path: PathLike, nbytes: int) -> None:
         os.close(fd)
 
 
-def create_memmap(path: PathLike, dtype, shape) -> "numpy.memmap":  # noqa: F821
+def create_memmap(path: PathLike, dtype, shape):
     """A new ``.npy`` file opened as a writable memory map whose blocks are reserved on disk
     (`reserve_space`): a full disk is a `DiskFullError` here (and the file is removed), never a
     SIGBUS while the map is filled."""
@@ -130,7 +130,7 @@ def create_memmap(path: PathLike, dtype, shape) -> "numpy.memmap":  # noqa: F821
     try:
         reserve_space(path, path.stat().st_size)
     except BaseException:
-        del array
+        array = None  # unmap before the file goes
         with contextlib.suppress(OSError):
             path.unlink()
         raise
@@ -220,19 +220,20 @@ def input_conflict(output: PathLike, inputs: Iterable[PathLike], replaces_folder
 
     ``output`` conflicts with an input when it is the same file or folder (same resolved path, or
     the same device and inode: hard links, case-insensitive names), or when it is an existing file
-    inside an input folder (a folder command reads the files in it; a new name there is fine). With
-    ``replaces_folder`` (the output is a folder that will be replaced as a whole) an input inside it
-    conflicts too, since replacing the folder would delete it.
+    directly in an input folder (a folder command reads the files in it; a new name there, or a
+    sub-folder for the results, is fine). With ``replaces_folder`` (the output is a folder that will
+    be replaced as a whole) an input inside it conflicts too, since replacing the folder would
+    delete it.
     """
     output = Path(os.path.expanduser(os.fspath(output)))
     out_chain = _chain(output)
     out_key = out_chain[0]
     out_id = _identity(output)
-    # An existing output inside an input folder is one of that folder's files: compare the input
-    # with the output's ancestors too (by path and by identity, for other spellings).
-    exists = os.path.lexists(output)
-    chain = out_chain if exists else out_chain[:1]
-    out_ids = [i for i in (_identity(p) for p in ([output, *output.parents] if exists else [output])) if i]
+    # An existing file in an input folder is one of that folder's inputs: compare the input with the
+    # file's folder too (by path and by identity, for other spellings).
+    is_file = os.path.lexists(output) and not os.path.isdir(output)
+    chain = out_chain[:2] if is_file else out_chain[:1]
+    out_ids = [i for i in (_identity(p) for p in ([output, output.parent] if is_file else [output])) if i]
     for item in inputs:
         if item is None:
             continue
@@ -460,9 +461,13 @@ def atomic_directory(target: PathLike, overwrite: bool = False,
     try:
         try:
             yield tmp
+            empty = False
             for root, _, files in os.walk(tmp):
                 for name in files:
                     _fsync_file(Path(root) / name)
+                    empty = empty or (Path(root) / name).stat().st_size == 0
+            if empty and _low_on_space(folder, expected_bytes):  # a writer that did not raise on a full disk
+                raise disk_full_error(folder, expected_bytes)
             apply_umask(tmp, directory=True)
             if target.exists() or target.is_symlink():
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=folder))
@@ -505,6 +510,8 @@ def output_is_complete(path: PathLike, read: Optional[Callable[[Path], object]] 
     reading a volume) accepts. Batch commands redo an empty or unreadable output (a full disk or a
     killed run) instead of skipping it."""
     path = Path(path)
+    noted = getattr(_scope, "inputs", None)
+    _scope.inputs = None  # reading back an output does not make it an input
     try:
         if not path.is_file() or path.stat().st_size == 0:
             return False
@@ -513,6 +520,8 @@ def output_is_complete(path: PathLike, read: Optional[Callable[[Path], object]] 
         return True
     except Exception:  # noqa: BLE001 - any failure to read means "not done"
         return False
+    finally:
+        _scope.inputs = noted
 
 
 def write_text_file(target: PathLike, text: str, encoding: str = "utf-8") -> Path:

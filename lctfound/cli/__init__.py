@@ -67,8 +67,11 @@ def given_paths(*values) -> list:
             found.extend(given_paths(*value))
         elif value not in (None, "", "-"):
             path = Path(os.path.expanduser(os.fspath(value)))
-            if path.exists():
-                found.append(path)
+            try:
+                if path.exists():
+                    found.append(path)
+            except (OSError, ValueError):  # free text (a prompt) too long or odd for a path
+                pass
     return found
 
 
@@ -113,7 +116,7 @@ def describe_error(error: BaseException) -> str:
     """One line for an exception that is not an `LCTfoundError` (no traceback)."""
     from ..atomic import is_disk_full
 
-    if isinstance(error, MemoryError):
+    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
         return "out of memory; use smaller inputs (fewer slices, a smaller batch) or a machine with more memory"
     if isinstance(error, OSError):
         where = f"{error.filename}: " if getattr(error, "filename", None) else ""

@@ -75,8 +75,13 @@ def run(args: argparse.Namespace) -> int:
     from ..progress import TqdmProgress
 
     output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise LCTfoundError(f"{output}: is a file; choose a folder for --output")
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise LCTfoundError(f"{output}: already exists; pass --overwrite or choose another --output")
+    from ..atomic import check_writable
+
+    check_writable(output)  # before the sample and the model are loaded
     timings: dict[str, float] = {}
     start = time.perf_counter()
     with TqdmProgress("sample data", unit="step") as progress:

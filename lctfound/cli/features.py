@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import LCTfoundError
 from ..validation import MAX_IMAGE_SIZE, batch_int, int_type, seed_int, slice_list_type

@@ -87,6 +87,12 @@ def run_add_prompts(args: argparse.Namespace) -> int:
     from ..models import add_prompt_cache, resolve_model
 
     prompts = args.prompt or [window.prompt() for window in WINDOWS.values()] + [NULL_PROMPT]
-    path = add_prompt_cache(resolve_model(args.model), args.bert, prompts)
+    from ..atomic import check_writable, refuse_input_conflict
+
+    folder = resolve_model(args.model)
+    # The BERT folder is read, never written: it must not be the conditioning folder that is updated.
+    refuse_input_conflict(folder / "conditioning", [args.bert], replaces_folder=True)
+    check_writable(folder / "conditioning" / "prompt_cache.safetensors")  # before BERT is loaded
+    path = add_prompt_cache(folder, args.bert, prompts)
     print(f"cached {len(prompts)} prompt vector(s) in {path}")
     return 0

@@ -46,11 +46,13 @@ def write_volume_with_provenance(volume: CTVolume, path: str | os.PathLike,
     from .volume import write_volume
 
     path = Path(path).expanduser()
-    write_volume(volume, path)
     record = dict(volume.metadata if provenance is None else provenance)
     side = provenance_path(path)
+    # The small JSON is written (and checked) first and renamed only after the volume is published:
+    # a full disk leaves neither, never a volume without its provenance.
     with atomic_file(side) as tmp:
         tmp.write_text(json.dumps(json_ready(record), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_volume(volume, path)
     return side
 
 
