@@ -4,8 +4,9 @@ Every builder has the signature ``builder(folder: Path) -> Path`` and writes onl
 ``folder`` (created if needed); the returned path is what a user would pass to a command.
 `BAD_VOLUMES` maps a case name to ``(builder, what a reader must say)`` for volumes that every
 CT-reading command must refuse in one line; `LABEL_MAP_CASES` lists files given where a label
-map is expected; the remaining builders (models, BERT folders, label/name mismatches) are named
-by what they make. Import as ``import bad_files`` (``Testing/conftest.py`` puts this folder on
+map is expected; `BAD_OPTIONS` (with `bad_option_case`) lists option values refused while parsing;
+`BAD_UNET_CONFIGS` lists model configs for `unet_config_folder`; the remaining builders (BERT
+folders, label/name mismatches, MR folders) are named by what they make. Import as ``import bad_files`` (``Testing/conftest.py`` puts this folder on
 ``sys.path``); everything is deterministic and a few KB in size.
 
     import bad_files
@@ -357,4 +358,55 @@ LABEL_MAP_CASES = {
     "ct_as_label_map": (ct_volume, "looks like a CT image, not a label map"),
     "float_ct_as_label_map": (float_ct_volume, "looks like a CT image, not a label map"),
     "negative_labels": (negative_label_map, "negative"),
+}
+
+#: name -> (argv with {ct}, {labels}, {data} placeholders, phrase of the error) for option values every
+#: command must refuse while parsing, before reading anything; add ``-o OUT`` (see `bad_option_case`).
+BAD_OPTIONS = {
+    "segment train --epochs 0": (["segment", "train", "{ct}", "--labels", "{labels}", "--epochs", "0"], "--epochs"),
+    "segment train --epochs -5": (["segment", "train", "{ct}", "--labels", "{labels}", "--epochs", "-5"], "--epochs"),
+    "segment train --slices 5-2": (["segment", "train", "{ct}", "--labels", "{labels}", "--slices", "5-2"],
+                                   "runs backwards"),
+    "train pretrain --epochs 0": (["train", "pretrain", "{data}", "--epochs", "0"], "--epochs"),
+    "train pretrain --epochs -1": (["train", "pretrain", "{data}", "--epochs", "-1"], "--epochs"),
+    "train pretrain --lr -1": (["train", "pretrain", "{data}", "--lr", "-1"], "--lr"),
+    "train pretrain --lr nan": (["train", "pretrain", "{data}", "--lr", "nan"], "--lr"),
+    "train pretrain --num-workers -1": (["train", "pretrain", "{data}", "--num-workers", "-1"], "--num-workers"),
+    "train pretrain --resolution 100000": (["train", "pretrain", "{data}", "--resolution", "100000"], "--resolution"),
+    "train pretrain --batch-size 0": (["train", "pretrain", "{data}", "--batch-size", "0"], "--batch-size"),
+    "train finetune --timestep 5000": (["train", "finetune", "--task", "segmentation", "--image", "{ct}",
+                                        "--labels", "{labels}", "--timestep", "5000"], "--timestep"),
+    "generate --guidance-scale nan": (["generate", "--guidance-scale", "nan"], "--guidance-scale"),
+    "generate --guidance-scale inf": (["generate", "--guidance-scale", "inf"], "--guidance-scale"),
+    "generate --size 100000": (["generate", "--size", "100000"], "--size"),
+    "generate --steps 100000": (["generate", "--steps", "100000"], "--steps"),
+    "generate --num-images 0": (["generate", "--num-images", "0"], "--num-images"),
+    "features --slices 5-2": (["features", "{ct}", "--slices", "5-2"], "runs backwards"),
+    "features --batch-size -1": (["features", "{ct}", "--batch-size", "-1"], "--batch-size"),
+    "enhance simulate-low-dose --dose 0": (["enhance", "simulate-low-dose", "{ct}", "--dose", "0"], "--dose"),
+    "enhance simulate-low-dose --dose nan": (["enhance", "simulate-low-dose", "{ct}", "--dose", "nan"], "--dose"),
+    "evaluate segmentation --slices 3-1": (["evaluate", "segmentation", "-p", "{labels}", "-r", "{labels}",
+                                           "--slices", "3-1"], "runs backwards"),
+    "evaluate --bootstrap -1": (["evaluate", "segmentation", "-p", "{labels}", "-r", "{labels}",
+                                 "--bootstrap", "-1"], "--bootstrap"),
+}
+
+
+def bad_option_case(name: str, folder) -> tuple[list, str]:
+    """The argv (good CT, label map and data folder written into ``folder``) and phrase of `BAD_OPTIONS`[name]."""
+    folder = _folder(folder)
+    values = {"ct": good_ct(folder), "labels": label_map_with_values(folder, (1,)), "data": folder}
+    argv, phrase = BAD_OPTIONS[name]
+    return [part.format(**values) for part in argv], phrase
+
+
+#: name -> (changes to the cpu-tiny U-Net config for `unet_config_folder`, phrase of the error).
+BAD_UNET_CONFIGS = {
+    "5M channels": ({"block_out_channels": [5_000_000] * 5}, "block_out_channels"),
+    "widths not divisible by the groups": ({"block_out_channels": [16, 32, 64, 96, 130]}, "norm_num_groups"),
+    "unknown block type": ({"down_block_types": ["NoSuchBlock2D"] * 5}, "NoSuchBlock2D"),
+    "block lists of the wrong length": ({"up_block_types": ["UpBlock2D"]}, "up_block_types"),
+    "absurd sample size": ({"sample_size": 100_000}, "sample_size"),
+    "absurd network": ({"block_out_channels": [4096] * 8, "down_block_types": ["DownBlock2D"] * 8,
+                        "up_block_types": ["UpBlock2D"] * 8, "layers_per_block": 16}, "parameters"),
 }

@@ -200,7 +200,7 @@ def test_cli_finetune_segmentation_and_classification(tmp_path, run_cli):
 
     code, out, err = run_cli(["train", "finetune", "--task", "segmentation", "--backbone", tmp_path / "backbone",
                               "--image", tmp_path / "ct.nrrd", "-o", tmp_path / "bad"])
-    assert code == 2 and "give each --image with its --labels" in err
+    assert code == 2 and "give each CT image with its label map" in err and "pass --image CT --labels LABELS" in err
     (tmp_path / "one.csv").write_text("image,label\ncase0.nrrd,normal\n")
     code, out, err = run_cli(["train", "finetune", "--task", "classification", "--backbone", tmp_path / "backbone",
                               "--table", tmp_path / "one.csv", "-o", tmp_path / "bad2"])

@@ -200,45 +200,13 @@ def test_pretraining_index_skips_mr_beside_ct(tmp_path):
 
 # ---------------------------------------------------------------------------- option values (rule 6)
 
-BAD_OPTIONS = {
-    "segment train --epochs 0": (["segment", "train", "{ct}", "--labels", "{labels}", "--epochs", "0"], "--epochs"),
-    "segment train --epochs -5": (["segment", "train", "{ct}", "--labels", "{labels}", "--epochs", "-5"], "--epochs"),
-    "segment train --slices 5-2": (["segment", "train", "{ct}", "--labels", "{labels}", "--slices", "5-2"],
-                                   "runs backwards"),
-    "train pretrain --epochs 0": (["train", "pretrain", "{data}", "--epochs", "0"], "--epochs"),
-    "train pretrain --epochs -1": (["train", "pretrain", "{data}", "--epochs", "-1"], "--epochs"),
-    "train pretrain --lr -1": (["train", "pretrain", "{data}", "--lr", "-1"], "--lr"),
-    "train pretrain --lr nan": (["train", "pretrain", "{data}", "--lr", "nan"], "--lr"),
-    "train pretrain --num-workers -1": (["train", "pretrain", "{data}", "--num-workers", "-1"], "--num-workers"),
-    "train pretrain --resolution 100000": (["train", "pretrain", "{data}", "--resolution", "100000"], "--resolution"),
-    "train pretrain --batch-size 0": (["train", "pretrain", "{data}", "--batch-size", "0"], "--batch-size"),
-    "train finetune --timestep 5000": (["train", "finetune", "--task", "segmentation", "--image", "{ct}",
-                                        "--labels", "{labels}", "--timestep", "5000"], "--timestep"),
-    "generate --guidance-scale nan": (["generate", "--guidance-scale", "nan"], "--guidance-scale"),
-    "generate --guidance-scale inf": (["generate", "--guidance-scale", "inf"], "--guidance-scale"),
-    "generate --size 100000": (["generate", "--size", "100000"], "--size"),
-    "generate --steps 100000": (["generate", "--steps", "100000"], "--steps"),
-    "generate --num-images 0": (["generate", "--num-images", "0"], "--num-images"),
-    "features --slices 5-2": (["features", "{ct}", "--slices", "5-2"], "runs backwards"),
-    "features --batch-size -1": (["features", "{ct}", "--batch-size", "-1"], "--batch-size"),
-    "enhance simulate-low-dose --dose 0": (["enhance", "simulate-low-dose", "{ct}", "--dose", "0"], "--dose"),
-    "enhance simulate-low-dose --dose nan": (["enhance", "simulate-low-dose", "{ct}", "--dose", "nan"], "--dose"),
-    "evaluate segmentation --slices 3-1": (["evaluate", "segmentation", "-p", "{labels}", "-r", "{labels}",
-                                           "--slices", "3-1"], "runs backwards"),
-    "evaluate --bootstrap -1": (["evaluate", "segmentation", "-p", "{labels}", "-r", "{labels}",
-                                 "--bootstrap", "-1"], "--bootstrap"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+@pytest.mark.parametrize("case", list(bad_files.BAD_OPTIONS))
 def test_bad_option_values_stop_before_any_work(tmp_path, run_cli, case):
-    argv, phrase = BAD_OPTIONS[case]
     inputs = tmp_path / "in"
-    values = {"ct": bad_files.good_ct(inputs), "labels": bad_files.label_map_with_values(inputs, (1,)),
-              "data": inputs}
+    argv, phrase = bad_files.bad_option_case(case, inputs)
     before = _digests(inputs)
     out = tmp_path / "out" / "result"
-    code, _, err = run_cli([part.format(**values) for part in argv] + ["-o", out])
+    code, _, err = run_cli(argv + ["-o", out])
     _usage_error(code, err, phrase)
     assert not (tmp_path / "out").exists()
     assert _digests(inputs) == before
@@ -281,20 +249,9 @@ def test_loop_configs_check_every_setting(tmp_path):
 
 # ---------------------------------------------------------------------------- model configs and weights (rules 6, 7)
 
-BAD_UNET_CONFIGS = {
-    "5M channels": ({"block_out_channels": [5_000_000] * 5}, "block_out_channels"),
-    "widths not divisible by the groups": ({"block_out_channels": [16, 32, 64, 96, 130]}, "norm_num_groups"),
-    "unknown block type": ({"down_block_types": ["NoSuchBlock2D"] * 5}, "NoSuchBlock2D"),
-    "block lists of the wrong length": ({"up_block_types": ["UpBlock2D"]}, "up_block_types"),
-    "absurd sample size": ({"sample_size": 100_000}, "sample_size"),
-    "absurd network": ({"block_out_channels": [4096] * 8, "down_block_types": ["DownBlock2D"] * 8,
-                        "up_block_types": ["UpBlock2D"] * 8, "layers_per_block": 16}, "parameters"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_UNET_CONFIGS))
+@pytest.mark.parametrize("case", list(bad_files.BAD_UNET_CONFIGS))
 def test_bad_unet_config_refused(tmp_path, run_cli, case):
-    changes, phrase = BAD_UNET_CONFIGS[case]
+    changes, phrase = bad_files.BAD_UNET_CONFIGS[case]
     folder = bad_files.unet_config_folder(tmp_path, **changes)
     code, _, err = run_cli(["model", "inspect", folder])
     _one_error_line(code, err, phrase)

@@ -116,7 +116,7 @@ def test_parameter_problems(logic, tmp_path, cache):
                            "pretrain, finetune-segmentation, finetune-classification.")
     assert problems[1] == f"Training data folder not found: {tmp_path / 'missing'}"
     joined = " | ".join(problems)
-    for text in ("Unknown preset 'huge'", "Resolution must be a multiple of 16 (got 40)", "Patch size must be 0",
+    for text in ("Unknown preset 'huge'", "Resolution must be a multiple of 16 up to 2048 (got 40)", "Patch size must be 0",
                  "Batch size must be a whole number from 1", "Steps must be a whole number from 1",
                  "Checkpoint interval must be a whole number from 1",
                  "Learning rate must be positive", "EMA decay must lie in [0, 1)", "Device 'cuda' is not available",

@@ -49,7 +49,7 @@ def parse_spacing(text: str) -> tuple[float, float, float]:
         values = []
     if len(values) == 1:
         values *= 3
-    if len(values) != 3 or not all(v > 0 for v in values):
+    if len(values) != 3 or not all(0 < v < float("inf") for v in values):  # NaN and inf fail too
         raise LCTfoundError(f"--spacing {text!r}: give one or three positive numbers in mm, e.g. 0.7,0.7,2.5")
     return values[0], values[1], values[2]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, set_command_options
 from ..validation import float_type, int_type
 
 
@@ -77,6 +77,8 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    # From here on errors are shown in a browser, where no command-line option can be given.
+    set_command_options(())
     from ..web.server import serve
 
     return serve(config)

@@ -106,22 +106,23 @@ def _format_of(path: Path) -> Optional[str]:
     return None
 
 
-def check_volume_file(path: str | os.PathLike) -> Optional[DeclaredData]:
+def check_volume_file(path: str | os.PathLike, require_spacing: bool = True) -> Optional[DeclaredData]:
     """Check a NIfTI/NRRD/MetaImage file's header against the file (see the module docstring).
 
-    Returns what the header declares (None for formats not checked here); raises a one-line
-    `InputError` naming the path otherwise.
+    ``require_spacing=False`` is for arrays without a physical grid (sinograms). Returns what the
+    header declares (None for formats not checked here); raises a one-line `InputError` naming
+    the path otherwise.
     """
     path = Path(path)
     kind = _format_of(path)
     if kind is None:
         return None
     if kind == "nifti":
-        declared, stored_dtype = _nifti_header(path)
+        declared, stored_dtype = _nifti_header(path, require_spacing)
     elif kind == "nrrd":
-        declared = _nrrd_header(path)
+        declared = _nrrd_header(path, require_spacing)
     else:
-        declared = _metaimage_header(path)
+        declared = _metaimage_header(path, require_spacing)
     if any(int(n) <= 0 for n in declared.shape):
         raise InputError(f"{path}: the header declares a volume of size {'×'.join(map(str, declared.shape))}; "
                          "every dimension must be at least 1")
@@ -191,7 +192,7 @@ def _check_data_length(path: Path, declared: DeclaredData) -> None:
 
 # ---------------------------------------------------------------------------------------- NIfTI
 
-def _nifti_header(path: Path):
+def _nifti_header(path: Path, require_spacing: bool = True):
     import nibabel
     from nibabel.openers import ImageOpener
 
@@ -213,7 +214,7 @@ def _nifti_header(path: Path):
         raise InputError(f"{path}: cannot be read as an image (not a NIfTI file: {detail})") from None
     spatial = min(3, len(shape))
     pixdim = [float(v) for v in header["pixdim"][1:1 + spatial]]
-    if int(header["sform_code"]) == 0 and not all(math.isfinite(v) and v > 0 for v in pixdim):
+    if require_spacing and int(header["sform_code"]) == 0 and not all(math.isfinite(v) and v > 0 for v in pixdim):
         raise InputError(f"{path}: the header gives no voxel size (pixdim {', '.join(f'{v:g}' for v in pixdim)} "
                          f"and no sform); {_SPACING_ADVICE}")
     declared = DeclaredData("nifti", shape, int(dtype.itemsize), str(dtype.newbyteorder("=")), path, 0,
@@ -280,7 +281,7 @@ def _ints(text: str, path: Path, field: str) -> list[int]:
         raise InputError(f"{path}: cannot read the header field {field}: {text!r}") from None
 
 
-def _nrrd_header(path: Path) -> DeclaredData:
+def _nrrd_header(path: Path, require_spacing: bool = True) -> DeclaredData:
     lines, end = _read_text_header(path, lambda line, seen: line == "" and bool(seen))
     if not lines or not lines[0].startswith("NRRD"):
         raise InputError(f"{path}: cannot be read as an image (not a NRRD file: no NRRD magic line)")
@@ -299,7 +300,8 @@ def _nrrd_header(path: Path) -> DeclaredData:
         raise InputError(f"{path}: NRRD voxel type {fields['type']!r} is not a scalar number type")
     itemsize, dtype = _NRRD_TYPES[type_name]
     sizes = _ints(fields["sizes"], path, "sizes")
-    _check_nrrd_spacing(path, fields)
+    if require_spacing:
+        _check_nrrd_spacing(path, fields)
     encoding = fields["encoding"].lower()
     compression = {"raw": None, "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2"}.get(encoding, "text")
     data_file = fields.get("data file", fields.get("datafile"))
@@ -359,7 +361,18 @@ _MET_TYPES = {
 }
 
 
-def _metaimage_header(path: Path) -> DeclaredData:
+def _check_metaimage_spacing(path: Path, spacing_text: Optional[str]) -> None:
+    if spacing_text is None:
+        raise InputError(f"{path}: the MetaImage header gives no voxel size (no ElementSpacing); {_SPACING_ADVICE}")
+    try:
+        spacing = [float(v) for v in spacing_text.split()]
+    except ValueError:
+        spacing = [float("nan")]
+    if not spacing or not all(math.isfinite(v) and v > 0 for v in spacing[:3]):
+        raise InputError(f"{path}: MetaImage ElementSpacing {spacing_text!r} is not a voxel size; {_SPACING_ADVICE}")
+
+
+def _metaimage_header(path: Path, require_spacing: bool = True) -> DeclaredData:
     lines, end = _read_text_header(path, lambda line, seen: line.strip().lower().startswith("elementdatafile"))
     fields: dict[str, str] = {}
     for line in lines:
@@ -376,15 +389,8 @@ def _metaimage_header(path: Path) -> DeclaredData:
     channels = _ints(fields.get("elementnumberofchannels", "1"), path, "ElementNumberOfChannels") or [1]
     if channels[0] != 1:
         sizes = sizes + [channels[0]]
-    spacing_text = fields.get("elementspacing", fields.get("elementsize"))
-    if spacing_text is None:
-        raise InputError(f"{path}: the MetaImage header gives no voxel size (no ElementSpacing); {_SPACING_ADVICE}")
-    try:
-        spacing = [float(v) for v in spacing_text.split()]
-    except ValueError:
-        spacing = [float("nan")]
-    if not spacing or not all(math.isfinite(v) and v > 0 for v in spacing[:3]):
-        raise InputError(f"{path}: MetaImage ElementSpacing {spacing_text!r} is not a voxel size; {_SPACING_ADVICE}")
+    if require_spacing:
+        _check_metaimage_spacing(path, fields.get("elementspacing", fields.get("elementsize")))
     compressed = fields.get("compresseddata", "false").lower() == "true"
     header_size = (_ints(fields.get("headersize", "0"), path, "HeaderSize") or [0])[0]
     data_file = fields["elementdatafile"]

@@ -196,13 +196,18 @@ def read_sinograms(path: str | os.PathLike, geometry: Optional[dict[str, Any]] =
     else:
         import SimpleITK as sitk
 
+        from ..io.headers import check_volume_file
         from ..io.volume import itk_error_summary
 
+        check_volume_file(path, require_spacing=False)  # the header against the file, before ITK allocates
         try:
             array = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
         except RuntimeError as error:
             raise InputError(f"{path}: cannot be read ({itk_error_summary(error)})") from None
-    if image_size < 8 or not pixel_mm > 0:
+    from ..io.volume import check_finite
+
+    check_finite(array, str(path))
+    if image_size < 8 or not 0 < pixel_mm < float("inf"):
         raise InputError(f"{path}: image_size must be at least 8 and pixel_mm positive")
     return SinogramStack(array, parsed, image_size, pixel_mm, slice_spacing, None, None, str(path))
 
