@@ -85,7 +85,9 @@ def run_case(case: Case, tmp_path: Path, run_cli, monkeypatch, models: dict, ext
     if case.expect.tripwire:
         install_tripwire(monkeypatch)
     try:
-        code, out, err = run_cli([fill(arg, values) for arg in case.argv])
+        argv = [part for arg in case.argv
+                for part in (values["argv"] if arg == "{argv}" else [fill(arg, values)])]
+        code, out, err = run_cli(argv)
     except WorkStarted:
         code, out, err = 0, "", "(stopped by the corpus: the command started work on this input)\n"
     after = snapshot(*watched, *model_folders)
@@ -169,6 +171,12 @@ def volume_cases() -> list[Case]:
 
 def _empty(path: Path) -> Path:
     path.write_bytes(b"")
+    return path
+
+
+def _mkdir_all(path: Path) -> Path:
+    """An existing cache root (its folders are the cache's, not a command's output)."""
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -274,19 +282,20 @@ def option_cases() -> list[Case]:
     cases = []
     train = ("segment", "train", "{ct}", "--labels", "{label}", "--names", "1=Lesion", "--backbone", "{backbone}",
              "-o", "{out}")
-    for epochs in ("0", "-1", "-5", "nan", "many"):
+    # (More option values in `bad_files.BAD_OPTIONS`, run by `registry_cases`.)
+    for epochs in ("-1", "nan", "many"):
         cases.append(Case(f"segment-train-epochs-{epochs}", _good, (*train, "--epochs", epochs)))
     cases.append(Case("segment-train-slices-reversed", _good, (*train, "--slices", "4-1")))
     cases.append(Case("segment-train-bad-window", _good, (*train, "--window", "bone-marrow")))
     features = ("features", "{ct}", "--model", "{backbone}", "-o", "{out}")
-    for name, extra in (("slices-reversed", ("--slices", "5-2")), ("slices-out-of-range", ("--slices", "999")),
+    for name, extra in (("slices-out-of-range", ("--slices", "999")),
                         ("slices-text", ("--slices", "all-of-them")), ("timesteps-text", ("--timesteps", "a,b")),
                         ("timesteps-negative", ("--timesteps", "-5")), ("window-unknown", ("--window", "sparkle")),
                         ("blocks-unknown", ("--blocks", "9")), ("resolution-zero", ("--resolution", "0")),
                         ("batch-size-zero", ("--batch-size", "0"))):
         cases.append(Case(f"features-{name}", _good, (*features, *extra)))
     low_dose = ("enhance", "simulate-low-dose", "{ct}", "-o", "{out}.nrrd")
-    for dose in ("0", "-1", "nan", "5", "inf"):
+    for dose in ("-1", "5", "inf"):
         cases.append(Case(f"simulate-low-dose-dose-{dose}", _good, (*low_dose, "--dose", dose)))
     cases.append(Case("simulate-low-dose-slices-reversed", _good, (*low_dose, "--dose", "0.25", "--slices", "5-2")))
     cases.append(Case("simulate-low-dose-photons-negative", _good, (*low_dose, "--dose", "0.25", "--photons", "-10")))
@@ -299,23 +308,17 @@ def option_cases() -> list[Case]:
                         ("slices-reversed", ("--method", "bicubic", "--factor", "2", "--slices", "5-2"))):
         cases.append(Case(f"super-resolution-{name}", _good, (*sr, *extra)))
     generate = ("generate", "--model", "{backbone}", "-o", "{out}")
-    for name, extra in (("guidance-nan", ("--guidance-scale", "nan")), ("guidance-inf", ("--guidance-scale", "inf")),
-                        ("size-huge", ("--size", "100000")), ("size-zero", ("--size", "0")),
-                        ("steps-huge", ("--steps", "100000")), ("steps-zero", ("--steps", "0")),
-                        ("steps-negative", ("--steps", "-3")), ("num-images-zero", ("--num-images", "0")),
+    for name, extra in (("size-zero", ("--size", "0")), ("steps-zero", ("--steps", "0")),
+                        ("steps-negative", ("--steps", "-3")),
                         ("num-images-negative", ("--num-images", "-1")), ("batch-size-zero", ("--batch-size", "0")),
                         ("window-unknown", ("--window", "sparkle")), ("spacing-negative", ("--spacing", "-1"))):
         cases.append(Case(f"generate-{name}", lambda inputs, values: {}, (*generate, *extra)))
     pretrain = ("train", "pretrain", "{data}", "--preset", "cpu-tiny", "--resolution", "32", "--max-steps", "1",
                 "-o", "{out}")
-    for name, extra in (("num-workers-negative", ("--num-workers", "-1")), ("lr-negative", ("--lr", "-1")),
-                        ("lr-nan", ("--lr", "nan")), ("batch-size-zero", ("--batch-size", "0")),
-                        ("ema-above-one", ("--ema", "1.5")), ("resolution-zero", ("--resolution", "0")),
+    for name, extra in (("ema-above-one", ("--ema", "1.5")), ("resolution-zero", ("--resolution", "0")),
                         ("checkpoint-every-zero", ("--checkpoint-every", "0")),
                         ("preset-unknown", ("--preset", "giant")), ("windows-unknown", ("--windows", "sparkle"))):
         cases.append(Case(f"train-pretrain-{name}", _ct_folder, (*pretrain, *extra)))
-    cases.append(Case("train-pretrain-epochs-zero", _ct_folder,
-                      ("train", "pretrain", "{data}", "--epochs", "0", "-o", "{out}")))
     cases.append(Case("train-pretrain-mr-folder", _with(bad_files.mr_folder, "data"), pretrain))
     cases.append(Case("train-pretrain-empty-folder", _with(lambda inputs: _mkdir(inputs / "none"), "data"), pretrain))
     return cases
@@ -361,9 +364,7 @@ def model_cases() -> list[Case]:
         cases.append(Case(f"model-inspect-weights-{how}", _damaged_weights(how), ("model", "inspect", "{model}")))
         cases.append(Case(f"features-model-weights-{how}", _and(_good, _damaged_weights(how)),
                           ("features", "{ct}", "--model", "{model}", "-o", "{out}")))
-    for name, changes in (("huge-channels", {"block_out_channels": [5_000_000, 32, 64, 128]}),
-                          ("negative-channels", {"block_out_channels": [-16, 32, 64, 128]}),
-                          ("unknown-block", {"down_block_types": ["NoSuchBlock2D"] * 4}),
+    for name, changes in (("negative-channels", {"block_out_channels": [-16, 32, 64, 128]}),
                           ("sample-size-zero", {"sample_size": 0})):
         setup = _with(bad_files.unet_config_folder, "model", **changes)
         cases.append(Case(f"model-inspect-config-{name}", setup, ("model", "inspect", "{model}")))
@@ -407,7 +408,23 @@ def environment_cases() -> list[Case]:
     ]
 
 
-CLI_CASES = volume_cases() + label_cases() + output_cases() + option_cases() + model_cases() + environment_cases()
+def registry_cases() -> list[Case]:
+    """`bad_files.BAD_OPTIONS` (options refused while parsing) and `bad_files.BAD_UNET_CONFIGS`."""
+    cases = []
+    for name, (argv, phrase) in bad_files.BAD_OPTIONS.items():
+        def setup(inputs: Path, values: dict, name=name) -> dict:
+            return {"argv": bad_files.bad_option_case(name, inputs / "option")[0]}
+
+        cases.append(Case("option-" + name.replace(" ", "-"), setup, ("{argv}",), Expect(phrase=phrase)))
+    for name, (changes, phrase) in bad_files.BAD_UNET_CONFIGS.items():
+        cases.append(Case("unet-config-" + name.replace(" ", "-"),
+                          _with(bad_files.unet_config_folder, "model", **changes),
+                          ("model", "inspect", "{model}"), Expect(phrase=phrase)))
+    return cases
+
+
+CLI_CASES = (volume_cases() + label_cases() + output_cases() + option_cases() + model_cases() + environment_cases()
+             + registry_cases())
 
 # Cases whose fix was not in this branch when the corpus was last run; each names what is missing.
 MISSING_FIXES: dict[str, str] = {
@@ -462,7 +479,8 @@ DISK_FULL_CASES = [
     Case("disk-full-generate", lambda inputs, values: {},
          ("generate", "--model", "{backbone}", "--num-images", "1", "--steps", "2", "-o", "{full}/space/gen"),
          Expect(phrase="no space left", tripwire=False)),
-    Case("disk-full-feature-cache", _good,
+    Case("disk-full-feature-cache", _and(_good, lambda inputs, values: {
+         "cache_folder": _mkdir_all(values["full"] / "space" / "cache" / "features")}),
          ("segment", "predict", "{ct}", "--model", "{segmodel}", "-o", "{out}.nrrd"),
          Expect(phrase="no space left", tripwire=False, env=(("LCTFOUND_CACHE_DIR", "{full}/space/cache"),))),
 ]
