@@ -209,7 +209,7 @@ class SlicerHarness:
 
         QTimer.fire()
 
-    def runUntil(self, done, what: str, poll_s: float = 0.05, hang_s: float = 900.0) -> None:
+    def runUntil(self, done, what: str, poll_s: float = 0.05, hang_s: float = 3600.0) -> None:
         """Turn the event loop until ``done()``; ``hang_s`` only guards against a hung job."""
         started = time.monotonic()
         while not done():
