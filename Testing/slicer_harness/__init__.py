@@ -16,6 +16,10 @@ PythonQt's rules (see `qobject`) but draw nothing. Known differences from a real
 * PythonQt's C++ type conversions are not checked: a stand-in accepts any Python value where Qt
   would raise a TypeError or convert (e.g. a float given to an int property is rounded here).
 * Overloaded signals: ``obj.signal.connect`` takes the first declared overload.
+* ``isinstance`` follows Python inheritance here; between PythonQt-wrapped classes it is unreliable
+  (see ``parameterNodeWrapper.wrapper._isWidget``), so module code should test ``type(widget)``.
+* Only the signals, properties and methods the modules and Slicer's layer use exist; anything else
+  is an AttributeError here (in Slicer it might exist).
 * Popups: ``slicer.app.testingEnabled()`` is true, as under ``Slicer --testing``, so Slicer's util only
   logs message boxes; a real modal dialog (``exec_``) fails the test.
 * Rendering, interaction in views, the Segment Editor's effects and undo stack contents are not run.
