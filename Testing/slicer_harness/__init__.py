@@ -238,10 +238,4 @@ def _namespace(name: str, source) -> types.ModuleType:
         value = getattr(source, attribute)
         if not attribute.startswith("_") and isinstance(value, type):
             setattr(module, attribute, value)
-    if name == "qt":
-        from . import ctk_standins, mrml_widgets  # noqa: F401 - only qt classes go here
-
-        from .qt_standins import QCoreApplication
-
-        module.QCoreApplication = QCoreApplication
     return module
