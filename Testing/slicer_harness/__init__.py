@@ -16,6 +16,10 @@ PythonQt's rules (see `qobject`) but draw nothing. Known differences from a real
 * PythonQt's C++ type conversions are not checked: a stand-in accepts any Python value where Qt
   would raise a TypeError or convert (e.g. a float given to an int property is rounded here).
 * Overloaded signals: ``obj.signal.connect`` takes the first declared overload.
+* ``isinstance`` follows Python inheritance here; between PythonQt-wrapped classes it is unreliable
+  (see ``parameterNodeWrapper.wrapper._isWidget``), so module code should test ``type(widget)``.
+* Only the signals, properties and methods the modules and Slicer's layer use exist; anything else
+  is an AttributeError here (in Slicer it might exist).
 * Popups: ``slicer.app.testingEnabled()`` is true, as under ``Slicer --testing``, so Slicer's util only
   logs message boxes; a real modal dialog (``exec_``) fails the test.
 * Rendering, interaction in views, the Segment Editor's effects and undo stack contents are not run.
@@ -209,7 +213,7 @@ class SlicerHarness:
 
         QTimer.fire()
 
-    def runUntil(self, done, what: str, poll_s: float = 0.05, hang_s: float = 900.0) -> None:
+    def runUntil(self, done, what: str, poll_s: float = 0.05, hang_s: float = 3600.0) -> None:
         """Turn the event loop until ``done()``; ``hang_s`` only guards against a hung job."""
         started = time.monotonic()
         while not done():
@@ -234,10 +238,4 @@ def _namespace(name: str, source) -> types.ModuleType:
         value = getattr(source, attribute)
         if not attribute.startswith("_") and isinstance(value, type):
             setattr(module, attribute, value)
-    if name == "qt":
-        from . import ctk_standins, mrml_widgets  # noqa: F401 - only qt classes go here
-
-        from .qt_standins import QCoreApplication
-
-        module.QCoreApplication = QCoreApplication
     return module

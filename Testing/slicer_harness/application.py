@@ -9,8 +9,6 @@ is first shown; selecting another module calls ``exit()``, showing it again ``en
 
 from __future__ import annotations
 
-import importlib
-import os
 import sys
 from types import SimpleNamespace
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
-from .qobject import SLOT_ERRORS, QObject, invoke_slot, qproperty  # noqa: F401
+from .qobject import QObject, invoke_slot, qproperty
 
 
 class Qt:
