@@ -167,10 +167,11 @@ class LCTfoundEnhanceWidget(LCTfoundJobModuleWidget):
                                          foregroundOpacity=self.ui.comparisonSlider.value / 100.0, fit=before is None)
 
     def onStartButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("The task could not start."), waitCursor=True):
+        def start():
             self.logic.engine.start(self._parameterNode)
             self._startPolling()
-        self._updateStatus()
+
+        self._runStart(_("The task could not start."), start)
 
 
 #

@@ -198,29 +198,31 @@ class LCTfoundSegmentationWidget(LCTfoundJobModuleWidget):
         if saliency is not None:
             slicer.util.setSliceViewerLayers(foreground=saliency, foregroundOpacity=0.4)
 
-    def _showSegmentation(self) -> None:
+    def _showSegmentation(self, node) -> None:
         result = self.logic.engine.result_segmentation
         if result is None:
             return
-        self._parameterNode.annotationSegmentation = result  # corrections are made on the result
+        node.annotationSegmentation = result  # corrections are made on the result
         editor = getattr(getattr(slicer.modules, "SegmentEditorWidget", None), "editor", None)
         if editor is not None:
             editor.setSegmentationNode(result)
-            editor.setSourceVolumeNode(self._parameterNode.inputVolume)
+            editor.setSourceVolumeNode(node.inputVolume)
 
     # -- actions ------------------------------------------------------------------------------
 
     def onTrainButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
+        def start():
             self.logic.engine.start_train(self._parameterNode)
             self._startPolling()
-        self._updateStatus()
+
+        self._runStart(_("Training could not start."), start)
 
     def onPredictButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Prediction could not start."), waitCursor=True):
+        def start():
             self.logic.engine.start_predict(self._parameterNode)
             self._startPolling()
-        self._updateStatus()
+
+        self._runStart(_("Prediction could not start."), start)
 
     def onUndoButton(self) -> None:
         result = self.logic.engine.result_segmentation
@@ -239,17 +241,17 @@ class LCTfoundSegmentationWidget(LCTfoundJobModuleWidget):
         self._updateStatus()
 
     def _onJobEnded(self) -> None:
+        # Also while another module is shown (the annotator paints in the Segment Editor meanwhile).
         action = self.logic.engine._job_info.get("action")
-        if not self._parameterNode:
-            return
+        node = self.jobParameterNode()
         if action == "train":
             self._fillChoiceSelectors()
-            self._parameterNode.taskModel = self._parameterNode.newModelName.strip()
-            self._parameterNode.newModelName = ""
+            node.taskModel = node.newModelName.strip()
+            node.newModelName = ""
         elif action == "classify":
             self._showDiagnosis()
         else:
-            self._showSegmentation()
+            self._showSegmentation(node)
 
 
 #

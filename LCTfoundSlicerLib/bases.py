@@ -146,6 +146,7 @@ class LCTfoundModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._choiceSelectors = {}
+        self._startFailure = ""  # why the last Start failed, shown until a setting changes
 
     def createLogic(self) -> LCTfoundModuleLogic:
         raise NotImplementedError(f"{type(self).__name__} must create its module's logic")
@@ -211,14 +212,37 @@ class LCTfoundModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateStatus)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # connectParametersToGui, not connectGui: Slicer 5.8's connectGui returns no tag, so
             # disconnectGui would never disconnect and every enter() would bind the widgets again.
             self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(self._guiBindings())
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateStatus)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._updateStatus()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._startFailure = ""  # a changed setting: the status line says what holds now
+        self._updateStatus()
+
+    def jobParameterNode(self):
+        """The parameter node a finished job's follow-up writes to: the panel's, or, while another
+        module is shown (exit() unbinds the panel), the logic's — the same scene node."""
+        return self._parameterNode or self.logic.getParameterNode()
+
+    def _runStart(self, failureMessage: str, start) -> None:
+        """Call ``start()`` (which starts a job) for a button. A failure is shown (a popup, and the
+        status line until a setting changes) and re-raised, so the Python console has the
+        traceback; the status line and buttons are refreshed either way."""
+        self._startFailure = ""
+        try:
+            with slicer.util.tryWithErrorDisplay(failureMessage, waitCursor=True):
+                start()
+        except Exception as error:
+            self._startFailure = f"{failureMessage} {error}"
+            raise
+        finally:
+            self._updateStatus()
 
     def _guiBindings(self) -> dict:
         """{parameter: widget or connector} for the widgets with a SlicerParameterName (what
@@ -268,7 +292,7 @@ class LCTfoundModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateStatus(self, caller=None, event=None) -> None:
         self._syncSelectors()
-        self.ui.statusLabel.text = self.statusText()
+        self.ui.statusLabel.text = self._startFailure or self.statusText()
 
 
 class LCTfoundVolumeModuleWidget(LCTfoundModuleWidget):

@@ -281,22 +281,24 @@ class LCTfoundTrainWidget(LCTfoundModuleWidget):
     # -- actions ------------------------------------------------------------------------------
 
     def onStartButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Training could not start."), waitCursor=True):
+        def start():
             self.logic.start(self._parameterNode)
             self._timer.start()
-        self._showLossCurve()
-        self._updateStatus()
+            self._showLossCurve()
+
+        self._runStart(_("Training could not start."), start)
 
     def onCancelButton(self) -> None:
         self.logic.engine.cancel()  # the process tree is ended in a helper thread
         self._updateStatus()
 
     def onResumeButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Training could not resume."), waitCursor=True):
+        def resume():
             self.logic.engine.resume(self.logic.engine.resume_target(self._parameterNode))
             self._timer.start()
-        self._showLossCurve()
-        self._updateStatus()
+            self._showLossCurve()
+
+        self._runStart(_("Training could not resume."), resume)
 
     def onPollTimer(self) -> None:
         events = self.logic.engine.poll()
@@ -309,10 +311,12 @@ class LCTfoundTrainWidget(LCTfoundModuleWidget):
                     _("Training failed: {error}").format(error=self.logic.engine.status().error),
                     detailedText=self.logic.engine.job.stderr_tail,
                 )
-            if self.logic.engine.state is RunState.FINISHED and self._parameterNode:
+            if self.logic.engine.state is RunState.FINISHED:
+                # Also while another module is shown: the node outlives the panel's binding.
+                node = self.jobParameterNode()
                 self._fillChoiceSelectors()  # a trained backbone can be fine-tuned next
-                self._parameterNode.newModelName = ""  # a free name for the next run
-                self.logic.engine.fill_defaults(self._parameterNode)
+                node.newModelName = ""  # a free name for the next run
+                self.logic.engine.fill_defaults(node)
         self._updateStatus()
 
 

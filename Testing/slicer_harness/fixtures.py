@@ -45,6 +45,16 @@ def slicer_app(slicer_session):
         text for _, text in errors)
 
 
+@pytest.fixture
+def slicer_flow(slicer_session):
+    """Like `slicer_app`, but the scene stays: the tests of a flow build on each other in file order."""
+    slicer_session.takeSlotErrors()
+    yield slicer_session
+    errors = slicer_session.takeSlotErrors()
+    assert not errors, "exceptions in slots (a real Slicer prints them to the Python console):\n" + "\n".join(
+        text for _, text in errors)
+
+
 def volume_from_array(array, name="CT", spacing=(0.8, 0.8, 2.5), origin=(-12.0, -12.0, 100.0)):
     """Add a scalar volume to the application scene like File / Add Data would (real MRML)."""
     import numpy as np
@@ -57,4 +67,4 @@ def volume_from_array(array, name="CT", spacing=(0.8, 0.8, 2.5), origin=(-12.0, 
     return node
 
 
-__all__ = ["slicer_session", "slicer_app", "volume_from_array", "TAGS", "os"]
+__all__ = ["slicer_session", "slicer_app", "slicer_flow", "volume_from_array", "TAGS", "os"]
