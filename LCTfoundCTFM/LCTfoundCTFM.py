@@ -207,12 +207,14 @@ class LCTfoundCTFMWidget(LCTfoundJobModuleWidget):
     # -- actions: each starts a job; its results are added when it has finished ---------------
 
     def _startJob(self, failureMessage: str, start) -> None:
-        try:
-            with slicer.util.tryWithErrorDisplay(failureMessage, waitCursor=True):
-                start(self._parameterNode)
-                self._startPolling()
-        finally:
-            self._updateStatus()  # also after a failed start: the status line says why
+        """``start(parameters)`` (an engine's start_*) for a button, then follow the job; a failed start
+        is shown and the status line says why (`_runStart`)."""
+
+        def startAndPoll() -> None:
+            start(self._parameterNode)
+            self._startPolling()
+
+        self._runStart(failureMessage, startAndPoll)
 
     def onBuildIndexButton(self) -> None:
         self._startJob(_("Indexing could not start."), self.logic.engine.start_index)
@@ -233,7 +235,7 @@ class LCTfoundCTFMWidget(LCTfoundJobModuleWidget):
         """The new nodes of a finished job (added by the engine's poll) into the panel and the views,
         also when another module is shown (the parameter node is then read from the logic)."""
         engine = self.logic.engine
-        parameterNode = self._parameterNode or self.logic.getParameterNode()
+        parameterNode = self.jobParameterNode()
         if engine.job_kind in ("probe", "decoder"):
             self._fillChoiceSelectors()  # the newly registered probe or decoder
         engine.apply_finished_job(parameterNode)

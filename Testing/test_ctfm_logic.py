@@ -376,7 +376,10 @@ print(json.dumps({"name": name, "choices": choices, "states": states, "visible":
 """
     cohort = tmp_path / "cohort"
     cohort.mkdir()
-    done = subprocess.run([sys.executable, "-c", script, str(encoder_folder), str(cohort), str(tmp_path)],
+    broken = tmp_path / "broken"  # weights that are not CT-FM's: refused by the child's strict check
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    done = subprocess.run([sys.executable, "-c", script, str(encoder_folder), str(cohort), str(broken)],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     panel = json.loads(done.stdout.splitlines()[-1])
@@ -385,7 +388,7 @@ print(json.dumps({"name": name, "choices": choices, "states": states, "visible":
     assert panel["choices"]["device"][:2] == ["auto", "cpu"] and panel["choices"]["probeModel"] == []
     assert panel["states"]["index"] == ACTIONS["index"]
     assert panel["states"]["search"] == "Select an input volume."
-    assert panel["summary"].startswith("The encoder folder is not a CT-FM encoder:")  # checked in the child too
+    assert panel["summary"].startswith(f"The encoder folder is not a CT-FM encoder: {broken / 'model.safetensors'}")
     assert panel["bad_name"].startswith("model name 'bad name!': use 1-64 letters")
 
 

@@ -167,6 +167,17 @@ def _coordinates(values: Sequence[float]) -> str:
     return ",".join(repr(float(value)) for value in values)
 
 
+def _weights_missing(path: Path) -> str:
+    """Why ``path`` cannot hold CT-FM weights at all (not there, no .safetensors file), else ``""``.
+    Only a first sieve: the inventory checks the rest strictly."""
+    if path.is_dir():
+        return "" if any(child.suffix == ".safetensors" for child in path.iterdir()) else \
+            f"{path}: no .safetensors weights in this folder"
+    if path.is_file():
+        return "" if path.suffix.lower() == ".safetensors" else f"{path}: not a folder or a .safetensors file"
+    return f"{path}: no such folder or file"
+
+
 def _export_volume(volume_node: Any, path: Path) -> Path:
     """A volume node as a file (world geometry), uncompressed: a job reads it at once."""
     from ..io.volume import write_volume
@@ -680,7 +691,7 @@ class CTFMLogic(ModuleLogicBase):
         """Offer the CT-FM encoder in ``folder`` besides the listed ones; its model name, or ``""`` when
         ``folder`` is empty or not an encoder (`check_encoder_folder` says why)."""
         path = chosen_path(folder)
-        if path is None:
+        if path is None or _weights_missing(path):
             return ""
         path = path.resolve()
         if path not in {Path(f).expanduser().resolve() for f in self.extra_model_folders}:
@@ -690,10 +701,14 @@ class CTFMLogic(ModuleLogicBase):
 
     def check_encoder_folder(self, folder: Any) -> str:
         """Why ``folder`` is not a CT-FM encoder in the published layout, or ``""`` (also when empty).
-        The folder is offered (`use_encoder_folder`) and checked by the inventory, outside this process."""
+        The folder is offered (`use_encoder_folder`) and checked strictly by the inventory, outside
+        this process; one without weights is refused here (a path being typed lists nothing)."""
         path = chosen_path(folder)
         if path is None:
             return ""
+        missing = _weights_missing(path)
+        if missing:
+            return f"The encoder folder is not a CT-FM encoder: {missing}"
         self.use_encoder_folder(path)
         rejected = {Path(folder).expanduser().resolve(): why for folder, why in self.inventory()["rejected"].items()}
         reason = rejected.get(path.resolve())
