@@ -61,13 +61,17 @@ def _one_thread(one_torch_thread):
 
 @pytest.fixture(scope="session", autouse=True)
 def corpus_totals(request):
-    yield TOTALS
-    if TOTALS.cases:
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line("")
-            reporter.write_line(TOTALS.line())
-        TOTALS.write()
+    """The totals are printed after pytest's own summary (and written to $LCTFOUND_CORPUS_REPORT)."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+
+    def report() -> None:
+        if TOTALS.cases:
+            if reporter is not None:
+                reporter.write_line(TOTALS.line())
+            TOTALS.write()
+
+    request.config.add_cleanup(report)
+    return TOTALS
 
 
 def run_case(case: Case, tmp_path: Path, run_cli, monkeypatch, models: dict, extra: dict | None = None) -> Outcome:

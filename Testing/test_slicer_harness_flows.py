@@ -227,8 +227,9 @@ def test_enhance_default_task(slicer_flow, scene):
 # -- LCTfoundTrain ----------------------------------------------------------------------------------
 
 
-def set_up_pretraining(widget, volume, max_steps, name):
-    """Pretrain on the loaded CT: 32-pixel slices, batch 2, a checkpoint every step."""
+def set_up_pretraining(widget, volume, max_steps, name, checkpoint_every=1):
+    """Pretrain on the loaded CT: 32-pixel slices, batch 2. (Each checkpoint also renders sample
+    images, the slowest part here.)"""
     ui = widget.ui
     ui.taskSelector.select("pretrain")
     ui.dataSourceSelector.select("volumes")
@@ -239,7 +240,7 @@ def set_up_pretraining(widget, volume, max_steps, name):
     ui.patchSizeSpinBox.value = 0
     ui.batchSizeSpinBox.value = 2
     ui.maxStepsSpinBox.value = max_steps
-    ui.checkpointEverySpinBox.value = 1
+    ui.checkpointEverySpinBox.value = checkpoint_every
     ui.deviceSelector.select("cpu")
     ui.newModelNameLineEdit.type(name)
     assert ui.startButton.enabled, ui.startButton.toolTip
@@ -273,7 +274,7 @@ def test_pretrain_finishing_in_another_module_registers_and_frees_the_name(slice
     """Finding 6 for LCTfoundTrain: the run ends while the Segment Editor is shown."""
     widget = slicer_flow.selectModule("LCTfoundTrain")
     ui, engine = widget.ui, widget.logic.engine
-    set_up_pretraining(widget, scene["volume"], max_steps=2, name="harness-away")
+    set_up_pretraining(widget, scene["volume"], max_steps=2, name="harness-away", checkpoint_every=2)
     ui.startButton.click()
     slicer_flow.selectModule("SegmentEditor")
     wait_for_job(slicer_flow, widget)
