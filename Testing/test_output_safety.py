@@ -486,3 +486,19 @@ def test_free_text_arguments_are_not_taken_for_paths():
     from lctfound.cli import given_paths
 
     assert given_paths("x" * 5000, "a\0b", ["lung", None]) == []
+
+
+def test_sub_command_names_and_choices_are_not_taken_for_input_paths(tmp_path, monkeypatch):
+    """A run folder holding ``pretrain/`` (the Train panel resumes from inside it): the word of the
+    sub-command, and words of options with fixed choices, are not inputs the output would overwrite."""
+    import lctfound.cli as cli
+
+    for word in ("pretrain", "train", "mediastinal"):
+        (tmp_path / word).mkdir()
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "pretrain", "data", "-o", "pretrain", "--resume"])
+    setattr(args, cli.WORD_ARGUMENTS_ATTRIBUTE, cli.word_arguments(parser))
+    assert [path.name for path in cli.argument_inputs(args)] == ["data"]
+    cli.refuse_outputs_onto_inputs(args)  # no error: "pretrain" is the command, not an input

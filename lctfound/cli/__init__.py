@@ -94,10 +94,31 @@ def _without_debug(argv: Sequence[str]) -> list[str]:
 OUTPUT_ARGUMENTS = ("output", "save_sinogram", "saliency")
 
 
+#: Namespace attribute listing the arguments whose values are words, not paths (sub-command names and
+#: options with fixed choices): `argument_inputs` skips them, so ``train pretrain`` run inside a run folder
+#: holding ``pretrain/`` does not take the word for an input.
+WORD_ARGUMENTS_ATTRIBUTE = "_word_arguments"
+
+
+def word_arguments(parser: argparse.ArgumentParser) -> set:
+    """The dests of every sub-command selector and every option with fixed choices, in all sub-parsers."""
+    words, pending = set(), [parser]
+    while pending:
+        for action in pending.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                words.add(action.dest)
+                pending.extend(action.choices.values())
+            elif action.choices is not None:
+                words.add(action.dest)
+    return words
+
+
 def argument_inputs(args: argparse.Namespace) -> list:
     """Every existing file or folder named by an argument that is not an output: the command's inputs."""
+    words = set(getattr(args, WORD_ARGUMENTS_ATTRIBUTE, ())) | {"command"}
     return given_paths(*(value for key, value in vars(args).items()
-                         if key not in OUTPUT_ARGUMENTS and isinstance(value, (str, list, tuple))))
+                         if key not in OUTPUT_ARGUMENTS and key not in words and not key.startswith("_")
+                         and isinstance(value, (str, list, tuple))))
 
 
 def refuse_outputs_onto_inputs(args: argparse.Namespace) -> None:
@@ -178,6 +199,7 @@ def _run(argv: list, debug: bool) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    setattr(args, WORD_ARGUMENTS_ATTRIBUTE, word_arguments(parser))
     # Errors may then name this command's options; not under --events, whose messages a front end shows.
     set_command_options(() if getattr(args, "events", False) else vars(args))
     logging.basicConfig(
