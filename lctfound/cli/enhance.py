@@ -231,20 +231,26 @@ def run_sparse_view(args: argparse.Namespace) -> int:
 
 
 def _add_super_resolution(commands) -> None:
-    from ..pipelines.super_resolution import DEFAULT_ETA, INTENSITY_MAPPINGS
+    from ..pipelines.super_resolution import DEFAULT_ETA, INTENSITY_MAPPINGS, SLICE_MODEL_TEXT
 
     parser = commands.add_parser(
         "super-resolution", help="zero-shot super-resolution (DDNM) or interpolation, in-plane or thick → thin slices",
         description="Super-resolve a CT ×2, ×4 or ×8. ddnm: zero-shot DDNM with an LCTfound diffusion model; the "
                     "degradation is true area averaging (in-plane: f×f pixel blocks; through-plane: f consecutive "
                     "thin slices make one thick slice), so the result averages back exactly to the input. "
-                    "Through-plane runs on coronal planes. bicubic (Keys cubic convolution, a = -0.5) and bspline "
+                    "Through-plane runs on coronal planes and assumes, by default, that a thick slice is the average "
+                    "of its thin slices (--slice-model average; the thin slices' centres average to the thick "
+                    "centre); --slice-model point assumes each thick slice is a point sample equal to the thin "
+                    "slice at its centre. The model is recorded in the provenance. bicubic (Keys cubic convolution, a = -0.5) and bspline "
                     "(cubic B-spline) are interpolation baselines.")
     parser.add_argument("volume", help="CT volume: DICOM folder, NIfTI, NRRD or MHA")
     parser.add_argument("--factor", type=int_type(2, 8), default=4, help="2, 4 or 8 (default 4)")
     parser.add_argument("--axis", default="in-plane",
                         help="in-plane (rows and columns, default) or through-plane (thick → thin slices)")
     parser.add_argument("--method", default="ddnm", help="ddnm (default), bicubic or bspline")
+    parser.add_argument("--slice-model", default="average", choices=tuple(SLICE_MODEL_TEXT),
+                        help="through-plane acquisition model: average (default): "
+                             f"{SLICE_MODEL_TEXT['average']}; point: {SLICE_MODEL_TEXT['point']}")
     ddnm = parser.add_argument_group("ddnm")
     ddnm.add_argument("--model", default="default", help="LCTfound diffusion model (default: the embedded model)")
     ddnm.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -280,7 +286,7 @@ def run_super_resolution(args: argparse.Namespace) -> int:
     factor, axis, method = check_factor(args.factor), check_axis(args.axis), check_method(args.method)
     if args.steps < 1 or args.batch_size < 1:
         raise LCTfoundError("--steps and --batch-size must be at least 1")
-    name = result_name(volume_stem(args.volume), method, factor, axis)
+    name = result_name(volume_stem(args.volume), method, factor, axis, args.slice_model)
     output = _output_path(args, lambda: name)
     volume = read_volume(args.volume, validate=not args.no_validate)
     slices = parse_slices(args.slices, volume.shape[0])
@@ -288,10 +294,11 @@ def run_super_resolution(args: argparse.Namespace) -> int:
     if method == "ddnm":
         pipeline = SuperResolutionPipeline(load_diffusion_model(args.model, args.device), args.window,
                                            batch_size=args.batch_size, intensity=args.intensity)
-    check_request(volume.shape, factor, axis, method, pipeline, slices)  # before any progress is shown
+    check_request(volume.shape, factor, axis, method, pipeline, slices, slice_model=args.slice_model)  # before any progress is shown
     with command_progress(args.events, f"super-resolution {method}", unit="step" if pipeline else "slice") as progress:
         result = super_resolve_volume(volume, factor, axis, method, pipeline, steps=args.steps, eta=args.eta,
-                                      seed=args.seed, noise_hu=args.noise_hu, slices=slices, progress=progress)
+                                      seed=args.seed, noise_hu=args.noise_hu, slices=slices, progress=progress,
+                                      slice_model=args.slice_model)
     _publish(args, result, output, name)
     return 0
 
