@@ -47,7 +47,7 @@ class EnhanceParameters(ModuleParameters):
     task_model: str = ""
     dose: float = 0.1
     views: int = 32
-    reconstruction: str = "fbp"
+    reconstruction: str = "tv"  # TV wins the project's sparse-view benchmark (benchmarks/RESULTS.md)
     geometry: str = "parallel"
     factor: int = 4
     axis: str = "in-plane"
