@@ -76,3 +76,18 @@ def test_cli_default_is_tv_and_model_options_need_cold_diffusion(run_cli, tmp_pa
     code, _, err = run_cli(["enhance", "low-dose", source, "--method", "cold-diffusion", "-o", tmp_path / "y.nrrd"],
                            groups=["enhance"])
     assert code == 2 and "needs --model" in err
+
+
+def test_simulated_training_pairs_report_every_slice_and_take_the_geometry(tmp_path):
+    from lctfound.progress import Progress
+    from lctfound.training.enhancement import simulated_pairs
+
+    paths = [write_volume(data_factory.synthetic_ct(shape=(n, 32, 32), spacing=(3.0, 3.0, 4.0)), tmp_path / f"c{n}.nrrd")
+             for n in (2, 3)]
+    events = []
+    progress = Progress(lambda done, total, message: events.append((done, total)))
+    low, full, names = simulated_pairs(paths, 0.1, 0, progress, geometry_kind="parallel", views=30)
+    assert [a.shape for a in low] == [(2, 32, 32), (3, 32, 32)] and names == ["c2", "c3"]
+    assert all(total == 5 for _, total in events)
+    assert {done for done, _ in events} >= {1, 2, 3, 4, 5}  # per slice, across volumes
+    assert [done for done, _ in events] == sorted(done for done, _ in events)

@@ -378,7 +378,7 @@ def _training_backbone(args: argparse.Namespace):
 
 def _add_train_low_dose(commands) -> None:
     from ..pipelines.cold_diffusion import DEFAULT_STEPS, DEFAULT_TIMESTEP_MAX, DEFAULT_WINDOW
-    from ..pipelines.low_dose import DEFAULT_INCIDENT_PHOTONS
+    from ..pipelines.low_dose import DEFAULT_INCIDENT_PHOTONS, DEFAULT_VIEWS
     from ..training.enhancement import LOSSES
     from .train import add_loop_arguments
 
@@ -396,6 +396,7 @@ def _add_train_low_dose(commands) -> None:
     parser.add_argument("--photons", type=positive_float, default=DEFAULT_INCIDENT_PHOTONS,
                         help=f"with --simulate-dose: full-dose photons per detector bin per view "
                              f"(default {DEFAULT_INCIDENT_PHOTONS:g})")
+    _add_geometry_options(parser, "fan", DEFAULT_VIEWS)  # with --simulate-dose: match your scanner
     parser.add_argument("--backbone", default="default", help="backbone model name or folder (default: embedded)")
     parser.add_argument("--window", default=DEFAULT_WINDOW,
                         help=f"window mapped to the model's [-1, 1] (default {DEFAULT_WINDOW}; values outside it pass "
@@ -428,11 +429,15 @@ def run_train_low_dose(args: argparse.Namespace) -> int:
         full_paths = [volume for path in args.full_dose for volume in find_volumes(path)]
         if not full_paths:
             raise LCTfoundError("no full-dose volumes: give --full-dose volumes or folders")
-        with command_progress(args.events, "simulate low dose", unit="volume") as progress:
+        _check_views(args.views)
+        kind = args.geometry or "fan"
+        with command_progress(args.events, "simulate low dose", unit="slice") as progress:
             low, full, names = simulated_pairs(full_paths, args.simulate_dose, args.seed, progress,
-                                               incident_photons=args.photons)
+                                               incident_photons=args.photons, geometry_kind=kind, views=args.views)
         data = {"low_dose": f"simulated at dose fraction {args.simulate_dose:g} (projection-domain Poisson, "
-                            f"{args.photons:g} photons per bin at full dose)",
+                            f"{args.photons:g} photons per bin at full dose, {kind} beam, {args.views} views)",
+                "simulation": {"dose_fraction": args.simulate_dose, "incident_photons": args.photons,
+                               "geometry_kind": kind, "views": args.views},
                 "full_dose": [str(p) for p in full_paths]}
     else:
         pairs = _volume_pairs(args.low_dose, args.full_dose, args.pairs, ("low_dose", "full_dose"), kinds)
