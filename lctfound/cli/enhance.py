@@ -460,7 +460,7 @@ def _add_low_dose(commands) -> None:
                     "non-local means (5x5 patches, distance 6, fast mode); cold-diffusion: cold-diffusion sampling "
                     "(x_{t-1} = x_t - D(x0, t) + D(x0, t-1), starting from the input) with a low-dose-enhancement "
                     "task model (--model), with the neighbouring slices as context, on tiles of the training patch "
-                    "size. Which wins (benchmarks/RESULTS.md, 10%% dose, 16 slices of two chest CTs): TV 38.16 dB "
+                    "size. Which wins (benchmarks/RESULTS.md, 10 percent dose, 16 slices of two chest CTs): TV 38.16 dB "
                     "PSNR, NLM 36.88, cold diffusion on the embedded backbone 36.75 (input 32.36), so tv is the "
                     "default; cold diffusion is for a task model fine-tuned on your scanner. Noise-adaptive "
                     "strength unless --strength: each slice's noise sigma (HU) is estimated robustly (median "
