@@ -69,6 +69,7 @@ class LCTfoundEnhanceParameterNode:
     inputVolume - the CT volume to process (not needed for synthetic CT).
     modelName - the LCTfound backbone used as diffusion prior.
     taskModel - the trained low-dose enhancement or VCTA model.
+    denoiser - low-dose method: tv (default), nlm or cold-diffusion.
     dose, views, reconstruction, geometry, factor, axis, interpolation, window, count, guidanceScale,
     steps, seed - the settings of the tasks (each task shows its own).
     device - "auto", "cpu", "cuda", "cuda:N" or "mps".
@@ -80,6 +81,7 @@ class LCTfoundEnhanceParameterNode:
     taskModel: str = ""
     # Decimals of the float fields are set in the .ui: the wrapper ignores a Decimals(...) annotation
     # ("Unused annotations" warning at every Slicer start).
+    denoiser: str = _DEFAULTS.denoiser
     dose: Annotated[float, WithinRange(0.01, 0.99)] = _DEFAULTS.dose
     views: Annotated[int, WithinRange(1, 4096)] = _DEFAULTS.views
     reconstruction: str = _DEFAULTS.reconstruction
@@ -111,6 +113,7 @@ class LCTfoundEnhanceWidget(LCTfoundJobModuleWidget):
         "input_volume": ("inputVolumeLabel", "inputVolumeSelector"),
         "model_name": ("modelLabel", "modelSelector", "refreshModelsButton"),
         "task_model": ("taskModelLabel", "taskModelSelector"),
+        "denoiser": ("denoiserLabel", "denoiserSelector"),
         "dose": ("doseLabel", "doseSpinBox"),
         "views": ("viewsLabel", "viewsSpinBox"),
         "reconstruction": ("reconstructionLabel", "reconstructionSelector"),

@@ -46,8 +46,10 @@ class EnhanceParameters(ModuleParameters):
     task: str = SUPER_RESOLUTION  # works out of the box with the embedded model
     task_model: str = ""
     dose: float = 0.1
+    #: Low-dose method: tv wins the project's benchmark (benchmarks/RESULTS.md), so it is the default.
+    denoiser: str = "tv"
     views: int = 32
-    reconstruction: str = "fbp"
+    reconstruction: str = "tv"  # TV wins the project's sparse-view benchmark (benchmarks/RESULTS.md)
     geometry: str = "parallel"
     factor: int = 4
     axis: str = "in-plane"
@@ -85,9 +87,11 @@ TASKS = {
     task.value: task
     for task in (
         EnhanceTask(LOW_DOSE, "Low-dose enhancement",
-                    "Cold-diffusion denoising of a low-dose CT with a trained enhancement model.",
-                    ("enhance", "low-dose"), lambda p: "low-dose-enhancement", lambda p: [],
-                    frozenset({"task_model"})),
+                    "Denoise a low-dose CT: total variation (default, best on the project's benchmark), non-local "
+                    "means, or cold diffusion with a trained enhancement model.",
+                    ("enhance", "low-dose"),
+                    lambda p: "low-dose-enhancement" if p.denoiser == "cold-diffusion" else "",
+                    lambda p: ["--method", p.denoiser], frozenset({"denoiser", "task_model"})),
         EnhanceTask(LOW_DOSE_SIMULATION, "Simulate low dose",
                     "Poisson noise on simulated projections at a dose fraction, reconstructed by FBP.",
                     ("enhance", "simulate-low-dose"), lambda p: "",
@@ -117,6 +121,8 @@ TASKS = {
 
 FIXED_CHOICES = {
     "task": tuple(Choice(t.value, t.label, t.tooltip) for t in TASKS.values()),
+    "denoiser": (Choice("tv", "Total variation (best on the benchmark)"), Choice("nlm", "Non-local means"),
+                 Choice("cold-diffusion", "LCTfound cold diffusion (trained model)")),
     "reconstruction": (Choice("fbp", "Filtered back-projection"), Choice("tv", "Iterative TV"),
                        Choice("diffusion", "LCTfound-guided diffusion")),
     "geometry": (Choice("parallel", "Parallel beam"), Choice("fan", "Fan beam")),
@@ -173,6 +179,8 @@ class EnhanceModuleLogic(ModuleLogicBase):
         shown = {"task", "device"} | (set(task.fields) if task else set())
         if task is None or task.needs_input:
             shown.add("input_volume")
+        if task is not None and "task_model" in shown and not task.needs(p):
+            shown.discard("task_model")  # e.g. low-dose TV or NLM: no trained model involved
         return shown
 
     def default_values(self, parameters: Any) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from ..progress import Progress, ensure_progress
 from ..tomography import (
     FBP_FILTERS,
     HU_AIR,
+    MU_WATER_PER_MM,
     Geometry,
     Projector,
     hu_to_mu,
@@ -79,13 +80,30 @@ class SinogramStack:
     slices: Optional[list[int]] = None
     volume: Optional[CTVolume] = None
     source: Optional[str] = None
+    #: Water's linear attenuation (1/mm) that converts μ to HU (HU = 1000·(μ/μ_water − 1)); it must be the
+    #: value the line integrals were made with, else every HU is biased (0.0193 vs 0.0192: ≈ 5 HU at water).
+    mu_water_per_mm: float = MU_WATER_PER_MM
 
     def __post_init__(self) -> None:
         self.sinograms = check_sinogram_stack(self.sinograms, self.geometry, self.source or "sinogram")
+        self.mu_water_per_mm = check_mu_water(self.mu_water_per_mm)
 
     def sidecar(self) -> dict[str, Any]:
         return {**self.geometry.to_dict(), "image_size": int(self.image_size), "pixel_mm": float(self.pixel_mm),
-                "slice_spacing_mm": float(self.slice_spacing_mm), "units": "line integrals -ln(I/I0)"}
+                "slice_spacing_mm": float(self.slice_spacing_mm), "mu_water_per_mm": float(self.mu_water_per_mm),
+                "units": "line integrals -ln(I/I0)"}
+
+
+def check_mu_water(mu_water: Any) -> float:
+    """A plausible water attenuation in 1/mm (diagnostic energies: about 0.015–0.03)."""
+    try:
+        value = float(mu_water)
+    except (TypeError, ValueError):
+        raise InputError(f"mu_water_per_mm must be a number (1/mm), got {mu_water!r}") from None
+    if not 0.001 <= value <= 0.1:
+        raise InputError(f"mu_water_per_mm {value:g}/mm is implausible: water at CT energies is about 0.015-0.03/mm "
+                         "(e.g. 0.0193 at 70 keV); give it in 1/mm, not 1/cm")
+    return value
 
 
 def check_sinogram_stack(sinograms: np.ndarray, geometry: Geometry, name: str = "sinogram") -> np.ndarray:
@@ -113,9 +131,11 @@ def check_sinogram_stack(sinograms: np.ndarray, geometry: Geometry, name: str = 
 
 def simulate_sinograms(volume: CTVolume, geometry: Optional[Geometry] = None, *, kind: str = "parallel",
                        views: int = 16, slices: Optional[Sequence[int]] = None,
-                       progress: Optional[Progress] = None) -> SinogramStack:
+                       progress: Optional[Progress] = None, mu_water: float = MU_WATER_PER_MM) -> SinogramStack:
     """Noise-free line integrals of ``slices`` of ``volume`` (default: all) in ``geometry``
-    (default `Geometry.for_image(kind, views, …)` covering the padded square slice)."""
+    (default `Geometry.for_image(kind, views, …)` covering the padded square slice), μ from HU with
+    ``mu_water`` (1/mm)."""
+    mu_water = check_mu_water(mu_water)
     if views < 1:
         raise LCTfoundError(f"the number of views must be at least 1, got {views}")
     progress = ensure_progress(progress)
@@ -128,10 +148,10 @@ def simulate_sinograms(volume: CTVolume, geometry: Optional[Geometry] = None, *,
     out = np.empty((len(indices), geometry.views, geometry.detectors))
     for done, k in enumerate(indices, start=1):
         progress.check_cancelled()
-        out[done - 1] = projector.forward(hu_to_mu(padded[k]))
+        out[done - 1] = projector.forward(hu_to_mu(padded[k], mu_water))
         progress.update(done, len(indices), f"projecting slice {k}")
     return SinogramStack(out, geometry, size, pixel_mm, float(volume.spacing[2]), indices, volume,
-                         volume.metadata.get("source"))
+                         volume.metadata.get("source"), mu_water)
 
 
 def _slice_indices(slices: Optional[Sequence[int]], count: int) -> list[int]:
@@ -154,12 +174,15 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return path.with_name(name + ".json")
 
 
-def read_sinograms(path: str | os.PathLike, geometry: Optional[dict[str, Any]] = None) -> SinogramStack:
+def read_sinograms(path: str | os.PathLike, geometry: Optional[dict[str, Any]] = None,
+                   mu_water: Optional[float] = None) -> SinogramStack:
     """Measured line integrals from a .npy (no pickles), .nrrd, .nii(.gz) or .mha file of shape
     (slices, views, detectors) — NRRD/NIfTI axes (i, j, k) = (detector, view, slice) — and the
     JSON sidecar beside it (``sino.npy`` → ``sino.json``) or ``geometry``: the `Geometry`
     fields plus ``image_size`` and ``pixel_mm`` of the grid to reconstruct and, optionally,
-    ``slice_spacing_mm``."""
+    ``slice_spacing_mm`` and ``mu_water_per_mm``. The format, with an example, is in
+    docs/sinogram-format.md. ``mu_water`` (1/mm), when given, overrides the sidecar's value;
+    without either, `MU_WATER_PER_MM` is used."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"{path}: no such sinogram file")
@@ -186,6 +209,9 @@ def read_sinograms(path: str | os.PathLike, geometry: Optional[dict[str, Any]] =
     except (TypeError, ValueError):
         raise InputError(f"{path}: image_size and pixel_mm must be numbers") from None
     slice_spacing = float(settings.pop("slice_spacing_mm", 1.0))
+    sidecar_mu = settings.pop("mu_water_per_mm", None)
+    mu_water = check_mu_water(mu_water if mu_water is not None else
+                              (sidecar_mu if sidecar_mu is not None else MU_WATER_PER_MM))
     settings.pop("units", None)
     parsed = Geometry.from_dict(settings)
     if name.endswith(".npy"):
@@ -209,7 +235,7 @@ def read_sinograms(path: str | os.PathLike, geometry: Optional[dict[str, Any]] =
     check_finite(array, str(path))
     if image_size < 8 or not 0 < pixel_mm < float("inf"):
         raise InputError(f"{path}: image_size must be at least 8 and pixel_mm positive")
-    return SinogramStack(array, parsed, image_size, pixel_mm, slice_spacing, None, None, str(path))
+    return SinogramStack(array, parsed, image_size, pixel_mm, slice_spacing, None, None, str(path), mu_water)
 
 
 def write_sinograms(stack: SinogramStack, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -333,9 +359,10 @@ class SparseViewDiffusionPipeline:
 
     @torch.no_grad()
     def __call__(self, sinograms: np.ndarray, geometry: Geometry, image_size: int, pixel_mm: float, seed: int = 0,
-                 slice_ids: Optional[Sequence[int]] = None,
-                 progress: Optional[Progress] = None) -> tuple[np.ndarray, list[float]]:
+                 slice_ids: Optional[Sequence[int]] = None, progress: Optional[Progress] = None,
+                 mu_water: float = MU_WATER_PER_MM) -> tuple[np.ndarray, list[float]]:
         progress = ensure_progress(progress)
+        mu_water = check_mu_water(mu_water)
         sinograms = check_sinogram_stack(sinograms, geometry)
         count = sinograms.shape[0]
         slice_ids = list(range(count)) if slice_ids is None else [int(k) for k in slice_ids]
@@ -358,7 +385,7 @@ class SparseViewDiffusionPipeline:
             noise = torch.cat([torch.randn((1, 3, size, size), generator=g) for g in generators])
             if self.strength < 1.0:
                 initial = np.stack([mu_to_hu(tv_reconstruction(sinograms[i], geometry, size, model_pixel,
-                                                               self.tv_iterations, self.tv_weight, small))
+                                                               self.tv_iterations, self.tv_weight, small), mu_water)
                                     for i in batch])
                 x = self.scheduler.add_noise(self._to_model(initial), noise, timesteps[:1])
                 carry = initial - np.clip(initial, self.window.low, self.window.high)
@@ -374,8 +401,8 @@ class SparseViewDiffusionPipeline:
                 x0 = ((x - (1 - alpha).sqrt() * eps) / alpha.sqrt()).clamp(-1, 1)
                 prior = self._to_hu(x0) + carry
                 for j, i in enumerate(batch):
-                    estimate[j] = mu_to_hu(data_consistency(small, hu_to_mu(prior[j]), sinograms[i],
-                                                            self.dc_iterations))
+                    estimate[j] = mu_to_hu(data_consistency(small, hu_to_mu(prior[j], mu_water), sinograms[i],
+                                                            self.dc_iterations), mu_water)
                 clipped = np.clip(estimate, self.window.low, self.window.high)
                 carry = estimate - clipped
                 x0_consistent = self._to_model(clipped)
@@ -388,10 +415,10 @@ class SparseViewDiffusionPipeline:
                 if full is small:
                     results[i] = estimate[j]
                 else:
-                    upsampled = _resize(hu_to_mu(estimate[j]), image_size)
+                    upsampled = _resize(hu_to_mu(estimate[j], mu_water), image_size)
                     results[i] = mu_to_hu(tv_reconstruction(sinograms[i], geometry, image_size, pixel_mm,
                                                             self.refine_iterations, self.tv_weight, full,
-                                                            initial=upsampled))
+                                                            initial=upsampled), mu_water)
             elapsed = time.perf_counter() - start
             seconds += [elapsed / len(batch)] * len(batch)
             progress.update((batch[-1] + 1) * (calls + 1), total_units, f"slice {slice_ids[batch[-1]]} done")
@@ -427,10 +454,13 @@ def reconstruct_sparse_view(stack: SinogramStack, method: str, *, filter_name: s
     images = np.empty((count, size, size))
     seconds: list[float] = []
     parameters: dict[str, Any] = {"method": method, "views": stack.geometry.views, "geometry_kind": stack.geometry.kind,
-                                  "geometry": stack.geometry.to_dict()}
+                                  "geometry": stack.geometry.to_dict(),
+                                  "mu_water_per_mm": float(stack.mu_water_per_mm),
+                                  "hu_definition": "HU = 1000 * (mu / mu_water_per_mm - 1)"}
     model_info = None
     if method == "diffusion":
-        images, seconds = pipeline(stack.sinograms, stack.geometry, size, stack.pixel_mm, seed, slice_ids, progress)
+        images, seconds = pipeline(stack.sinograms, stack.geometry, size, stack.pixel_mm, seed, slice_ids, progress,
+                                   mu_water=stack.mu_water_per_mm)
         parameters.update(pipeline.settings())
         parameters["seed"] = int(seed)
         from ..io.provenance import model_provenance
@@ -451,7 +481,7 @@ def reconstruct_sparse_view(stack: SinogramStack, method: str, *, filter_name: s
             else:
                 mu = tv_reconstruction(stack.sinograms[i], stack.geometry, size, stack.pixel_mm, tv_iterations,
                                        tv_weight, projector)
-            images[i] = mu_to_hu(mu)
+            images[i] = mu_to_hu(mu, stack.mu_water_per_mm)
             seconds.append(time.perf_counter() - start)
             progress.update(i + 1, count, f"slice {slice_ids[i]}")
     if stack.volume is not None:

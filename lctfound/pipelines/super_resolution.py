@@ -6,8 +6,14 @@ Here the degradation is the acquisition model itself:
 
 * in-plane ×f — a low-resolution pixel is the mean of the f×f high-resolution pixels it covers
   (area averaging);
-* through-plane ×f (thick → thin slices) — a thick slice is the mean of the f consecutive thin
-  slices it covers.
+* through-plane ×f (thick → thin slices), ``slice_model="average"`` (default) — a thick slice is
+  the mean of the f consecutive thin slices it covers (an idealised thick reconstruction: a box
+  slice profile); the thin slices tile each thick one, and their centres average to its centre;
+* through-plane ×f, ``slice_model="point"`` — a thick slice is a point sample: it equals the thin
+  slice at its own centre (thick slices reconstructed thin but stored every f-th, or a slice profile
+  much narrower than the spacing). The thin grid runs from the first thick centre to the last, so
+  N thick slices give (N − 1)·f + 1 thin ones and every f-th thin slice coincides with a thick one
+  (`PointSample`).
 
 The operator ``A`` is that block mean (`BlockAverage`), its pseudo-inverse ``A⁺`` replicates each
 value over its block (so ``A A⁺ = I``), and every sampling step replaces the range-space part of
@@ -83,12 +89,21 @@ from ..windows import Window, get_window
 FACTORS = (2, 4, 8)
 AXES = ("in-plane", "through-plane")
 METHODS = ("ddnm", "bicubic", "bspline")
+#: Through-plane acquisition models: a thick slice is the mean of its f thin slices, or the thin slice at its centre.
+SLICE_MODELS = ("average", "point")
 TASK = "super-resolution"
 #: η of the DDNM update: the DDNM code's default (and the official zero-shot script's unused --eta).
 DEFAULT_ETA = 0.85
 #: Largest result held in memory (float32), 4 GiB; larger requests must choose a slice range.
 MAX_OUTPUT_BYTES = 4 << 30
 INTENSITY_MAPPINGS = ("official", "fixed")
+#: What each through-plane slice model assumes (help text and provenance).
+SLICE_MODEL_TEXT = {
+    "average": "thick slice = mean of the f thin slices it covers (box profile); thin-slice centres average to "
+               "the thick centre",
+    "point": "thick slice = the thin slice at its centre (point sample); every f-th thin slice lies on a thick "
+             "slice, (N-1)*f+1 thin slices",
+}
 
 
 def check_factor(factor: Any) -> int:
@@ -107,6 +122,12 @@ def check_method(method: str) -> str:
     if method not in METHODS:
         raise LCTfoundError(f"unknown super-resolution method {method!r}; choose one of: {', '.join(METHODS)}")
     return method
+
+
+def check_slice_model(slice_model: str) -> str:
+    if slice_model not in SLICE_MODELS:
+        raise LCTfoundError(f"unknown slice model {slice_model!r}; choose average or point")
+    return slice_model
 
 
 class BlockAverage:
@@ -142,6 +163,33 @@ class BlockAverage:
         return x + correction if weight is None else x + weight * correction
 
 
+class PointSample(BlockAverage):
+    """Through-plane point-sample operator on a (z, x) plane: A keeps every f-th row (rows 0, f, 2f…),
+    A⁺ puts each measured row back in place with zeros between (``A A⁺ = I`` exactly).
+    h thick rows ↔ (h − 1)·f + 1 thin rows."""
+
+    def __init__(self, factor: int):
+        super().__init__(factor, "through-plane")
+
+    def high_shape(self, low_shape: tuple[int, int]) -> tuple[int, int]:
+        return (low_shape[0] - 1) * self.factor + 1, low_shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., ::self.factor, :]
+
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
+        high = y.new_zeros((*y.shape[:-2], *self.high_shape(tuple(y.shape[-2:]))))
+        high[..., ::self.factor, :] = y
+        return high
+
+
+def make_operator(factor: int, axis: str = "in-plane", slice_model: str = "average") -> BlockAverage:
+    """The degradation operator of ``axis`` under ``slice_model`` (only through-plane has a choice)."""
+    if check_slice_model(slice_model) == "point" and check_axis(axis) == "through-plane":
+        return PointSample(factor)
+    return BlockAverage(factor, axis)
+
+
 # --------------------------------------------------------------------------------------------
 # Arrays of slices ↔ the 2D planes an operator acts on
 # --------------------------------------------------------------------------------------------
@@ -164,10 +212,13 @@ def _write_planes(output: np.ndarray, planes: np.ndarray, first: int, last: int,
         output[:, first:last, :] = planes.transpose(1, 0, 2)
 
 
-def output_shape(shape: tuple[int, int, int], factor: int, axis: str) -> tuple[int, int, int]:
+def output_shape(shape: tuple[int, int, int], factor: int, axis: str,
+                 slice_model: str = "average") -> tuple[int, int, int]:
     """The (k, j, i) shape of a super-resolved array of ``shape``."""
     k, j, i = shape
-    return (k, j * factor, i * factor) if axis == "in-plane" else (k * factor, j, i)
+    if axis == "in-plane":
+        return k, j * factor, i * factor
+    return ((k - 1) * factor + 1 if check_slice_model(slice_model) == "point" else k * factor), j, i
 
 
 def _as_volume_array(low_res: np.ndarray, axis: str, factor: int) -> np.ndarray:
@@ -200,14 +251,24 @@ def _bicubic(planes: np.ndarray, operator: BlockAverage) -> np.ndarray:
     # Keys cubic convolution with a = −0.5 (PIL BICUBIC, as MATLAB imresize; PyTorch's a = −0.75 does not
     # even reproduce linear ramps), pixel-area-aligned, on 32-bit float images; a scale of 1 keeps an axis.
     height, width = operator.high_shape(planes.shape[1:])
+    box = None
+    if isinstance(operator, PointSample):
+        # Output row r at input row r/f (centre to centre): a source box starting at ½ − ½/f, height/f rows tall.
+        f = operator.factor
+        box = (0.0, 0.5 - 0.5 / f, float(planes.shape[2]), 0.5 - 0.5 / f + height / f)
     return np.stack([np.asarray(Image.fromarray(plane.astype(np.float32), mode="F")
-                                .resize((width, height), Image.Resampling.BICUBIC)) for plane in planes])
+                                .resize((width, height), Image.Resampling.BICUBIC, box=box)) for plane in planes])
 
 
 def _bspline(planes: np.ndarray, operator: BlockAverage) -> np.ndarray:
     from scipy import ndimage
 
-    # Interpolating cubic B-spline (prefiltered), pixel-area-aligned grid (grid_mode), mirrored borders.
+    # Interpolating cubic B-spline (prefiltered), mirrored borders; pixel-area-aligned grid (grid_mode) for the
+    # average model, centre-aligned first and last samples for the point model.
+    if isinstance(operator, PointSample):
+        height = operator.high_shape(planes.shape[1:])[0]
+        return ndimage.zoom(planes, (1, height / planes.shape[1], 1), order=3, prefilter=True, mode="mirror",
+                            grid_mode=False)
     return ndimage.zoom(planes, (1, *operator.kernel), order=3, prefilter=True, mode="reflect", grid_mode=True)
 
 
@@ -215,7 +276,8 @@ _BASELINES: dict[str, Callable[[np.ndarray, BlockAverage], np.ndarray]] = {"bicu
 
 
 def interpolate(low_res_hu: np.ndarray, factor: int, axis: str = "in-plane", method: str = "bicubic",
-                batch_size: int = 16, progress: Optional[Progress] = None) -> np.ndarray:
+                batch_size: int = 16, progress: Optional[Progress] = None,
+                slice_model: str = "average") -> np.ndarray:
     """A baseline super-resolution of a (slices, rows, columns) array (a single 2D slice for in-plane).
 
     ``bicubic``: cubic convolution (Keys, a = −0.5; PIL ``Image.resize(BICUBIC)`` on float32
@@ -228,10 +290,10 @@ def interpolate(low_res_hu: np.ndarray, factor: int, axis: str = "in-plane", met
     factor, axis = check_factor(factor), check_axis(axis)
     squeeze = np.ndim(low_res_hu) == 2
     array = _as_volume_array(low_res_hu, axis, factor)
-    operator = BlockAverage(factor, axis)
+    operator = make_operator(factor, axis, slice_model)
     progress = ensure_progress(progress)
     count = _plane_count(array.shape, axis)
-    output = np.empty(output_shape(array.shape, factor, axis), dtype=np.float32)
+    output = np.empty(output_shape(array.shape, factor, axis, slice_model), dtype=np.float32)
     unit = "slice" if axis == "in-plane" else "plane"
     for first in range(0, count, batch_size):
         progress.check_cancelled()
@@ -300,7 +362,7 @@ class SuperResolutionPipeline:
     @torch.no_grad()
     def __call__(self, low_res_hu: np.ndarray, factor: int, axis: str = "in-plane", steps: int = 50,
                  eta: float = DEFAULT_ETA, seed: int = 0, noise_hu: float = 0.0,
-                 progress: Optional[Progress] = None) -> np.ndarray:
+                 progress: Optional[Progress] = None, slice_model: str = "average") -> np.ndarray:
         factor, axis = check_factor(factor), check_axis(axis)
         if steps < 1:
             raise LCTfoundError(f"steps must be at least 1, got {steps}")
@@ -310,13 +372,13 @@ class SuperResolutionPipeline:
             raise LCTfoundError(f"noise_hu must be at least 0, got {noise_hu}")
         squeeze = np.ndim(low_res_hu) == 2
         array = _as_volume_array(low_res_hu, axis, factor)
-        operator = BlockAverage(factor, axis)
+        operator = make_operator(factor, axis, slice_model)
         plane_shape = array.shape[1:] if axis == "in-plane" else (array.shape[0], array.shape[2])
         high_shape = operator.high_shape(plane_shape)
         self.check_size(high_shape, factor, axis)
         progress = ensure_progress(progress)
         count = _plane_count(array.shape, axis)
-        output = np.empty(output_shape(array.shape, factor, axis), dtype=np.float32)
+        output = np.empty(output_shape(array.shape, factor, axis, slice_model), dtype=np.float32)
         context = self.model.encode_prompts([condition_prompt(self.window)])
         unit = "slice" if axis == "in-plane" else "plane"
         for first in range(0, count, self.batch_size):
@@ -417,24 +479,30 @@ class SuperResolutionPipeline:
 # Volumes
 # --------------------------------------------------------------------------------------------
 
-def super_resolved_geometry(volume: Any, factor: int, axis: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def super_resolved_geometry(volume: Any, factor: int, axis: str,
+                            slice_model: str = "average") -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(spacing, origin) of the super-resolved grid of ``volume`` (a `CTVolume`).
 
-    Each old voxel is split into f sub-voxels along the upsampled axes; the new voxel centres lie
-    at old index −½ + (m + ½)/f, m = 0..f−1, so the f (or f²) new centres average to the old centre
-    and the new voxels tile the old one exactly. Direction is unchanged.
+    Average model (and in-plane): each old voxel is split into f sub-voxels along the upsampled
+    axes; the new voxel centres lie at old index −½ + (m + ½)/f, m = 0..f−1, so the f (or f²) new
+    centres average to the old centre and the new voxels tile the old one exactly. Point model:
+    thin slice m·f lies at thick slice m's centre (same origin). Direction is unchanged.
     """
     factor, axis = check_factor(factor), check_axis(axis)
     scale = np.array([factor, factor, 1.0]) if axis == "in-plane" else np.array([1.0, 1.0, factor])
     spacing = np.asarray(volume.spacing, dtype=np.float64)
     offset_index = -0.5 + 0.5 / scale  # in old voxel units, per (i, j, k) axis; 0 where not upsampled
+    if axis == "through-plane" and check_slice_model(slice_model) == "point":
+        offset_index = np.zeros(3)
     origin = np.asarray(volume.origin, dtype=np.float64) + volume.direction @ (spacing * offset_index)
     return tuple(float(s) for s in spacing / scale), tuple(float(o) for o in origin)
 
 
-def result_name(stem: str, method: str, factor: int, axis: str) -> str:
-    """A result named after its task and parameters: ``lung1_image`` → ``lung1_image_sr-ddnm-x4-in-plane``."""
-    return f"{stem}_sr-{method}-x{factor}-{axis}"
+def result_name(stem: str, method: str, factor: int, axis: str, slice_model: str = "average") -> str:
+    """A result named after its task and parameters: ``lung1_image`` → ``lung1_image_sr-ddnm-x4-in-plane``
+    (``..._through-plane-point`` for the point-sample model)."""
+    suffix = "-point" if axis == "through-plane" and slice_model == "point" else ""
+    return f"{stem}_sr-{method}-x{factor}-{axis}{suffix}"
 
 
 def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
@@ -450,7 +518,7 @@ def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
 
 def check_request(shape: tuple[int, int, int], factor: int, axis: str, method: str,
                   pipeline: Optional[SuperResolutionPipeline] = None, slices: Optional[Sequence[int]] = None,
-                  max_output_bytes: int = MAX_OUTPUT_BYTES) -> list[int]:
+                  max_output_bytes: int = MAX_OUTPUT_BYTES, slice_model: str = "average") -> list[int]:
     """Every check `super_resolve_volume` makes before working, for front ends to call first; returns
     the sorted input slice indices to process. Raises a one-line `LCTfoundError`."""
     factor, axis, method = check_factor(factor), check_axis(axis), check_method(method)
@@ -458,7 +526,7 @@ def check_request(shape: tuple[int, int, int], factor: int, axis: str, method: s
     indices = list(range(count)) if slices is None else sorted({int(k) for k in slices})
     if not indices or not all(0 <= k < count for k in indices):
         raise LCTfoundError(f"slices must be indices inside the volume (0..{count - 1}), got {slices}")
-    result = output_shape(shape, factor, axis)
+    result = output_shape(shape, factor, axis, slice_model)
     if 4 * math.prod(result) > max_output_bytes:
         raise LCTfoundError(f"the ×{factor} {axis} result would be {'×'.join(map(str, result[::-1]))} voxels "
                             f"({4 * math.prod(result) / 2**30:.1f} GiB as float32, limit "
@@ -470,7 +538,7 @@ def check_request(shape: tuple[int, int, int], factor: int, axis: str, method: s
         _check_samples(part, axis, factor)
         if pipeline is not None and method == "ddnm":
             plane = part[1:] if axis == "in-plane" else (part[0], part[2])
-            pipeline.check_size(BlockAverage(factor, axis).high_shape(plane), factor, axis)
+            pipeline.check_size(make_operator(factor, axis, slice_model).high_shape(plane), factor, axis)
     return indices
 
 
@@ -487,7 +555,7 @@ def super_resolve_volume(volume: Any, factor: int, axis: str = "in-plane", metho
                          pipeline: Optional[SuperResolutionPipeline] = None, steps: int = 50,
                          eta: float = DEFAULT_ETA, seed: int = 0, noise_hu: float = 0.0,
                          slices: Optional[Sequence[int]] = None, progress: Optional[Progress] = None,
-                         max_output_bytes: int = MAX_OUTPUT_BYTES) -> Any:
+                         max_output_bytes: int = MAX_OUTPUT_BYTES, slice_model: str = "average") -> Any:
     """A NEW `CTVolume` super-resolved ×``factor`` in-plane or through-plane (the input is untouched).
 
     ``method``: ``ddnm`` (needs ``pipeline``), ``bicubic`` or ``bspline`` (see `interpolate`).
@@ -497,7 +565,9 @@ def super_resolve_volume(volume: Any, factor: int, axis: str = "in-plane", metho
     `super_resolved_geometry`. The result's ``metadata`` is its provenance (task, method, factor,
     axis, model name and sha256, steps, seed, time per slice...). The result is held in memory as
     float32; outputs over ``max_output_bytes`` are refused (choose slices). Working memory beyond
-    input and output is one batch of planes.
+    input and output is one batch of planes. ``slice_model`` (through-plane): ``average`` (a thick
+    slice is the mean of its f thin slices) or ``point`` (it is the thin slice at its centre); it
+    decides the operator, the output grid and is recorded in the provenance.
     """
     from .. import __version__
     from ..io.provenance import model_provenance
@@ -505,14 +575,15 @@ def super_resolve_volume(volume: Any, factor: int, axis: str = "in-plane", metho
 
     factor, axis, method = check_factor(factor), check_axis(axis), check_method(method)
     count = volume.shape[0]
-    indices = check_request(volume.shape, factor, axis, method, pipeline, slices, max_output_bytes)
-    shape = output_shape(volume.shape, factor, axis)
+    slice_model = check_slice_model(slice_model)
+    indices = check_request(volume.shape, factor, axis, method, pipeline, slices, max_output_bytes, slice_model)
+    shape = output_shape(volume.shape, factor, axis, slice_model)
 
     def run(array: np.ndarray, part_progress: Optional[Progress]) -> np.ndarray:
         if method == "ddnm":
             return pipeline(array, factor, axis, steps=steps, eta=eta, seed=seed, noise_hu=noise_hu,
-                            progress=part_progress)
-        return interpolate(array, factor, axis, method, progress=part_progress)
+                            progress=part_progress, slice_model=slice_model)
+        return interpolate(array, factor, axis, method, progress=part_progress, slice_model=slice_model)
 
     started = time.perf_counter()
     everything = len(indices) == count
@@ -527,17 +598,21 @@ def super_resolve_volume(volume: Any, factor: int, axis: str = "in-plane", metho
             parent = ensure_progress(progress)
             for number, (first, stop) in enumerate(runs):
                 part = _PartProgress(parent, number, len(runs))
-                output[first * factor:stop * factor] = run(volume.array[first:stop], part)
+                part_result = run(volume.array[first:stop], part)
+                output[first * factor:first * factor + part_result.shape[0]] = part_result
     seconds = time.perf_counter() - started
-    spacing, origin = super_resolved_geometry(volume, factor, axis)
+    spacing, origin = super_resolved_geometry(volume, factor, axis, slice_model)
     stem = _source_stem(volume.metadata.get("source")) or volume.metadata.get("name") or "volume"
     provenance: dict[str, Any] = {
-        "name": result_name(stem, method, factor, axis), "task": TASK, "method": method, "factor": factor,
-        "axis": axis, "source": volume.metadata.get("source") or volume.metadata.get("name"),
+        "name": result_name(stem, method, factor, axis, slice_model), "task": TASK, "method": method,
+        "factor": factor, "axis": axis, "source": volume.metadata.get("source") or volume.metadata.get("name"),
         "source_spacing": [float(s) for s in volume.spacing], "slices": "all" if everything else indices,
         "seconds_total": round(seconds, 3), "seconds_per_slice": round(seconds / len(indices), 4),
         "lctfound_version": __version__, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if axis == "through-plane":
+        provenance["slice_model"] = slice_model
+        provenance["acquisition_model"] = SLICE_MODEL_TEXT[slice_model]
     if method == "ddnm":
         window = pipeline.window
         provenance.update(model_provenance(pipeline.model))

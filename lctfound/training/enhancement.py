@@ -130,24 +130,30 @@ def simulated_pairs(full_dose: Sequence[str | Path], dose_fraction: float, seed:
     if not full_dose:
         raise LCTfoundError("no full-dose volumes to simulate low-dose partners for")
     progress = ensure_progress(progress)
+    volumes = [read_volume(path) for path in full_dose]  # all read first: progress counts every slice
+    total = sum(volume.shape[0] for volume in volumes)
     lows, fulls, names = [], [], []
-    for number, path in enumerate(full_dose):
-        volume = read_volume(path)
-        progress.update(number, len(full_dose), f"simulating {volume_stem(path)} at {dose_fraction:g} dose")
-        low = simulate_low_dose(volume, dose_fraction, seed=seed + number, progress=_CancelOnly(progress),
-                                **simulation)
+    done_before = 0
+    for number, (path, volume) in enumerate(zip(full_dose, volumes)):
+        name = volume_stem(path)
+        progress.update(done_before, total, f"simulating {name} at {dose_fraction:g} dose")
+        low = simulate_low_dose(volume, dose_fraction, seed=seed + number,
+                                progress=_SliceProgress(progress, done_before, total, name), **simulation)
+        done_before += volume.shape[0]
         lows.append(low.array)
         fulls.append(volume.array)
-        names.append(volume_stem(path))
-    progress.update(len(full_dose), len(full_dose), "simulated")
+        names.append(name)
+    progress.update(total, total, "simulated")
     return lows, fulls, names
 
 
-class _CancelOnly(Progress):
-    """Forwards cancellation but not the per-slice counts (they would reset the outer bar)."""
+class _SliceProgress(Progress):
+    """A volume's per-slice counts as slices of all volumes (one bar over every slice); cancelling forwards."""
 
-    def __init__(self, outer: Progress):
+    def __init__(self, outer: Progress, done_before: int, total: int, name: str):
         super().__init__(cancel_token=outer.cancel_token)
+        self.add_callback(lambda done, _total, message: outer.update(
+            done_before + done, total, f"simulating {name}: slice {done}/{_total}"))
 
 
 def _data_description(pairs: PairedVolumes, kinds: tuple[str, str]) -> str:

@@ -15,9 +15,9 @@ from ..logic.base import RunState
 from ..logic.enhance import EnhanceModuleLogic
 from .panel_base import LogicPanel, button_dict, choice_items
 
-FIELDS = ("task", "model_name", "task_model", "dose", "views", "reconstruction", "geometry", "factor", "axis",
+FIELDS = ("task", "model_name", "task_model", "denoiser", "dose", "views", "reconstruction", "geometry", "factor", "axis",
           "interpolation", "steps", "seed", "window", "count", "guidance_scale", "device")
-SELECTS = ("task", "model_name", "task_model", "reconstruction", "geometry", "axis", "interpolation", "window",
+SELECTS = ("task", "model_name", "task_model", "denoiser", "reconstruction", "geometry", "axis", "interpolation", "window",
            "device")
 NUMBERS = {"dose": float, "views": int, "factor": int, "steps": int, "seed": int, "count": int,
            "guidance_scale": float}
@@ -36,7 +36,7 @@ class EnhancePanel(LogicPanel):
         self.logic = EnhanceModuleLogic(runs_root=app.config.runs_root)
         self.logic.set_scene(app.scene)
         defaults = {"task": "super-resolution", "model_name": "", "task_model": "", "dose": 0.1, "views": 32,
-                    "reconstruction": "fbp", "geometry": "parallel", "factor": 4, "axis": "in-plane",
+                    "denoiser": "tv", "reconstruction": "tv", "geometry": "parallel", "factor": 4, "axis": "in-plane",
                     "interpolation": "ddnm", "steps": 50, "seed": 0, "window": "lung", "count": 8,
                     "guidance_scale": 1.0, "device": "auto"}
         for name, value in defaults.items():
@@ -163,7 +163,8 @@ class EnhancePanel(LogicPanel):
             html.Div("LCTfound enhancement", classes="text-subtitle-1 mb-2")
             v3.VSelect(label="Task", v_model=(k("task"),), items=(k("task_items"),), density="compact",
                        hide_details=True, classes="mb-2", id="lct-enh-task")
-            for name, label in (("model_name", "Backbone model"), ("task_model", "Trained model"),
+            for name, label in (("model_name", "Backbone model"), ("denoiser", "Method"),
+                                ("task_model", "Trained model"),
                                 ("reconstruction", "Reconstruction"), ("geometry", "Geometry"), ("axis", "Axis"),
                                 ("interpolation", "Method"), ("window", "Window")):
                 v3.VSelect(v_if=(shown(name),), label=label, v_model=(k(name),), items=(k(f"{name}_items"),),
