@@ -101,6 +101,7 @@ class IntensityPatchSegmenter(FewShotSegmenter):
             PatchSpec(config.window, patch, config.resolution or DEFAULT_RESOLUTION))
         self.head = self.new_head()
         self._trained = False
+        self.annotation = None
 
     def save(self, *args, **kwargs):
         raise LCTfoundError("the raw-intensity baseline is a benchmark reference and is not saved as a task model")

@@ -318,6 +318,18 @@ class FitReport:
     class_pixels: dict[str, int]
     final_loss: float
     losses: list[float] = field(default_factory=list)
+    #: Epochs actually run, and the epochs asked for (the fast recipe raises them to reach ``min_steps``).
+    epochs: int = 0
+    requested_epochs: int = 0
+
+    @property
+    def epochs_note(self) -> str:
+        """One sentence when training ran more epochs than asked for (else '')."""
+        if self.epochs <= self.requested_epochs:
+            return ""
+        return (f"ran {self.epochs} epochs instead of the {self.requested_epochs} asked for: with "
+                f"{len(self.slices)} labelled slice(s) an epoch is only a few steps, and the fast recipe trains "
+                "at least its minimum number of steps")
 
 
 class FewShotSegmenter:
@@ -334,6 +346,15 @@ class FewShotSegmenter:
         self.extractor = FeatureExtractor(model, config.feature_spec(model))
         self._trained = head is not None
         self.head = head if head is not None else self.new_head()
+        #: ``{"volume": volume_key, "seeds": annotation_seeds}`` of the last `fit` (kept in the saved model).
+        self.annotation: Optional[dict[str, Any]] = None
+
+    def annotation_for(self, hu_volume: np.ndarray) -> Optional[np.ndarray]:
+        """The training annotation's seed points as a label volume when ``hu_volume`` is the volume
+        this model was trained on, else None."""
+        if not self.annotation or self.annotation.get("volume") != volume_key(hu_volume):
+            return None
+        return seeds_volume(hu_volume.shape, self.annotation.get("seeds", []))
 
     def new_head(self) -> PixelMLPHead:
         """An untrained head whose start depends on ``config.seed`` only, not on earlier work in the process."""
@@ -375,6 +396,9 @@ class FewShotSegmenter:
             raise LCTfoundError(f"label value {unknown[0]} has no name in this segmenter")
         if not any((labels[k] > 0).any() for k in labelled):
             raise LCTfoundError("the labelled slices hold only background: paint the structure on a slice")
+        # Where the annotator painted, on this volume: prediction on it is kept to that extent and
+        # to the components touching the paint (`annotation_for`).
+        self.annotation = {"volume": volume_key(hu_volume), "seeds": annotation_seeds(np.asarray(labels))}
         if self.config.official:
             return self._fit_official(hu_volume, labels, labelled, progress)
         cache = FeatureCache(self.extractor, hu_volume, cache_root)
@@ -421,7 +445,8 @@ class FewShotSegmenter:
         counts = np.bincount(targets, minlength=len(self.class_values))
         class_pixels = {("background" if v == 0 else self.label_names[v]): int(c)
                         for v, c in zip(self.class_values, counts)}
-        return FitReport(labelled, len(rows), int((weights > 1).sum()), class_pixels, losses[-1], losses)
+        return FitReport(labelled, len(rows), int((weights > 1).sum()), class_pixels, losses[-1], losses,
+                         epochs=epochs, requested_epochs=self.config.epochs)
 
     def _fit_official(self, hu_volume: np.ndarray, labels: np.ndarray, labelled: list[int],
                       progress: Progress) -> FitReport:
@@ -488,7 +513,8 @@ class FewShotSegmenter:
         counts = np.bincount(targets_all.reshape(-1).numpy(), minlength=len(self.class_values))
         class_pixels = {("background" if v == 0 else self.label_names[v]): int(c)
                         for v, c in zip(self.class_values, counts)}
-        return FitReport(labelled, int(targets_all.numel()), 0, class_pixels, losses[-1], losses)
+        return FitReport(labelled, int(targets_all.numel()), 0, class_pixels, losses[-1], losses,
+                         epochs=config.epochs, requested_epochs=config.epochs)
 
     @staticmethod
     def _full_cover_targets(covers: torch.Tensor) -> torch.Tensor:
@@ -540,13 +566,16 @@ class FewShotSegmenter:
             progress.check_cancelled()
 
     def __call__(self, hu_volume: np.ndarray, progress: Optional[Progress] = None,
-                 cache_root: Optional[Path] = None, postprocess: Sequence[str] = ()) -> np.ndarray:
-        """Label values (K, H, W) for the whole volume (``postprocess``: see `postprocess_labels`)."""
+                 cache_root: Optional[Path] = None, postprocess: Sequence[str] = (),
+                 slices: Optional[Sequence[int]] = None, annotation: Optional[np.ndarray] = None) -> np.ndarray:
+        """Label values (K, H, W) for the volume; only ``slices`` are predicted (default all, the others
+        are background). ``postprocess`` and ``annotation``: see `postprocess_labels`."""
         values = np.asarray(self.class_values, dtype=np.uint8 if max(self.class_values) < 256 else np.uint16)
         out = np.zeros(hu_volume.shape, dtype=values.dtype)
-        for index, probabilities in self.predict_probabilities(hu_volume, progress=progress, cache_root=cache_root):
+        for index, probabilities in self.predict_probabilities(hu_volume, slices, progress=progress,
+                                                               cache_root=cache_root):
             out[index] = values[probabilities.argmax(0)]
-        return postprocess_labels(out, postprocess) if postprocess else out
+        return postprocess_labels(out, postprocess, annotation) if postprocess else out
 
     # ------------------------------------------------------------------ storage
     def save(self, folder: str | Path, extra: Optional[dict[str, Any]] = None, overwrite: bool = False) -> Path:
@@ -556,6 +585,7 @@ class FewShotSegmenter:
                 "head_widths": list(self.head.widths),
                 "preprocessing": {"window": self.config.window, "normalization": self.extractor.spec.normalization,
                                   "resize": self.extractor.spec.resize, "size": self.model.sample_size},
+                **({"annotation": self.annotation} if self.annotation else {}),
                 **(extra or {})}
         return save_task_model(folder, TASK, backbone_reference(self.model), {"head": self.head}, info,
                                overwrite=overwrite)
@@ -574,34 +604,129 @@ class FewShotSegmenter:
         head = PixelMLPHead(channels, len(names) + 1, widths=widths)
         head.load_state_dict(task_model.parts["head"])
         segmenter = cls(model, names, config, head.eval())
+        segmenter.annotation = task_model.info.get("annotation")
         if segmenter.extractor.channels != channels:
             raise LCTfoundError(f"{folder}: its head expects {channels} feature channels, this backbone gives "
                                 f"{segmenter.extractor.channels}")
         return segmenter
 
 
-POSTPROCESSING = ("largest", "fill", "smooth")
+POSTPROCESSING = ("connected", "largest", "fill", "smooth")
+#: The post-processing `segment predict` and the panels apply unless told otherwise.
+DEFAULT_POSTPROCESSING = ("connected",)
 
 
-def postprocess_labels(labels: np.ndarray, steps: Sequence[str]) -> np.ndarray:
-    """Per structure: ``largest`` connected component, ``fill`` holes (per slice), ``smooth`` (binary opening+closing)."""
+def postprocess_labels(labels: np.ndarray, steps: Sequence[str], annotation: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per structure: ``connected`` keeps the 3D connected components that touch the annotator's
+    voxels of that structure in ``annotation`` (label values on the same grid; without any, the
+    largest component), ``largest`` connected component, ``fill`` holes (per slice), ``smooth``
+    (binary opening+closing)."""
     from scipy import ndimage
 
     unknown = [s for s in steps if s not in POSTPROCESSING]
     if unknown:
         raise LCTfoundError(f"unknown post-processing {unknown[0]!r}; choose from {', '.join(POSTPROCESSING)}")
+    if annotation is not None and annotation.shape != labels.shape:
+        raise LCTfoundError(f"the annotation {annotation.shape} is not on the prediction's grid {labels.shape}")
     out = np.zeros_like(labels)
     for value in [int(v) for v in np.unique(labels) if v != 0]:
         mask = labels == value
         if "smooth" in steps:
             structure = ndimage.generate_binary_structure(3, 1)
             mask = ndimage.binary_closing(ndimage.binary_opening(mask, structure), structure)
+        if "connected" in steps and mask.any():
+            mask = _touching_annotation(mask, None if annotation is None else annotation == value)
         if "largest" in steps and mask.any():
-            components, count = ndimage.label(mask)
-            if count > 1:
-                sizes = np.bincount(components.ravel())[1:]
-                mask = components == (int(np.argmax(sizes)) + 1)
+            mask = _largest_component(mask)
         if "fill" in steps:
             mask = np.stack([ndimage.binary_fill_holes(s) for s in mask])
         out[mask & (out == 0)] = value
     return out
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    components, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(components.ravel())[1:]
+    return components == (int(np.argmax(sizes)) + 1)
+
+
+def _touching_annotation(mask: np.ndarray, annotated: Optional[np.ndarray]) -> np.ndarray:
+    """The 3D components of ``mask`` holding an annotated voxel; the largest one when none is annotated
+    (a volume the annotator never painted) or no component reaches the annotation."""
+    from scipy import ndimage
+
+    if annotated is None or not annotated.any():
+        return _largest_component(mask)
+    components, _ = ndimage.label(mask)
+    touching = np.unique(components[annotated & mask])
+    touching = touching[touching > 0]
+    if touching.size == 0:
+        return _largest_component(mask)
+    return np.isin(components, touching)
+
+
+# ------------------------------------------------------------------------------ annotated extent
+
+def annotated_extent(annotation: np.ndarray) -> Optional[tuple[int, int]]:
+    """First and last slice of ``annotation`` (label values; 0 and −1 are no structure) holding a structure."""
+    holding = np.flatnonzero((np.asarray(annotation) > 0).reshape(annotation.shape[0], -1).any(axis=1))
+    if holding.size == 0:
+        return None
+    return int(holding[0]), int(holding[-1])
+
+
+def parse_extent_margin(text: str | float | int, slice_spacing: float) -> int:
+    """A margin in slices from ``"3"`` (slices) or ``"15mm"`` (millimetres along the slice axis, rounded up)."""
+    value = str(text).strip().lower()
+    try:
+        if value.endswith("mm"):
+            millimetres = float(value[:-2])
+            if millimetres < 0 or not np.isfinite(millimetres):
+                raise ValueError
+            return int(np.ceil(millimetres / max(float(slice_spacing), 1e-6) - 1e-9))
+        slices = int(value)
+        if slices < 0:
+            raise ValueError
+        return slices
+    except ValueError:
+        raise LCTfoundError(f"extent margin {text!r}: give a number of slices (e.g. 3) or millimetres "
+                            "(e.g. 15mm), not negative") from None
+
+
+def prediction_slices(slice_count: int, annotation: Optional[np.ndarray], margin: int) -> list[int]:
+    """The slices to predict: the annotated extent ± ``margin`` slices, or all when nothing is annotated."""
+    extent = None if annotation is None else annotated_extent(annotation)
+    if extent is None:
+        return list(range(slice_count))
+    return list(range(max(0, extent[0] - margin), min(slice_count, extent[1] + margin + 1)))
+
+
+def annotation_seeds(labels: np.ndarray) -> list[list[int]]:
+    """``[slice, row, column, value]`` of one inside point (the farthest from the border) of every 2D
+    component of every structure the annotator painted: a few numbers that stand for the annotation
+    in a saved model (its extent and the components `connected` keeps)."""
+    from scipy import ndimage
+
+    seeds = []
+    for k in np.flatnonzero((labels > 0).reshape(labels.shape[0], -1).any(axis=1)):
+        for value in [int(v) for v in np.unique(labels[k]) if v > 0]:
+            components, count = ndimage.label(labels[k] == value)
+            distance = ndimage.distance_transform_edt(components > 0)
+            for index in range(1, count + 1):
+                inside = np.where(components == index, distance, -1.0)
+                row, column = np.unravel_index(int(np.argmax(inside)), inside.shape)
+                seeds.append([int(k), int(row), int(column), value])
+    return seeds
+
+
+def seeds_volume(shape: Sequence[int], seeds: Sequence[Sequence[int]]) -> np.ndarray:
+    """A label volume holding only the seed points of `annotation_seeds`."""
+    volume = np.zeros(tuple(shape), dtype=np.int16)
+    for k, row, column, value in seeds:
+        if 0 <= k < shape[0] and 0 <= row < shape[1] and 0 <= column < shape[2]:
+            volume[k, row, column] = value
+    return volume
