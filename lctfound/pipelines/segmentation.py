@@ -52,6 +52,22 @@ def volume_key(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def square_padding(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) padding that makes a height × width slice square, centred."""
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    return top, side - height - top, left, side - width - left
+
+
+def pad_to_square(volume: np.ndarray, value: float) -> np.ndarray:
+    """Slices (K, H, W) padded with ``value`` to (K, S, S), S = max(H, W), centred; the volume itself
+    when its slices are square. Resizing a square to the model's square input keeps the aspect ratio."""
+    top, bottom, left, right = square_padding(*volume.shape[1:])
+    if not (top or bottom or left or right):
+        return volume
+    return np.pad(np.asarray(volume), ((0, 0), (top, bottom), (left, right)), constant_values=value)
+
+
 class FeatureCache:
     """Features of one volume under one model and recipe, computed slice by slice on demand.
 
@@ -233,6 +249,17 @@ class FeatureCache:
             return 0
 
 
+def _to_native_grid(logits: torch.Tensor, height: int, width: int, padded: bool) -> torch.Tensor:
+    """Logits on the feature grid → the slice's own height × width. ``padded``: the grid covers the
+    slice padded to square (`pad_to_square`), so bilinear to that square, then crop the padding off."""
+    if not padded or height == width:
+        return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+    top, _, left, _ = square_padding(height, width)
+    side = max(height, width)
+    logits = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
+    return logits[..., top:top + height, left:left + width]
+
+
 def _npy_problem(path: Path, shape: tuple[int, ...], dtype) -> str:
     """Why ``path`` is not a complete ``.npy`` of ``shape``/``dtype`` ('' when it is)."""
     with open(path, "rb") as handle:
@@ -349,6 +376,19 @@ class FewShotSegmenter:
         #: ``{"volume": volume_key, "seeds": annotation_seeds}`` of the last `fit` (kept in the saved model).
         self.annotation: Optional[dict[str, Any]] = None
 
+    def model_volume(self, hu_volume: np.ndarray) -> np.ndarray:
+        """What the backbone sees: the fast recipe pads slices to square with the window's low value
+        (air, once windowed) so features see the body undistorted; the official recipe resizes as the
+        paper's code does."""
+        if self.config.official:
+            return hu_volume
+        from ..windows import get_window
+
+        low = get_window(self.config.window).low
+        if np.issubdtype(np.asarray(hu_volume[:0]).dtype, np.integer):
+            low = np.floor(low)
+        return pad_to_square(hu_volume, low)
+
     def annotation_for(self, hu_volume: np.ndarray) -> Optional[np.ndarray]:
         """The training annotation's seed points as a label volume when ``hu_volume`` is the volume
         this model was trained on, else None."""
@@ -401,10 +441,10 @@ class FewShotSegmenter:
         self.annotation = {"volume": volume_key(hu_volume), "seeds": annotation_seeds(np.asarray(labels))}
         if self.config.official:
             return self._fit_official(hu_volume, labels, labelled, progress)
-        cache = FeatureCache(self.extractor, hu_volume, cache_root)
+        cache = FeatureCache(self.extractor, self.model_volume(hu_volume), cache_root)
         features = cache.get(labelled, progress=progress)
         rng = np.random.default_rng(self.config.seed)
-        rows, targets = self._training_rows(features, labels[labelled], rng)
+        rows, targets = self._training_rows(features, pad_to_square(labels[labelled], UNLABELLED), rng)
         x_all, y_all = torch.from_numpy(rows), torch.from_numpy(targets)
         weights = torch.ones(len(rows))
         if self._trained:
@@ -547,7 +587,7 @@ class FewShotSegmenter:
         slices = list(range(hu_volume.shape[0])) if slices is None else [int(s) for s in slices]
         # The official recipe's full grid (0.5 GB per slice for the official model in fp16) is
         # computed per batch and not cached.
-        cache = None if self.config.official else FeatureCache(self.extractor, hu_volume, cache_root)
+        cache = None if self.config.official else FeatureCache(self.extractor, self.model_volume(hu_volume), cache_root)
         head = self.head.eval()
         height, width = hu_volume.shape[1:]
         for done, first in enumerate(range(0, len(slices), batch_size)):
@@ -559,7 +599,7 @@ class FewShotSegmenter:
             channels, resolution = features.shape[1], features.shape[-1]
             rows = features.permute(0, 2, 3, 1).reshape(-1, channels)
             logits = head(rows).reshape(len(batch), resolution, resolution, -1).permute(0, 3, 1, 2)
-            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            logits = _to_native_grid(logits, height, width, padded=cache is not None)
             for index, slice_logits in zip(batch, torch.softmax(logits, dim=1)):
                 yield index, slice_logits.numpy()
             progress.update(min(first + batch_size, len(slices)), len(slices), f"slice {batch[-1]}")
