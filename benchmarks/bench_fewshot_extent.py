@@ -9,6 +9,13 @@ slice: ``Dice volume`` = 3D Dice over all slices; ``outside`` = voxels labelled 
 no lesion in the ground truth; ``predicted`` / ``true`` = lesion voxels in total.
 
     python benchmarks/bench_fewshot_extent.py --shots 2 --repeats 3
+
+``--intensity`` (issue 15, item 3) instead compares, at the same k and slices, the fast recipe
+without and with its intensity channels and the raw 5×5 + MLP baseline
+(`lctfound.pipelines.baselines`), scored as `bench_fewshot`'s ``Dice held-out volume`` (every
+unlabelled slice, no post-processing) and over every slice after the default extent + connected:
+
+    python benchmarks/bench_fewshot_extent.py --intensity --shots 1 --repeats 1
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from bench_fewshot import labelled_choices  # noqa: E402
 from lctfound.io.sample_data import load_sample  # noqa: E402
 from lctfound.metrics.segmentation import dice  # noqa: E402
 from lctfound.models import load_model, resolve_model  # noqa: E402
+from lctfound.pipelines.baselines import IntensityPatchSegmenter  # noqa: E402
 from lctfound.pipelines.segmentation import (UNLABELLED, FewShotConfig, FewShotSegmenter,  # noqa: E402
                                              parse_extent_margin, postprocess_labels, prediction_slices)
 
@@ -45,7 +53,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--margin", default="15mm")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--intensity", action="store_true", help="compare the intensity channels and the baseline")
     args = parser.parse_args()
+    if args.intensity:
+        return compare_intensity(args)
     torch.set_num_threads(args.threads)
     model = load_model(resolve_model("default"))
     rows = []
@@ -91,6 +102,43 @@ def main() -> None:
             print(f"| {name} | {k} | {len(group)} | {med('before', 'dice')} | {med('after', 'dice')} | "
                   f"{med('before', 'outside', 0)} | {med('after', 'outside', 0)} | {med('before', 'predicted', 0)} | "
                   f"{med('after', 'predicted', 0)} | {group[0]['true']} |")
+
+
+def compare_intensity(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    model = load_model(resolve_model("default"))
+    methods = {
+        "LCTfound + MLP (before: features only)":
+            lambda seed: FewShotSegmenter(model, {1: "Lesion"}, FewShotConfig(seed=seed, intensity_features=False)),
+        "LCTfound + intensity + MLP (now)":
+            lambda seed: FewShotSegmenter(model, {1: "Lesion"}, FewShotConfig(seed=seed)),
+        "raw 5×5 + MLP (baseline)": lambda seed: IntensityPatchSegmenter({1: "Lesion"}, FewShotConfig(seed=seed)),
+    }
+    print("| volume | k | slices | method | Dice held-out volume | Dice volume, extent + connected |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name in args.volumes:
+        image, label = load_sample(name)
+        volume, truth = np.asarray(image.array), (label.array == 1).astype(np.uint8)
+        lesion = [s for s in range(truth.shape[0]) if truth[s].any()]
+        margin = parse_extent_margin(args.margin, image.spacing[2])
+        for k in args.shots:
+            for seed, chosen in enumerate(labelled_choices(lesion[0], lesion[-1], k, args.repeats)):
+                labels = np.full(volume.shape, UNLABELLED, dtype=np.int16)
+                labels[list(chosen)] = truth[list(chosen)]
+                held_out = [s for s in range(volume.shape[0]) if s not in chosen]
+                for method, build in methods.items():
+                    torch.manual_seed(seed)
+                    segmenter = build(seed)
+                    segmenter.fit(volume, labels)
+                    raw = segmenter(volume)
+                    heldout = dice(raw[held_out] == 1, truth[held_out] == 1)
+                    shown = raw.copy()
+                    shown[list(chosen)] = truth[list(chosen)]
+                    restricted = np.zeros_like(shown)
+                    keep = prediction_slices(volume.shape[0], labels, margin)
+                    restricted[keep] = shown[keep]
+                    after = scores(postprocess_labels(restricted, ["connected"], labels), truth)["dice"]
+                    print(f"| {name} | {k} | {list(chosen)} | {method} | {heldout:.3f} | {after:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

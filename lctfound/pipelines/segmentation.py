@@ -249,6 +249,24 @@ class FeatureCache:
             return 0
 
 
+#: Channels `intensity_channels` adds, and the smoothing of the second one (pixels of the feature grid).
+INTENSITY_CHANNELS = 2
+INTENSITY_SIGMA = 2.0
+
+
+def intensity_channels(hu_slices: np.ndarray, window: str, resolution: int) -> torch.Tensor:
+    """(B, H, W) HU (square slices) → (B, 2, R, R): the HU in the window as [0, 1] (area-resized to the
+    feature grid) and the same Gaussian-smoothed (σ = `INTENSITY_SIGMA` grid pixels), centred on 0."""
+    from scipy import ndimage
+
+    from ..preprocessing import window_to_unit
+
+    unit = window_to_unit(np.asarray(hu_slices, dtype=np.float32), window, "fixed")[:, None]
+    grey = F.interpolate(unit, size=(resolution, resolution), mode="area")[:, 0].numpy()
+    smoothed = ndimage.gaussian_filter(grey, sigma=(0, INTENSITY_SIGMA, INTENSITY_SIGMA), mode="nearest")
+    return torch.from_numpy(np.stack([grey, smoothed], axis=1) - 0.5).float()
+
+
 def _to_native_grid(logits: torch.Tensor, height: int, width: int, padded: bool) -> torch.Tensor:
     """Logits on the feature grid → the slice's own height × width. ``padded``: the grid covers the
     slice padded to square (`pad_to_square`), so bilinear to that square, then crop the padding off."""
@@ -305,10 +323,16 @@ class FewShotConfig:
     warmup_steps: int = 0
     grad_clip: Optional[float] = None
     augment: bool = False
+    #: Fast recipe: the head also reads two cheap intensity channels per pixel, the HU in the window
+    #: and the same smoothed (`intensity_channels`); they carry most of what one labelled slice can
+    #: teach (issue 15: k = 1 lost to a pixel MLP on HU + smoothed HU). Models saved before: off.
+    intensity_features: bool = True
 
     def __post_init__(self) -> None:
         if self.recipe not in ("official", "fast"):
             raise LCTfoundError(f"unknown recipe {self.recipe!r}; choose official or fast")
+        if self.recipe == "official":
+            self.intensity_features = False  # the paper's head reads the backbone's features only
 
     @classmethod
     def for_recipe(cls, recipe: str, **overrides: Any) -> "FewShotConfig":
@@ -401,7 +425,22 @@ class FewShotSegmenter:
         with torch.random.fork_rng():
             torch.manual_seed(self.config.seed)
             widths = official_head_widths(len(self.class_values)) if self.config.official else None
-            return PixelMLPHead(self.extractor.channels, len(self.class_values), widths=widths)
+            return PixelMLPHead(self.head_inputs, len(self.class_values), widths=widths)
+
+    @property
+    def head_inputs(self) -> int:
+        """Values per pixel the head reads: the backbone's channels (+ the intensity channels)."""
+        return self.extractor.channels + (INTENSITY_CHANNELS if self.config.intensity_features else 0)
+
+    def head_features(self, features: torch.Tensor | np.ndarray, model_volume: np.ndarray,
+                      slices: Sequence[int]) -> torch.Tensor:
+        """The head's input (B, head_inputs, R, R) float32 from backbone features of ``slices`` of the
+        padded volume `model_volume`."""
+        features = torch.as_tensor(np.asarray(features) if isinstance(features, np.ndarray) else features).float()
+        if not self.config.intensity_features:
+            return features
+        extra = intensity_channels(np.asarray(model_volume[list(slices)]), self.config.window, features.shape[-1])
+        return torch.cat([features, extra], dim=1)
 
     # ------------------------------------------------------------------ training
     def _training_rows(self, features: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
@@ -441,8 +480,9 @@ class FewShotSegmenter:
         self.annotation = {"volume": volume_key(hu_volume), "seeds": annotation_seeds(np.asarray(labels))}
         if self.config.official:
             return self._fit_official(hu_volume, labels, labelled, progress)
-        cache = FeatureCache(self.extractor, self.model_volume(hu_volume), cache_root)
-        features = cache.get(labelled, progress=progress)
+        model_volume = self.model_volume(hu_volume)
+        cache = FeatureCache(self.extractor, model_volume, cache_root)
+        features = self.head_features(cache.get(labelled, progress=progress), model_volume, labelled).numpy()
         rng = np.random.default_rng(self.config.seed)
         rows, targets = self._training_rows(features, pad_to_square(labels[labelled], UNLABELLED), rng)
         x_all, y_all = torch.from_numpy(rows), torch.from_numpy(targets)
@@ -587,7 +627,8 @@ class FewShotSegmenter:
         slices = list(range(hu_volume.shape[0])) if slices is None else [int(s) for s in slices]
         # The official recipe's full grid (0.5 GB per slice for the official model in fp16) is
         # computed per batch and not cached.
-        cache = None if self.config.official else FeatureCache(self.extractor, self.model_volume(hu_volume), cache_root)
+        model_volume = self.model_volume(hu_volume)
+        cache = None if self.config.official else FeatureCache(self.extractor, model_volume, cache_root)
         head = self.head.eval()
         height, width = hu_volume.shape[1:]
         for done, first in enumerate(range(0, len(slices), batch_size)):
@@ -595,7 +636,7 @@ class FewShotSegmenter:
             if cache is None:
                 features = self.extractor(self.extractor.prepare(np.asarray(hu_volume[batch])), batch)
             else:
-                features = torch.from_numpy(cache.get(batch).astype(np.float32))
+                features = self.head_features(cache.get(batch), model_volume, batch)
             channels, resolution = features.shape[1], features.shape[-1]
             rows = features.permute(0, 2, 3, 1).reshape(-1, channels)
             logits = head(rows).reshape(len(batch), resolution, resolution, -1).permute(0, 3, 1, 2)
@@ -638,10 +679,12 @@ class FewShotSegmenter:
         settings = dict(task_model.info["fewshot"])
         channels = settings.pop("feature_channels")
         settings.pop("feature_resolution", None)
+        settings.setdefault("intensity_features", False)  # saved before the intensity channels existed
         config = FewShotConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
         names = {int(k): v for k, v in task_model.info["labels"].items()}
         widths = task_model.info.get("head_widths")  # absent in models saved before recipes: the scaled widths
-        head = PixelMLPHead(channels, len(names) + 1, widths=widths)
+        head = PixelMLPHead(channels + (INTENSITY_CHANNELS if config.intensity_features else 0), len(names) + 1,
+                            widths=widths)
         head.load_state_dict(task_model.parts["head"])
         segmenter = cls(model, names, config, head.eval())
         segmenter.annotation = task_model.info.get("annotation")
