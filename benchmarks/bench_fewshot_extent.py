@@ -54,11 +54,14 @@ def main() -> None:
     parser.add_argument("--margin", default="15mm")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--intensity", action="store_true", help="compare the intensity channels and the baseline")
+    parser.add_argument("--method", choices=("lctfound", "raw"), default="lctfound",
+                        help="lctfound: the embedded model, fast recipe; raw: the raw 5×5 + MLP baseline (no "
+                             "backbone: seconds, where the backbone's features of a whole CT take a loaded CPU an hour)")
     args = parser.parse_args()
     if args.intensity:
         return compare_intensity(args)
     torch.set_num_threads(args.threads)
-    model = load_model(resolve_model("default"))
+    model = load_model(resolve_model("default")) if args.method == "lctfound" else None
     rows = []
     for name in args.volumes:
         image, label = load_sample(name)
@@ -70,7 +73,9 @@ def main() -> None:
                 labels = np.full(volume.shape, UNLABELLED, dtype=np.int16)
                 labels[list(chosen)] = truth[list(chosen)]
                 torch.manual_seed(seed)
-                segmenter = FewShotSegmenter(model, {1: "Lesion"}, FewShotConfig.for_recipe("fast", seed=seed))
+                config = FewShotConfig.for_recipe("fast", seed=seed)
+                segmenter = (FewShotSegmenter(model, {1: "Lesion"}, config) if model is not None
+                             else IntensityPatchSegmenter({1: "Lesion"}, config))
                 start = time.perf_counter()
                 segmenter.fit(volume, labels)
                 raw = segmenter(volume)
