@@ -83,6 +83,8 @@ class LCTfoundSegmentationParameterNode:
     newModelName - the name a newly trained few-shot model is registered under.
     epochs, window - few-shot training settings.
     outputMode - "new" segmentation node, or "update" the annotation (undo state saved first).
+    keepConnected, extentMarginMm, wholeVolume - few-shot prediction kept to the annotated extent (plus a
+        margin in mm, or every slice) and to the 3D parts touching the annotation.
     keepLargest, fillHoles, smooth, surfaces - post-processing and 3D display of segmentations.
     saliency - add a Grad-CAM overlay volume to diagnosis results.
     device - "auto", "cpu", "cuda", "cuda:N" or "mps".
@@ -97,6 +99,9 @@ class LCTfoundSegmentationParameterNode:
     epochs: Annotated[int, WithinRange(1, 10000)] = _DEFAULTS.epochs
     window: str = _DEFAULTS.window
     outputMode: str = _DEFAULTS.output_mode
+    keepConnected: bool = _DEFAULTS.keep_connected
+    extentMarginMm: Annotated[float, WithinRange(0.0, 10000.0)] = _DEFAULTS.extent_margin_mm
+    wholeVolume: bool = _DEFAULTS.whole_volume
     keepLargest: bool = _DEFAULTS.keep_largest
     fillHoles: bool = _DEFAULTS.fill_holes
     smooth: bool = _DEFAULTS.smooth
@@ -158,6 +163,8 @@ class LCTfoundSegmentationWidget(LCTfoundJobModuleWidget):
             "surfaces": (self.ui.surfacesLabel, self.ui.surfacesCheckBox),
             "keep_largest": (self.ui.postprocessLabel, self.ui.keepLargestCheckBox, self.ui.fillHolesCheckBox,
                              self.ui.smoothCheckBox),
+            "keep_connected": (self.ui.keepConnectedCheckBox,),
+            "extent_margin_mm": (self.ui.extentLabel, self.ui.extentMarginSpinBox, self.ui.wholeVolumeCheckBox),
         }
         for name, widgets in fields.items():
             for widget in widgets:

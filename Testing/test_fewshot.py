@@ -143,6 +143,11 @@ def test_cli_segment_train_and_batch_predict(backbone, tmp_path, run_cli, monkey
                               "-o", tmp_path / "fewshot"])
     assert code == 0, err
     assert "trained on slices [1]" in out
+    # One slice makes an epoch a single step: the raised epoch count is said, and kept for the panel.
+    assert "instead of the 5 asked for" in out
+    from lctfound.logic.segmentation import SegmentationModuleLogic
+
+    assert "instead of the 5 asked for" in SegmentationModuleLogic.training_note(tmp_path / "fewshot")
 
     code, out, err = run_cli(["segment", "predict", tmp_path / "ct.nrrd", "--model", tmp_path / "fewshot",
                               "--postprocess", "largest", "-o", tmp_path / "pred.nii.gz"])
@@ -150,6 +155,17 @@ def test_cli_segment_train_and_batch_predict(backbone, tmp_path, run_cli, monkey
     predicted = read_volume(tmp_path / "pred.nii.gz", labels=True)
     assert predicted.shape == ct.shape and np.allclose(predicted.spacing, ct.spacing)  # NIfTI stores float32
     assert set(np.unique(predicted.array)) <= {0, 1}
+
+    # On its training volume the model keeps to the annotated extent (slice 1) plus the margin.
+    code, out, err = run_cli(["segment", "predict", tmp_path / "ct.nrrd", "--model", tmp_path / "fewshot",
+                              "--extent-margin", "0", "-o", tmp_path / "pred_extent.nii.gz"])
+    assert code == 0, err
+    assert "predicting slices 1-1 of 4" in out
+    kept = read_volume(tmp_path / "pred_extent.nii.gz", labels=True).array
+    assert kept[[0, 2, 3]].sum() == 0 and kept[1].sum() > 0
+    code, out, err = run_cli(["segment", "predict", tmp_path / "ct.nrrd", "--model", tmp_path / "fewshot",
+                              "--extent-margin", "2 slices", "-o", tmp_path / "bad.nii.gz"])
+    assert code == 2 and err.startswith("error: extent margin")
 
     batch = tmp_path / "batch"
     batch.mkdir()

@@ -101,8 +101,13 @@ def test_annotator_loop_train_predict_correct_retrain(world):
 
     p.task_model = "lesion-v1"
     assert logic.predict_button_state(p).enabled, logic.predict_problems(p)
+    # The raw prediction, so the annotator has a false positive to correct (by default the parts not
+    # touching the painted slices, the blob among them, are dropped: test_fewshot_extent.py).
+    p.keep_connected = False
     logic.start_predict(p)
+    assert "--annotation" in logic.job.command and "15mm" in logic.job.command
     run_job(logic)
+    p.keep_connected = True
     result = logic.result_segmentation
     assert result is not annotation and result.GetName().startswith("phantom")
     assert reviewed_slices(result) == [1, 2]

@@ -56,7 +56,19 @@ def register(subparsers) -> None:
     predict.add_argument("--output", "-o", required=True, help="label map file (.nii.gz/.nrrd/.mha) or a folder")
     predict.add_argument("--overwrite", action="store_true",
                          help="replace an existing label map (with a folder: redo every volume)")
-    predict.add_argument("--postprocess", default="", help="comma list of: largest, fill, smooth")
+    predict.add_argument("--postprocess", default="connected",
+                         help="comma list of: connected (keep the 3D components that touch the annotation; "
+                              "without one, the largest), largest, fill, smooth; 'none' for the raw prediction "
+                              "(default connected)")
+    predict.add_argument("--annotation", metavar="LABELS",
+                         help="the annotator's label map on this volume: prediction is kept to its extent (plus "
+                              "--extent-margin) and 'connected' keeps what touches it (default: the annotation "
+                              "a few-shot model was trained from, when this is its training volume)")
+    predict.add_argument("--extent-margin", default="15mm", metavar="N|Nmm",
+                         help="slices predicted beyond the first and last annotated slice holding a structure, "
+                              "in slices (3) or millimetres (15mm; default 15mm)")
+    predict.add_argument("--whole-volume", action="store_true",
+                         help="predict every slice, not only the annotated extent")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     predict.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
     predict.set_defaults(func=run_predict)
@@ -148,9 +160,14 @@ def run_train(args: argparse.Namespace) -> int:
     segmenter.save(output, extra={"name": args.register or output.name,
                                   "training": {"volume": str(args.volume), "slices": report.slices,
                                                "recipe": segmenter.config.recipe,
-                                               "pixels": report.pixels, "final_loss": report.final_loss}},
+                                               "pixels": report.pixels, "final_loss": report.final_loss,
+                                               "epochs": report.epochs,
+                                               "requested_epochs": report.requested_epochs,
+                                               "epochs_note": report.epochs_note}},
                    overwrite=args.overwrite)
-    print(f"trained on slices {report.slices} ({report.pixels} pixels) in {time.perf_counter() - start:.1f} s; "
+    if report.epochs_note:
+        print(f"note: {report.epochs_note}")
+    print(f"trained on slices {report.slices} ({report.pixels} pixels, {report.epochs} epochs) in {time.perf_counter() - start:.1f} s; "
           f"model in {output}")
     if args.register:
         print(f"registered as {args.register!r} in {register_model(output, args.register)}")
@@ -166,22 +183,44 @@ def _segmentation_done(target: Path) -> bool:
     return output_is_complete(target, lambda path: read_volume(path, labels=True))
 
 
+def _predict_in_extent(segmenter, volume, args: argparse.Namespace, steps, progress, annotation=None):
+    """Predict ``volume`` on the annotated extent ± the margin (all slices with --whole-volume or
+    without an annotation), saying which slices were predicted."""
+    from ..pipelines.segmentation import annotated_extent, parse_extent_margin, prediction_slices
+
+    if annotation is None:
+        annotation = segmenter.annotation_for(volume.array)
+    slices = None
+    extent = None if annotation is None else annotated_extent(annotation)
+    if extent is not None and not args.whole_volume:
+        margin = parse_extent_margin(args.extent_margin, volume.spacing[2])
+        slices = prediction_slices(volume.shape[0], annotation, margin)
+        print(f"predicting slices {slices[0]}-{slices[-1]} of {volume.shape[0]}: the annotated extent "
+              f"{extent[0]}-{extent[1]} ± {margin} slice(s) ({args.extent_margin}); --whole-volume predicts all")
+    return segmenter.predict(volume.array, progress=progress, postprocess=steps, slices=slices,
+                             annotation=annotation)
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from ..atomic import atomic_file, check_outputs, check_writable, refuse_input_conflict
     from ..io.volume import find_volumes, read_volume, volume_stem, write_volume
     from ..pipelines.predictors import load_segmentation_predictor
-    from ..pipelines.segmentation import POSTPROCESSING
+    from ..pipelines.segmentation import POSTPROCESSING, parse_extent_margin
     from ..progress import command_progress
     from . import given_paths
 
-    steps = [s.strip() for s in args.postprocess.split(",") if s.strip()]
+    steps = [s.strip() for s in args.postprocess.split(",") if s.strip() and s.strip() != "none"]
     unknown = [s for s in steps if s not in POSTPROCESSING]
     if unknown:
-        raise LCTfoundError(f"unknown post-processing {unknown[0]!r}; choose from {', '.join(POSTPROCESSING)}")
+        raise LCTfoundError(f"unknown post-processing {unknown[0]!r}; choose from {', '.join(POSTPROCESSING)} "
+                            "or none")
+    parse_extent_margin(args.extent_margin, 1.0)  # a bad margin is one line before any work
     source, output = Path(args.input).expanduser(), Path(args.output).expanduser()
     inputs = find_volumes(source)
     batch = source.is_dir() and not (len(inputs) == 1 and inputs[0] == source)
-    model_paths = given_paths(args.model, args.backbone)
+    if batch and args.annotation:
+        raise LCTfoundError("--annotation belongs to one volume; predict that volume on its own")
+    model_paths = given_paths(args.model, args.backbone, args.annotation)
     # Every output location is checked before the model is loaded.
     if not batch:
         check_outputs([output], [source, *model_paths], args.overwrite)
@@ -193,8 +232,13 @@ def run_predict(args: argparse.Namespace) -> int:
     segmenter = load_segmentation_predictor(args.model, args.backbone, args.device)
     if not batch:
         volume = read_volume(inputs[0])
+        annotation = None
+        if args.annotation:
+            from ..io.volume import read_label_volume
+
+            annotation = read_label_volume(args.annotation, reference=volume).array
         with command_progress(args.events, "segment", unit="slice") as progress:
-            labels = segmenter.predict(volume.array, progress=progress, postprocess=steps)
+            labels = _predict_in_extent(segmenter, volume, args, steps, progress, annotation)
         write_volume(volume.with_array(labels), output)
         print(f"wrote {output}: " + ", ".join(f"{name} {int((labels == value).sum())} voxels"
                                               for value, name in sorted(segmenter.label_names.items())))
@@ -224,7 +268,7 @@ def run_predict(args: argparse.Namespace) -> int:
             try:
                 volume = read_volume(path)
                 with command_progress(args.events, path.name, unit="slice") as progress:
-                    labels = segmenter.predict(volume.array, progress=progress, postprocess=steps)
+                    labels = _predict_in_extent(segmenter, volume, args, steps, progress)
                 write_volume(volume.with_array(labels), target)
                 row = {"input": str(path), "output": str(target), "status": "ok",
                        "seconds": f"{time.perf_counter() - start:.1f}",

@@ -104,6 +104,11 @@ class SegmentationParameters(ModuleParameters):
     epochs: int = 30
     window: str = "mediastinal"
     output_mode: str = "new"
+    #: Few-shot prediction: keep the 3D parts that touch the annotation (`connected` post-processing).
+    keep_connected: bool = True
+    #: Few-shot prediction: slices predicted beyond the annotated extent, in mm; ``whole_volume`` predicts all.
+    extent_margin_mm: float = 15.0
+    whole_volume: bool = False
     keep_largest: bool = False
     fill_holes: bool = False
     smooth: bool = False
@@ -272,7 +277,7 @@ class SegmentationModuleLogic(ModuleLogicBase):
         shown = {"task", "input_volume", "task_model", "device"}
         if p.task == FEWSHOT:
             shown |= {"annotation_segmentation", "model_name", "new_model_name", "epochs", "window", "output_mode",
-                      "keep_largest", "fill_holes", "smooth", "surfaces"}
+                      "keep_connected", "extent_margin_mm", "whole_volume", "keep_largest", "fill_holes", "smooth", "surfaces"}
         elif p.task == STRUCTURES:
             shown |= {"keep_largest", "fill_holes", "smooth", "surfaces"}
         else:
@@ -333,6 +338,7 @@ class SegmentationModuleLogic(ModuleLogicBase):
         problems = [self.check_input_volume(p.input_volume), self.check_task_model(p), self.check_device(p.device)]
         if p.task != DIAGNOSIS and p.output_mode == "update" and p.annotation_segmentation is None:
             problems.append("Select the annotation segmentation to update, or put the result in a new segmentation.")
+        problems.append(self.extent_problem(p))
         return [problem for problem in problems if problem]
 
     def parameter_problems(self, parameters: Any) -> list[str]:
@@ -497,12 +503,15 @@ class SegmentationModuleLogic(ModuleLogicBase):
                     args += ["--saliency", str(run / SALIENCY_FILE)]
                 message = f"classifying with {p.task_model}"
             else:
-                steps = [step for step, on in (("largest", p.keep_largest), ("fill", p.fill_holes),
+                fewshot = p.task == FEWSHOT
+                steps = [step for step, on in (("connected", fewshot and p.keep_connected),
+                                               ("largest", p.keep_largest), ("fill", p.fill_holes),
                                                ("smooth", p.smooth)) if on]
                 args = ["segment", "predict", str(volume_path), "--model", str(entry.path),
-                        "--output", str(run / "prediction.nrrd"), "--events"]
-                if steps:
-                    args += ["--postprocess", ",".join(steps)]
+                        "--output", str(run / "prediction.nrrd"), "--events",
+                        "--postprocess", ",".join(steps) or "none"]
+                if fewshot:
+                    args += self._extent_args(p, run)
                 message = f"segmenting with {p.task_model}"
         except BaseException:
             shutil.rmtree(run, ignore_errors=True)
@@ -510,6 +519,37 @@ class SegmentationModuleLogic(ModuleLogicBase):
         # The nodes the result goes to are kept for `on_job_finished` (MRML is read on the main thread).
         self._result_target = p
         return self._launch(run, info, args, p.device, message)
+
+    @staticmethod
+    def extent_problem(parameters: Any) -> str:
+        p = parameters
+        if p.task == FEWSHOT and not p.whole_volume and not 0 <= float(p.extent_margin_mm) <= 10000:
+            return "The extent margin must be between 0 and 10000 mm."
+        return ""
+
+    def _extent_args(self, p: SegmentationParameters, run: Path) -> list[str]:
+        """`segment predict` options that keep a few-shot prediction to the annotated extent: the current
+        annotation (painted and reviewed slices) goes with the volume; without one the model's own applies."""
+        args = ["--extent-margin", f"{float(p.extent_margin_mm):g}mm"]
+        if p.whole_volume:
+            args.append("--whole-volume")
+        if p.annotation_segmentation is not None:
+            try:
+                labels, slices, _ = training_labels(p.annotation_segmentation, p.input_volume)
+            except LCTfoundError:
+                return args  # nothing painted on this volume: the model's training annotation, if it is this volume
+            import numpy as np
+
+            from ..io.volume import write_volume
+            from ..mrml import ctvolume_from_volume_node
+
+            # Only the slices training uses (reviewed, else painted): an updated node also holds predictions.
+            annotation = np.zeros(labels.shape, dtype=np.int16)
+            annotation[slices] = labels[slices]
+            path = run / "annotation.nrrd"
+            write_volume(ctvolume_from_volume_node(p.input_volume).with_array(annotation), path)
+            args += ["--annotation", str(path)]
+        return args
 
     # -- results --------------------------------------------------------------------------
 
@@ -533,7 +573,20 @@ class SegmentationModuleLogic(ModuleLogicBase):
         except LCTfoundError as error:
             raise LCTfoundError(f"{error} (the trained model is in {output})") from None
         self.refresh()
-        return f"few-shot model '{name}' registered (slices {format_slices(self._job_info['slices'])})"
+        message = f"few-shot model '{name}' registered (slices {format_slices(self._job_info['slices'])})"
+        note = self.training_note(output)
+        return f"{message}; {note}" if note else message
+
+    @staticmethod
+    def training_note(model_folder: Path) -> str:
+        """What training changed from what was asked (e.g. more epochs to reach the recipe's minimum
+        steps), as `segment train` recorded it in the model; '' when nothing."""
+        from ..models.task_models import read_task_info
+
+        try:
+            return str(read_task_info(model_folder).get("training", {}).get("epochs_note", ""))
+        except LCTfoundError:
+            return ""
 
     def undo_stack(self, segmentation: Any):
         """The undo stack of ``segmentation`` kept by this logic (Slicer: the Segment Editor's own

@@ -15,7 +15,7 @@ on that grid with replicate padding at the border. Channel ``(dy + r) * patch + 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -90,7 +90,8 @@ class IntensityPatchSegmenter(FewShotSegmenter):
     """
 
     def __init__(self, label_names: dict[int, str], config: Optional[FewShotConfig] = None, patch: int = 5):
-        config = config or FewShotConfig()
+        # The baseline's own intensities are its features: no extra intensity channels.
+        config = replace(config or FewShotConfig(), intensity_features=False)
         names = {int(k): v for k, v in label_names.items() if int(k) != 0}
         if not names:
             raise LCTfoundError("name at least one structure to segment (label 1 or above)")
@@ -101,6 +102,7 @@ class IntensityPatchSegmenter(FewShotSegmenter):
             PatchSpec(config.window, patch, config.resolution or DEFAULT_RESOLUTION))
         self.head = self.new_head()
         self._trained = False
+        self.annotation = None
 
     def save(self, *args, **kwargs):
         raise LCTfoundError("the raw-intensity baseline is a benchmark reference and is not saved as a task model")

@@ -59,9 +59,15 @@ class SegmentationPredictor:
         raise NotImplementedError
 
     def predict(self, hu_volume: np.ndarray, progress: Optional[Progress] = None,
-                postprocess: Sequence[str] = ()) -> np.ndarray:
-        """Label values (N, H, W) on the native grid (``postprocess``: see `postprocess_labels`)."""
+                postprocess: Sequence[str] = (), slices: Optional[Sequence[int]] = None,
+                annotation: Optional[np.ndarray] = None) -> np.ndarray:
+        """Label values (N, H, W) on the native grid; slices outside ``slices`` (default: none) are
+        background (``postprocess``, ``annotation``: see `postprocess_labels`)."""
         raise NotImplementedError
+
+    def annotation_for(self, hu_volume: np.ndarray) -> Optional[np.ndarray]:
+        """The annotation the model was trained from, when ``hu_volume`` is that volume (few-shot models)."""
+        return None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.task} {self.provenance['model'].get('name')!r}>"
@@ -74,10 +80,15 @@ def _check_volume(hu_volume: np.ndarray) -> np.ndarray:
     return hu_volume
 
 
-def _postprocessed(labels: np.ndarray, postprocess: Sequence[str]) -> np.ndarray:
+def _postprocessed(labels: np.ndarray, postprocess: Sequence[str], slices: Optional[Sequence[int]] = None,
+                   annotation: Optional[np.ndarray] = None) -> np.ndarray:
     from .segmentation import postprocess_labels
 
-    return postprocess_labels(labels, postprocess) if postprocess else labels
+    if slices is not None:
+        outside = np.ones(labels.shape[0], dtype=bool)
+        outside[list(slices)] = False
+        labels[outside] = 0
+    return postprocess_labels(labels, postprocess, annotation) if postprocess else labels
 
 
 class FewShotPredictor(SegmentationPredictor):
@@ -94,9 +105,12 @@ class FewShotPredictor(SegmentationPredictor):
         return self.segmenter.predict_probabilities(_check_volume(hu_volume), progress=progress,
                                                     cache_root=self.cache_root)
 
-    def predict(self, hu_volume, progress=None, postprocess=()):
+    def predict(self, hu_volume, progress=None, postprocess=(), slices=None, annotation=None):
         return self.segmenter(_check_volume(hu_volume), progress=progress, cache_root=self.cache_root,
-                              postprocess=postprocess)
+                              postprocess=postprocess, slices=slices, annotation=annotation)
+
+    def annotation_for(self, hu_volume):
+        return self.segmenter.annotation_for(_check_volume(hu_volume))
 
 
 class DensePredictor(SegmentationPredictor):
@@ -139,12 +153,12 @@ class DensePredictor(SegmentationPredictor):
             for index, probabilities in strict_zip(batch, torch.softmax(logits, dim=1).numpy()):
                 yield index, probabilities
 
-    def predict(self, hu_volume, progress=None, postprocess=()):
+    def predict(self, hu_volume, progress=None, postprocess=(), slices=None, annotation=None):
         values = np.asarray(self.class_values, dtype=label_dtype(self.class_values))
         out = np.zeros(np.shape(hu_volume), dtype=values.dtype)
         for batch, logits in self._logits(hu_volume, progress):
             out[batch[0]:batch[-1] + 1] = values[logits.argmax(1).numpy()]
-        return _postprocessed(out, postprocess)
+        return _postprocessed(out, postprocess, slices, annotation)
 
 
 class StudentPredictor(SegmentationPredictor):
@@ -160,8 +174,9 @@ class StudentPredictor(SegmentationPredictor):
     def predict_probabilities(self, hu_volume, progress=None):
         return self.student.predict_probabilities(_check_volume(hu_volume), progress=progress)
 
-    def predict(self, hu_volume, progress=None, postprocess=()):
-        return self.student.predict(_check_volume(hu_volume), progress=progress, postprocess=postprocess)
+    def predict(self, hu_volume, progress=None, postprocess=(), slices=None, annotation=None):
+        labels = self.student.predict(_check_volume(hu_volume), progress=progress)
+        return _postprocessed(labels, postprocess, slices, annotation)
 
 
 # ---------------------------------------------------------------------------------------------- loading

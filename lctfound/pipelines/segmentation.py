@@ -52,6 +52,22 @@ def volume_key(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def square_padding(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) padding that makes a height × width slice square, centred."""
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    return top, side - height - top, left, side - width - left
+
+
+def pad_to_square(volume: np.ndarray, value: float) -> np.ndarray:
+    """Slices (K, H, W) padded with ``value`` to (K, S, S), S = max(H, W), centred; the volume itself
+    when its slices are square. Resizing a square to the model's square input keeps the aspect ratio."""
+    top, bottom, left, right = square_padding(*volume.shape[1:])
+    if not (top or bottom or left or right):
+        return volume
+    return np.pad(np.asarray(volume), ((0, 0), (top, bottom), (left, right)), constant_values=value)
+
+
 class FeatureCache:
     """Features of one volume under one model and recipe, computed slice by slice on demand.
 
@@ -233,6 +249,35 @@ class FeatureCache:
             return 0
 
 
+#: Channels `intensity_channels` adds, and the smoothing of the second one (pixels of the feature grid).
+INTENSITY_CHANNELS = 2
+INTENSITY_SIGMA = 2.0
+
+
+def intensity_channels(hu_slices: np.ndarray, window: str, resolution: int) -> torch.Tensor:
+    """(B, H, W) HU (square slices) → (B, 2, R, R): the HU in the window as [0, 1] (area-resized to the
+    feature grid) and the same Gaussian-smoothed (σ = `INTENSITY_SIGMA` grid pixels), centred on 0."""
+    from scipy import ndimage
+
+    from ..preprocessing import window_to_unit
+
+    unit = window_to_unit(np.asarray(hu_slices, dtype=np.float32), window, "fixed")[:, None]
+    grey = F.interpolate(unit, size=(resolution, resolution), mode="area")[:, 0].numpy()
+    smoothed = ndimage.gaussian_filter(grey, sigma=(0, INTENSITY_SIGMA, INTENSITY_SIGMA), mode="nearest")
+    return torch.from_numpy(np.stack([grey, smoothed], axis=1) - 0.5).float()
+
+
+def _to_native_grid(logits: torch.Tensor, height: int, width: int, padded: bool) -> torch.Tensor:
+    """Logits on the feature grid → the slice's own height × width. ``padded``: the grid covers the
+    slice padded to square (`pad_to_square`), so bilinear to that square, then crop the padding off."""
+    if not padded or height == width:
+        return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+    top, _, left, _ = square_padding(height, width)
+    side = max(height, width)
+    logits = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
+    return logits[..., top:top + height, left:left + width]
+
+
 def _npy_problem(path: Path, shape: tuple[int, ...], dtype) -> str:
     """Why ``path`` is not a complete ``.npy`` of ``shape``/``dtype`` ('' when it is)."""
     with open(path, "rb") as handle:
@@ -278,10 +323,16 @@ class FewShotConfig:
     warmup_steps: int = 0
     grad_clip: Optional[float] = None
     augment: bool = False
+    #: Fast recipe: the head also reads two cheap intensity channels per pixel, the HU in the window
+    #: and the same smoothed (`intensity_channels`); they carry most of what one labelled slice can
+    #: teach (issue 15: k = 1 lost to a pixel MLP on HU + smoothed HU). Models saved before: off.
+    intensity_features: bool = True
 
     def __post_init__(self) -> None:
         if self.recipe not in ("official", "fast"):
             raise LCTfoundError(f"unknown recipe {self.recipe!r}; choose official or fast")
+        if self.recipe == "official":
+            self.intensity_features = False  # the paper's head reads the backbone's features only
 
     @classmethod
     def for_recipe(cls, recipe: str, **overrides: Any) -> "FewShotConfig":
@@ -318,6 +369,18 @@ class FitReport:
     class_pixels: dict[str, int]
     final_loss: float
     losses: list[float] = field(default_factory=list)
+    #: Epochs actually run, and the epochs asked for (the fast recipe raises them to reach ``min_steps``).
+    epochs: int = 0
+    requested_epochs: int = 0
+
+    @property
+    def epochs_note(self) -> str:
+        """One sentence when training ran more epochs than asked for (else '')."""
+        if self.epochs <= self.requested_epochs:
+            return ""
+        return (f"ran {self.epochs} epochs instead of the {self.requested_epochs} asked for: with "
+                f"{len(self.slices)} labelled slice(s) an epoch is only a few steps, and the fast recipe trains "
+                "at least its minimum number of steps")
 
 
 class FewShotSegmenter:
@@ -334,13 +397,50 @@ class FewShotSegmenter:
         self.extractor = FeatureExtractor(model, config.feature_spec(model))
         self._trained = head is not None
         self.head = head if head is not None else self.new_head()
+        #: ``{"volume": volume_key, "seeds": annotation_seeds}`` of the last `fit` (kept in the saved model).
+        self.annotation: Optional[dict[str, Any]] = None
+
+    def model_volume(self, hu_volume: np.ndarray) -> np.ndarray:
+        """What the backbone sees: the fast recipe pads slices to square with the window's low value
+        (air, once windowed) so features see the body undistorted; the official recipe resizes as the
+        paper's code does."""
+        if self.config.official:
+            return hu_volume
+        from ..windows import get_window
+
+        low = get_window(self.config.window).low
+        if np.issubdtype(np.asarray(hu_volume[:0]).dtype, np.integer):
+            low = np.floor(low)
+        return pad_to_square(hu_volume, low)
+
+    def annotation_for(self, hu_volume: np.ndarray) -> Optional[np.ndarray]:
+        """The training annotation's seed points as a label volume when ``hu_volume`` is the volume
+        this model was trained on, else None."""
+        if not self.annotation or self.annotation.get("volume") != volume_key(hu_volume):
+            return None
+        return seeds_volume(hu_volume.shape, self.annotation.get("seeds", []))
 
     def new_head(self) -> PixelMLPHead:
         """An untrained head whose start depends on ``config.seed`` only, not on earlier work in the process."""
         with torch.random.fork_rng():
             torch.manual_seed(self.config.seed)
             widths = official_head_widths(len(self.class_values)) if self.config.official else None
-            return PixelMLPHead(self.extractor.channels, len(self.class_values), widths=widths)
+            return PixelMLPHead(self.head_inputs, len(self.class_values), widths=widths)
+
+    @property
+    def head_inputs(self) -> int:
+        """Values per pixel the head reads: the backbone's channels (+ the intensity channels)."""
+        return self.extractor.channels + (INTENSITY_CHANNELS if self.config.intensity_features else 0)
+
+    def head_features(self, features: torch.Tensor | np.ndarray, model_volume: np.ndarray,
+                      slices: Sequence[int]) -> torch.Tensor:
+        """The head's input (B, head_inputs, R, R) float32 from backbone features of ``slices`` of the
+        padded volume `model_volume`."""
+        features = torch.as_tensor(np.asarray(features) if isinstance(features, np.ndarray) else features).float()
+        if not self.config.intensity_features:
+            return features
+        extra = intensity_channels(np.asarray(model_volume[list(slices)]), self.config.window, features.shape[-1])
+        return torch.cat([features, extra], dim=1)
 
     # ------------------------------------------------------------------ training
     def _training_rows(self, features: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
@@ -375,12 +475,16 @@ class FewShotSegmenter:
             raise LCTfoundError(f"label value {unknown[0]} has no name in this segmenter")
         if not any((labels[k] > 0).any() for k in labelled):
             raise LCTfoundError("the labelled slices hold only background: paint the structure on a slice")
+        # Where the annotator painted, on this volume: prediction on it is kept to that extent and
+        # to the components touching the paint (`annotation_for`).
+        self.annotation = {"volume": volume_key(hu_volume), "seeds": annotation_seeds(np.asarray(labels))}
         if self.config.official:
             return self._fit_official(hu_volume, labels, labelled, progress)
-        cache = FeatureCache(self.extractor, hu_volume, cache_root)
-        features = cache.get(labelled, progress=progress)
+        model_volume = self.model_volume(hu_volume)
+        cache = FeatureCache(self.extractor, model_volume, cache_root)
+        features = self.head_features(cache.get(labelled, progress=progress), model_volume, labelled).numpy()
         rng = np.random.default_rng(self.config.seed)
-        rows, targets = self._training_rows(features, labels[labelled], rng)
+        rows, targets = self._training_rows(features, pad_to_square(labels[labelled], UNLABELLED), rng)
         x_all, y_all = torch.from_numpy(rows), torch.from_numpy(targets)
         weights = torch.ones(len(rows))
         if self._trained:
@@ -421,7 +525,8 @@ class FewShotSegmenter:
         counts = np.bincount(targets, minlength=len(self.class_values))
         class_pixels = {("background" if v == 0 else self.label_names[v]): int(c)
                         for v, c in zip(self.class_values, counts)}
-        return FitReport(labelled, len(rows), int((weights > 1).sum()), class_pixels, losses[-1], losses)
+        return FitReport(labelled, len(rows), int((weights > 1).sum()), class_pixels, losses[-1], losses,
+                         epochs=epochs, requested_epochs=self.config.epochs)
 
     def _fit_official(self, hu_volume: np.ndarray, labels: np.ndarray, labelled: list[int],
                       progress: Progress) -> FitReport:
@@ -488,7 +593,8 @@ class FewShotSegmenter:
         counts = np.bincount(targets_all.reshape(-1).numpy(), minlength=len(self.class_values))
         class_pixels = {("background" if v == 0 else self.label_names[v]): int(c)
                         for v, c in zip(self.class_values, counts)}
-        return FitReport(labelled, int(targets_all.numel()), 0, class_pixels, losses[-1], losses)
+        return FitReport(labelled, int(targets_all.numel()), 0, class_pixels, losses[-1], losses,
+                         epochs=config.epochs, requested_epochs=config.epochs)
 
     @staticmethod
     def _full_cover_targets(covers: torch.Tensor) -> torch.Tensor:
@@ -521,7 +627,8 @@ class FewShotSegmenter:
         slices = list(range(hu_volume.shape[0])) if slices is None else [int(s) for s in slices]
         # The official recipe's full grid (0.5 GB per slice for the official model in fp16) is
         # computed per batch and not cached.
-        cache = None if self.config.official else FeatureCache(self.extractor, hu_volume, cache_root)
+        model_volume = self.model_volume(hu_volume)
+        cache = None if self.config.official else FeatureCache(self.extractor, model_volume, cache_root)
         head = self.head.eval()
         height, width = hu_volume.shape[1:]
         for done, first in enumerate(range(0, len(slices), batch_size)):
@@ -529,24 +636,27 @@ class FewShotSegmenter:
             if cache is None:
                 features = self.extractor(self.extractor.prepare(np.asarray(hu_volume[batch])), batch)
             else:
-                features = torch.from_numpy(cache.get(batch).astype(np.float32))
+                features = self.head_features(cache.get(batch), model_volume, batch)
             channels, resolution = features.shape[1], features.shape[-1]
             rows = features.permute(0, 2, 3, 1).reshape(-1, channels)
             logits = head(rows).reshape(len(batch), resolution, resolution, -1).permute(0, 3, 1, 2)
-            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            logits = _to_native_grid(logits, height, width, padded=cache is not None)
             for index, slice_logits in zip(batch, torch.softmax(logits, dim=1)):
                 yield index, slice_logits.numpy()
             progress.update(min(first + batch_size, len(slices)), len(slices), f"slice {batch[-1]}")
             progress.check_cancelled()
 
     def __call__(self, hu_volume: np.ndarray, progress: Optional[Progress] = None,
-                 cache_root: Optional[Path] = None, postprocess: Sequence[str] = ()) -> np.ndarray:
-        """Label values (K, H, W) for the whole volume (``postprocess``: see `postprocess_labels`)."""
+                 cache_root: Optional[Path] = None, postprocess: Sequence[str] = (),
+                 slices: Optional[Sequence[int]] = None, annotation: Optional[np.ndarray] = None) -> np.ndarray:
+        """Label values (K, H, W) for the volume; only ``slices`` are predicted (default all, the others
+        are background). ``postprocess`` and ``annotation``: see `postprocess_labels`."""
         values = np.asarray(self.class_values, dtype=np.uint8 if max(self.class_values) < 256 else np.uint16)
         out = np.zeros(hu_volume.shape, dtype=values.dtype)
-        for index, probabilities in self.predict_probabilities(hu_volume, progress=progress, cache_root=cache_root):
+        for index, probabilities in self.predict_probabilities(hu_volume, slices, progress=progress,
+                                                               cache_root=cache_root):
             out[index] = values[probabilities.argmax(0)]
-        return postprocess_labels(out, postprocess) if postprocess else out
+        return postprocess_labels(out, postprocess, annotation) if postprocess else out
 
     # ------------------------------------------------------------------ storage
     def save(self, folder: str | Path, extra: Optional[dict[str, Any]] = None, overwrite: bool = False) -> Path:
@@ -556,6 +666,7 @@ class FewShotSegmenter:
                 "head_widths": list(self.head.widths),
                 "preprocessing": {"window": self.config.window, "normalization": self.extractor.spec.normalization,
                                   "resize": self.extractor.spec.resize, "size": self.model.sample_size},
+                **({"annotation": self.annotation} if self.annotation else {}),
                 **(extra or {})}
         return save_task_model(folder, TASK, backbone_reference(self.model), {"head": self.head}, info,
                                overwrite=overwrite)
@@ -568,40 +679,137 @@ class FewShotSegmenter:
         settings = dict(task_model.info["fewshot"])
         channels = settings.pop("feature_channels")
         settings.pop("feature_resolution", None)
+        settings.setdefault("intensity_features", False)  # saved before the intensity channels existed
         config = FewShotConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
         names = {int(k): v for k, v in task_model.info["labels"].items()}
         widths = task_model.info.get("head_widths")  # absent in models saved before recipes: the scaled widths
-        head = PixelMLPHead(channels, len(names) + 1, widths=widths)
+        head = PixelMLPHead(channels + (INTENSITY_CHANNELS if config.intensity_features else 0), len(names) + 1,
+                            widths=widths)
         head.load_state_dict(task_model.parts["head"])
         segmenter = cls(model, names, config, head.eval())
+        segmenter.annotation = task_model.info.get("annotation")
         if segmenter.extractor.channels != channels:
             raise LCTfoundError(f"{folder}: its head expects {channels} feature channels, this backbone gives "
                                 f"{segmenter.extractor.channels}")
         return segmenter
 
 
-POSTPROCESSING = ("largest", "fill", "smooth")
+POSTPROCESSING = ("connected", "largest", "fill", "smooth")
+#: The post-processing `segment predict` and the panels apply unless told otherwise.
+DEFAULT_POSTPROCESSING = ("connected",)
 
 
-def postprocess_labels(labels: np.ndarray, steps: Sequence[str]) -> np.ndarray:
-    """Per structure: ``largest`` connected component, ``fill`` holes (per slice), ``smooth`` (binary opening+closing)."""
+def postprocess_labels(labels: np.ndarray, steps: Sequence[str], annotation: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per structure: ``connected`` keeps the 3D connected components that touch the annotator's
+    voxels of that structure in ``annotation`` (label values on the same grid; without any, the
+    largest component), ``largest`` connected component, ``fill`` holes (per slice), ``smooth``
+    (binary opening+closing)."""
     from scipy import ndimage
 
     unknown = [s for s in steps if s not in POSTPROCESSING]
     if unknown:
         raise LCTfoundError(f"unknown post-processing {unknown[0]!r}; choose from {', '.join(POSTPROCESSING)}")
+    if annotation is not None and annotation.shape != labels.shape:
+        raise LCTfoundError(f"the annotation {annotation.shape} is not on the prediction's grid {labels.shape}")
     out = np.zeros_like(labels)
     for value in [int(v) for v in np.unique(labels) if v != 0]:
         mask = labels == value
         if "smooth" in steps:
             structure = ndimage.generate_binary_structure(3, 1)
             mask = ndimage.binary_closing(ndimage.binary_opening(mask, structure), structure)
+        if "connected" in steps and mask.any():
+            mask = _touching_annotation(mask, None if annotation is None else annotation == value)
         if "largest" in steps and mask.any():
-            components, count = ndimage.label(mask)
-            if count > 1:
-                sizes = np.bincount(components.ravel())[1:]
-                mask = components == (int(np.argmax(sizes)) + 1)
+            mask = _largest_component(mask)
         if "fill" in steps:
             mask = np.stack([ndimage.binary_fill_holes(s) for s in mask])
         out[mask & (out == 0)] = value
     return out
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    components, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(components.ravel())[1:]
+    return components == (int(np.argmax(sizes)) + 1)
+
+
+def _touching_annotation(mask: np.ndarray, annotated: Optional[np.ndarray]) -> np.ndarray:
+    """The 3D components of ``mask`` holding an annotated voxel; the largest one when none is annotated
+    (a volume the annotator never painted) or no component reaches the annotation."""
+    from scipy import ndimage
+
+    if annotated is None or not annotated.any():
+        return _largest_component(mask)
+    components, _ = ndimage.label(mask)
+    touching = np.unique(components[annotated & mask])
+    touching = touching[touching > 0]
+    if touching.size == 0:
+        return _largest_component(mask)
+    return np.isin(components, touching)
+
+
+# ------------------------------------------------------------------------------ annotated extent
+
+def annotated_extent(annotation: np.ndarray) -> Optional[tuple[int, int]]:
+    """First and last slice of ``annotation`` (label values; 0 and −1 are no structure) holding a structure."""
+    holding = np.flatnonzero((np.asarray(annotation) > 0).reshape(annotation.shape[0], -1).any(axis=1))
+    if holding.size == 0:
+        return None
+    return int(holding[0]), int(holding[-1])
+
+
+def parse_extent_margin(text: str | float | int, slice_spacing: float) -> int:
+    """A margin in slices from ``"3"`` (slices) or ``"15mm"`` (millimetres along the slice axis, rounded up)."""
+    value = str(text).strip().lower()
+    try:
+        if value.endswith("mm"):
+            millimetres = float(value[:-2])
+            if millimetres < 0 or not np.isfinite(millimetres):
+                raise ValueError
+            return int(np.ceil(millimetres / max(float(slice_spacing), 1e-6) - 1e-9))
+        slices = int(value)
+        if slices < 0:
+            raise ValueError
+        return slices
+    except ValueError:
+        raise LCTfoundError(f"extent margin {text!r}: give a number of slices (e.g. 3) or millimetres "
+                            "(e.g. 15mm), not negative") from None
+
+
+def prediction_slices(slice_count: int, annotation: Optional[np.ndarray], margin: int) -> list[int]:
+    """The slices to predict: the annotated extent ± ``margin`` slices, or all when nothing is annotated."""
+    extent = None if annotation is None else annotated_extent(annotation)
+    if extent is None:
+        return list(range(slice_count))
+    return list(range(max(0, extent[0] - margin), min(slice_count, extent[1] + margin + 1)))
+
+
+def annotation_seeds(labels: np.ndarray) -> list[list[int]]:
+    """``[slice, row, column, value]`` of one inside point (the farthest from the border) of every 2D
+    component of every structure the annotator painted: a few numbers that stand for the annotation
+    in a saved model (its extent and the components `connected` keeps)."""
+    from scipy import ndimage
+
+    seeds = []
+    for k in np.flatnonzero((labels > 0).reshape(labels.shape[0], -1).any(axis=1)):
+        for value in [int(v) for v in np.unique(labels[k]) if v > 0]:
+            components, count = ndimage.label(labels[k] == value)
+            distance = ndimage.distance_transform_edt(components > 0)
+            for index in range(1, count + 1):
+                inside = np.where(components == index, distance, -1.0)
+                row, column = np.unravel_index(int(np.argmax(inside)), inside.shape)
+                seeds.append([int(k), int(row), int(column), value])
+    return seeds
+
+
+def seeds_volume(shape: Sequence[int], seeds: Sequence[Sequence[int]]) -> np.ndarray:
+    """A label volume holding only the seed points of `annotation_seeds`."""
+    volume = np.zeros(tuple(shape), dtype=np.int16)
+    for k, row, column, value in seeds:
+        if 0 <= k < shape[0] and 0 <= row < shape[1] and 0 <= column < shape[2]:
+            volume[k, row, column] = value
+    return volume

@@ -26,7 +26,7 @@ from ..logic.segmentation import (
 from .panel_base import LogicPanel, button_dict, choice_items
 
 FIELDS = ("task", "model_name", "task_model", "new_model_name", "epochs", "window", "output_mode",
-          "keep_largest", "fill_holes", "smooth", "surfaces", "saliency", "device")
+          "keep_connected", "extent_margin_mm", "whole_volume", "keep_largest", "fill_holes", "smooth", "surfaces", "saliency", "device")
 
 
 class SegmentationPanel(LogicPanel):
@@ -38,7 +38,8 @@ class SegmentationPanel(LogicPanel):
         self.logic = SegmentationModuleLogic(runs_root=app.config.runs_root)
         self._undo_node: Any = None
         defaults = {"task": FEWSHOT, "model_name": "", "task_model": "", "new_model_name": "", "epochs": 30,
-                    "window": "mediastinal", "output_mode": "new", "keep_largest": False, "fill_holes": False,
+                    "window": "mediastinal", "output_mode": "new", "keep_connected": True, "extent_margin_mm": 15.0,
+                    "whole_volume": False, "keep_largest": False, "fill_holes": False,
                     "smooth": False, "surfaces": False, "saliency": True, "device": "auto"}
         for name, value in defaults.items():
             self.set(name, value)
@@ -253,6 +254,14 @@ class SegmentationPanel(LogicPanel):
                        no_data_text="No model of this kind yet: train one")
             v3.VSelect(v_if=(shown("output_mode"),), label="Result", v_model=(k("output_mode"),),
                        items=(k("output_mode_items"),), density="compact", hide_details=True, classes="mb-1")
+            with html.Div(classes="d-flex flex-wrap align-center", v_if=(shown("extent_margin_mm"),)):
+                v3.VCheckbox(v_model=(k("keep_connected"),), label="Parts touching the annotation",
+                             density="compact", hide_details=True)
+                v3.VTextField(v_model=(k("extent_margin_mm"),), type="number", min=0, suffix="mm",
+                              label="Margin beyond the annotated slices", density="compact", hide_details=True,
+                              disabled=(k("whole_volume"),), classes="my-1", id="lct-seg-extent-margin")
+                v3.VCheckbox(v_model=(k("whole_volume"),), label="Whole volume", density="compact",
+                             hide_details=True)
             with html.Div(classes="d-flex flex-wrap", v_if=(shown("keep_largest"),)):
                 for name, label in (("keep_largest", "Largest island"), ("fill_holes", "Fill holes"),
                                     ("smooth", "Smooth"), ("surfaces", "3D surfaces")):
