@@ -327,7 +327,7 @@ def test_cli_bad_inputs_exit_2_in_one_line(run_cli, ct_file, tiny_model_folder, 
     (tmp_path / "exists.nrrd").write_text("x")
     sparse = ["enhance", "sparse-view"]
     cases = [
-        (["enhance", "simulate-low-dose", ct_file, "--dose", "1.5", "-o", tmp_path / "a.nrrd"], "between 0 and 1"),
+        (["enhance", "simulate-low-dose", ct_file, "--dose", "1.5", "-o", tmp_path / "a.nrrd"], "> 0 and < 1"),
         (["enhance", "simulate-low-dose", ct_file, "--dose", "0.1", "--views", "0", "-o", tmp_path / "a.nrrd"],
          "at least 1"),
         ([*sparse, ct_file, "--views", "0", "-o", tmp_path / "a.nrrd"], "at least 1"),
