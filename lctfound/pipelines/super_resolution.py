@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LCTfoundError
+from .choices import DEFAULT_ETA, INTENSITY_MAPPINGS  # noqa: F401 - re-exported
 from ..models.conditioning import condition_prompt
 from ..preprocessing import unit_to_model
 from ..progress import Progress, ensure_progress
@@ -84,11 +85,8 @@ FACTORS = (2, 4, 8)
 AXES = ("in-plane", "through-plane")
 METHODS = ("ddnm", "bicubic", "bspline")
 TASK = "super-resolution"
-#: η of the DDNM update: the DDNM code's default (and the official zero-shot script's unused --eta).
-DEFAULT_ETA = 0.85
 #: Largest result held in memory (float32), 4 GiB; larger requests must choose a slice range.
 MAX_OUTPUT_BYTES = 4 << 30
-INTENSITY_MAPPINGS = ("official", "fixed")
 
 
 def check_factor(factor: Any) -> int:
