@@ -47,11 +47,20 @@ def write_volume_with_provenance(volume: CTVolume, path: str | os.PathLike,
 
     path = Path(path).expanduser()
     write_volume(volume, path)
-    record = dict(volume.metadata if provenance is None else provenance)
+    record = with_compute_settings(volume.metadata if provenance is None else provenance)
     side = provenance_path(path)
     with atomic_file(side) as tmp:
         tmp.write_text(json.dumps(json_ready(record), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return side
+
+
+def with_compute_settings(record: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """``record`` with a ``compute`` entry (device and CPU threads of this run) unless it has one."""
+    from ..devices import compute_settings
+
+    record = dict(record or {})
+    record.setdefault("compute", compute_settings())
+    return record
 
 
 def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
