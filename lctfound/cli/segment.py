@@ -152,6 +152,8 @@ def run_train(args: argparse.Namespace) -> int:
                    overwrite=args.overwrite)
     print(f"trained on slices {report.slices} ({report.pixels} pixels) in {time.perf_counter() - start:.1f} s; "
           f"model in {output}")
+    if report.cache:
+        print(report.cache)
     if args.register:
         print(f"registered as {args.register!r} in {register_model(output, args.register)}")
     return 0
