@@ -11,8 +11,12 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import LCTfoundError
+
+if TYPE_CHECKING:  # numpy is imported when the demo runs: --help stays fast
+    import numpy as np
 
 
 def register(subparsers) -> None:
