@@ -59,12 +59,30 @@ def test_label_two_slices_train_predict_correct_retrain(backbone, tmp_path):
     labels[5] = lesion[5].astype(np.int16)
     computed.clear()
     report = segmenter.fit(volume, labels, cache_root=tmp_path)
-    assert computed == []  # every slice was cached by the prediction: retraining runs only the head
+    assert computed == [5]  # prediction streams (caches nothing): only the newly reviewed slice is computed
     assert report.corrected_pixels > 0
     corrected = segmenter(volume, cache_root=tmp_path) == 1
     assert (corrected[5] & blob[5]).sum() < 0.05 * blob[5].sum()   # the edit is respected
     assert (corrected & blob).sum() < 0.5 * (prediction & blob).sum()  # and carries over to the other slices
     assert dice(corrected, lesion) > 0.6
+
+
+def test_predicting_a_volume_caches_at_most_the_labelled_slices(backbone, tmp_path):
+    # Issue 15, item 5: prediction streams features (compute, classify, discard); the cache keeps only
+    # what retraining needs, the labelled slices, and says where it is and how big.
+    volume, lesion, _ = phantom()
+    labels = np.full(volume.shape, UNLABELLED, dtype=np.int16)
+    labels[3] = lesion[3].astype(np.int16)
+    segmenter = FewShotSegmenter(backbone, {1: "Lesion"}, FewShotConfig(epochs=2))
+    report = segmenter.fit(volume, labels, cache_root=tmp_path)
+    assert "1 slice(s)" in report.cache and str(tmp_path) in report.cache
+    segmenter(volume, cache_root=tmp_path)
+    entry = FeatureCache(segmenter.extractor, volume, tmp_path)
+    assert entry.cached_slices == 1 and sorted(entry.stored(range(volume.shape[0]))) == [3]
+    # A volume nobody labelled: predicting it leaves nothing in the cache.
+    other = phantom(seed=5)[0]
+    segmenter(other, cache_root=tmp_path)
+    assert not FeatureCache(segmenter.extractor, other, tmp_path).folder.exists()
 
 
 def test_feature_cache_computes_each_slice_once(backbone, tmp_path):

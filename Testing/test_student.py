@@ -12,12 +12,13 @@ from lctfound.models import load_model, save_model
 from lctfound.models.task_models import backbone_reference, load_task_model, save_task_model
 from lctfound.pipelines.predictors import load_segmentation_predictor
 from lctfound.pipelines.segmentation import UNLABELLED, FewShotConfig, FewShotSegmenter
-from lctfound.pipelines.student import StudentConfig, context_indices, distill
+from lctfound.pipelines.student import StudentConfig, budget_epochs, context_indices, distill
 from lctfound.progress import Progress
 
 SIZE = 64
 # Small and quick for tests; the defaults (16..256 at 256²) are for real CTs.
-TEST_STUDENT = dict(features=(8, 16, 32, 64, 128), resolution=64, epochs=10, batch_size=2, learning_rate=5e-3)
+TEST_STUDENT = dict(features=(8, 16, 32, 64, 128), resolution=64, epochs=10, batch_size=2, learning_rate=5e-3,
+                    time_budget=None)  # no wall-clock budget: a loaded machine must not change the result
 
 
 def lesion_volume(slices: int = 6, seed: int = 0):
@@ -114,6 +115,22 @@ def test_prediction_streams_slice_batches_and_can_be_cancelled(models):
         student.predict(volume, progress=progress)
     cleaned = student.predict(volume, postprocess=["largest"])
     assert set(np.unique(cleaned)) <= {0, 1}
+
+
+def test_time_budget_cuts_the_epochs_and_progress_shows_an_eta(models):
+    # Issue 15, item 4: the default distillation has a time budget. The epochs that fit are decided
+    # after the first one; a budget the teacher pass alone exceeds leaves exactly one epoch.
+    assert budget_epochs(20, 30.0, None) == 20
+    assert budget_epochs(20, 30.0, 95.0) == 4      # the first epoch plus three more fit
+    assert budget_epochs(20, 30.0, -5.0) == 1      # over budget already: still one whole epoch
+    assert budget_epochs(3, 1.0, 100.0) == 3       # never more than asked for
+    assert StudentConfig().time_budget == 600.0    # the default fits a coffee break
+    messages = []
+    student = distill(models["teacher"], [models["volume"]],
+                      config=StudentConfig(**{**TEST_STUDENT, "epochs": 3, "time_budget": 1e-6}),
+                      progress=Progress(lambda *call: messages.append(str(call[2]))))
+    assert student.report.epochs == 1 and len(student.report.losses) == 1
+    assert any("ETA" in message for message in messages if message.startswith("student epoch"))
 
 
 def test_labels_add_supervision_and_bad_inputs_are_refused(models):

@@ -2,7 +2,53 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any, Optional
+
 from .errors import LCTfoundError
+
+#: Environment variables that bound the CPU threads of torch's and NumPy's math libraries; set by
+#: `set_threads` so that child jobs started from this process use the same number.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+# The device a run's work was put on (the last `resolve_device` answer), for its provenance.
+_run_device: Optional[str] = None
+
+
+def cpu_count() -> int:
+    """CPU cores this process may use (its affinity where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(threads: Optional[int] = None) -> int:
+    """Use ``threads`` CPU threads (default: every core) for torch in this process and, through
+    `THREAD_VARIABLES`, for child processes. Returns the number set."""
+    import sys
+
+    if not threads and os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])  # the user's own setting stands unless --threads
+    count = int(threads) if threads else cpu_count()
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(count)
+    if "torch" in sys.modules or threads:  # otherwise torch reads OMP_NUM_THREADS when first imported
+        import torch
+
+        torch.set_num_threads(count)
+    return count
+
+
+def compute_settings() -> dict[str, Any]:
+    """What a run computed on, for its provenance: the device and the number of CPU threads."""
+    import sys
+
+    if "torch" in sys.modules:
+        threads = sys.modules["torch"].get_num_threads()
+    else:
+        threads = int(os.environ.get("OMP_NUM_THREADS") or cpu_count())
+    return {"device": _run_device or "cpu", "threads": threads}
 
 
 def available_devices() -> list[str]:
@@ -20,7 +66,15 @@ def available_devices() -> list[str]:
 
 
 def resolve_device(choice: str | None = "auto"):
-    """Turn ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` / ``mps`` into a `torch.device`, or fail clearly."""
+    """Turn ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` / ``mps`` into a `torch.device`, or fail clearly
+    (and remember it for the run's provenance, `compute_settings`)."""
+    device = _resolve(choice)
+    global _run_device
+    _run_device = str(device)
+    return device
+
+
+def _resolve(choice: str | None):
     import torch
 
     choice = (choice or "auto").strip().lower()

@@ -53,8 +53,9 @@ from .errors import LCTfoundError
 from .progress import Progress, ensure_progress
 
 #: Linear attenuation of water at ~70 keV, the effective energy of a 120 kVp CT beam:
-#: NIST XCOM μ/ρ(water, 70 keV, total with coherent) ≈ 0.193 cm²/g → 0.0193 /mm.
-MU_WATER_PER_MM = 0.0193
+#: NIST XCOM μ/ρ(water, 70 keV, total with coherent) ≈ 0.193 cm²/g → 0.0193 /mm (defined in the
+#: torch-free `lctfound.pipelines.choices`, which the command line reads).
+from .pipelines.choices import MU_WATER_PER_MM  # noqa: E402
 #: Air (−1000 HU) is taken as μ = 0.
 HU_AIR = -1000.0
 

@@ -49,7 +49,42 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(f"{__name__}.{name}").register(subparsers)
+    add_threads_option(parser)
     return parser
+
+
+def _command_parsers(parser: argparse.ArgumentParser):
+    """``parser`` and every (sub)command parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                yield from _command_parsers(sub)
+
+
+# Compute commands that run on the CPU only (no --device option) but still take --threads.
+CPU_COMPUTE_COMMANDS = ("lctfound enhance simulate-low-dose",)
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N`` on every compute command: each (sub)command with a ``--device`` option and those
+    in `CPU_COMPUTE_COMMANDS` (`apply_threads` acts on it before the command runs)."""
+    from ..validation import int_type
+
+    for command in _command_parsers(parser):
+        dests = {action.dest for action in command._actions}
+        if ("device" in dests or command.prog in CPU_COMPUTE_COMMANDS) and "threads" not in dests:
+            command.add_argument("--threads", type=int_type(1, 4096), default=None,
+                                 help="CPU threads for the computation (default: OMP_NUM_THREADS if set, "
+                                      "else every core); child jobs inherit it")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set the CPU threads of a compute command (`lctfound.devices.set_threads`); none for light ones."""
+    if hasattr(args, "threads"):
+        from ..devices import set_threads
+
+        set_threads(args.threads)
 
 
 DEBUG_FLAG = "--debug"
@@ -206,6 +241,7 @@ def _run(argv: list, debug: bool) -> int:
         level=logging.DEBUG if (args.verbose or debug) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    apply_threads(args)
     with command_inputs():
         refuse_outputs_onto_inputs(args)
         code = int(args.func(args) or 0)

@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -62,6 +60,8 @@ def _fetch_sample(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    import numpy as np
 
     from ..io.dicom import list_dicom_series
     from ..io.volume import describe_volume, read_volume

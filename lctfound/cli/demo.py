@@ -11,10 +11,12 @@ import argparse
 import json
 import time
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..errors import LCTfoundError
+
+if TYPE_CHECKING:  # numpy is imported when the demo runs: --help stays fast
+    import numpy as np
 
 
 def register(subparsers) -> None:
@@ -32,6 +34,7 @@ def register(subparsers) -> None:
 
 def _pca_rgb(features: np.ndarray) -> np.ndarray:
     """(C, H, W) features → (H, W, 3) in [0, 1]: the first three principal components."""
+    import numpy as np
     import torch
 
     channels, height, width = features.shape
@@ -44,6 +47,7 @@ def _pca_rgb(features: np.ndarray) -> np.ndarray:
 
 
 def _save_preview(ct_slice: np.ndarray, label_slice: np.ndarray, features: np.ndarray, path: Path) -> None:
+    import numpy as np
     from PIL import Image
 
     from ..atomic import atomic_file
@@ -64,6 +68,7 @@ def _save_preview(ct_slice: np.ndarray, label_slice: np.ndarray, features: np.nd
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from ..atomic import atomic_directory

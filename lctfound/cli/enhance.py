@@ -60,7 +60,7 @@ def _add_geometry_options(parser: argparse.ArgumentParser, default_kind: str, de
 
 
 def _add_simulate_low_dose(commands) -> None:
-    from ..pipelines.low_dose import DEFAULT_INCIDENT_PHOTONS, DEFAULT_VIEWS, METHODS
+    from ..pipelines.choices import DEFAULT_INCIDENT_PHOTONS, DEFAULT_VIEWS, LOW_DOSE_METHODS as METHODS
 
     parser = commands.add_parser(
         "simulate-low-dose", help="simulate a lower-dose scan in the projection domain (Poisson noise)",
@@ -115,8 +115,8 @@ def run_simulate_low_dose(args: argparse.Namespace) -> int:
 
 
 def _add_sparse_view(commands) -> None:
-    from ..pipelines.sparse_view import METHODS
-    from ..tomography import MU_WATER_PER_MM
+    from ..pipelines.choices import SPARSE_VIEW_METHODS as METHODS
+    from ..pipelines.choices import MU_WATER_PER_MM
 
     parser = commands.add_parser(
         "sparse-view", help="reconstruct CT from few projection views (FBP, TV or LCTfound-guided diffusion)",
@@ -249,7 +249,7 @@ def run_sparse_view(args: argparse.Namespace) -> int:
 
 
 def _add_super_resolution(commands) -> None:
-    from ..pipelines.super_resolution import DEFAULT_ETA, INTENSITY_MAPPINGS, SLICE_MODEL_TEXT
+    from ..pipelines.choices import DEFAULT_ETA, INTENSITY_MAPPINGS, SLICE_MODEL_TEXT
 
     parser = commands.add_parser(
         "super-resolution", help="zero-shot super-resolution (DDNM) or interpolation, in-plane or thick → thin slices",
@@ -377,9 +377,10 @@ def _training_backbone(args: argparse.Namespace):
 
 
 def _add_train_low_dose(commands) -> None:
-    from ..pipelines.cold_diffusion import DEFAULT_STEPS, DEFAULT_TIMESTEP_MAX, DEFAULT_WINDOW
-    from ..pipelines.low_dose import DEFAULT_INCIDENT_PHOTONS, DEFAULT_VIEWS
-    from ..training.enhancement import LOSSES
+    from ..pipelines.choices import COLD_DIFFUSION_DEFAULT_STEPS as DEFAULT_STEPS
+    from ..pipelines.choices import COLD_DIFFUSION_DEFAULT_TIMESTEP_MAX as DEFAULT_TIMESTEP_MAX
+    from ..pipelines.choices import COLD_DIFFUSION_DEFAULT_WINDOW as DEFAULT_WINDOW
+    from ..pipelines.choices import DEFAULT_INCIDENT_PHOTONS, DEFAULT_VIEWS, LOSSES
     from .train import add_loop_arguments
 
     parser = commands.add_parser(
@@ -535,8 +536,8 @@ def _run_classical_low_dose(args: argparse.Namespace, method: str) -> int:
 
 
 def _add_train_vcta(commands) -> None:
-    from ..pipelines.vcta import MODES
-    from ..training.enhancement import DEFAULT_MIN_SNR_GAMMA
+    from ..pipelines.choices import DEFAULT_MIN_SNR_GAMMA
+    from ..pipelines.choices import VCTA_MODES as MODES
     from .train import FINETUNE_LOOP_DEFAULTS, add_loop_arguments
 
     parser = commands.add_parser(

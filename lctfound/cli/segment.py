@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import LCTfoundError
-from ..validation import MAX_IMAGE_SIZE, epochs_int, int_type, parse_label_names, slice_list_type
+from ..validation import MAX_IMAGE_SIZE, epochs_int, float_type, int_type, parse_label_names, slice_list_type
 
 
 def register(subparsers) -> None:
@@ -84,7 +84,12 @@ def register(subparsers) -> None:
                          help="label maps, one per VOLUME in the same order ('-' for none); slices holding a "
                               "structure count as annotated, other slices are left to the teacher")
     distill.add_argument("--backbone", help="the teacher's backbone (default: the one the teacher names)")
-    distill.add_argument("--epochs", type=epochs_int, default=20, help="student training epochs (default 20)")
+    distill.add_argument("--epochs", type=epochs_int, default=20,
+                         help="student training epochs at most (default 20; fewer if --time-budget runs out)")
+    distill.add_argument("--time-budget", type=float_type(minimum=0), default=10.0, metavar="MINUTES",
+                         help="wall-clock budget of the whole run in minutes (default 10, a coffee break on a "
+                              "2-core laptop; 0 for none): after the first epoch the student trains only the "
+                              "epochs that fit, with a shortened schedule; progress shows an ETA")
     distill.add_argument("--resolution", type=int_type(16, MAX_IMAGE_SIZE, multiple_of=16),
                          help="student working resolution, a multiple of 16 (default: the teacher's input size)")
     distill.add_argument("--output", "-o", required=True, help="new task-model folder")
@@ -169,6 +174,8 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"note: {report.epochs_note}")
     print(f"trained on slices {report.slices} ({report.pixels} pixels, {report.epochs} epochs) in {time.perf_counter() - start:.1f} s; "
           f"model in {output}")
+    if report.cache:
+        print(report.cache)
     if args.register:
         print(f"registered as {args.register!r} in {register_model(output, args.register)}")
     return 0
@@ -313,7 +320,8 @@ def run_distill(args: argparse.Namespace) -> int:
     missing = [p for p in [*args.volumes, *(p for p in label_paths if p != "-")] if not Path(p).exists()]
     if missing:
         raise LCTfoundError(f"{missing[0]}: no such file or folder")
-    config = StudentConfig(epochs=args.epochs, resolution=args.resolution)
+    config = StudentConfig(epochs=args.epochs, resolution=args.resolution,
+                           time_budget=args.time_budget * 60 if args.time_budget else None)
     config.check()
     teacher = load_segmentation_predictor(args.teacher, args.backbone, args.device)
     current: dict = {}

@@ -46,7 +46,7 @@ def write_volume_with_provenance(volume: CTVolume, path: str | os.PathLike,
     from .volume import write_volume
 
     path = Path(path).expanduser()
-    record = dict(volume.metadata if provenance is None else provenance)
+    record = with_compute_settings(volume.metadata if provenance is None else provenance)
     side = provenance_path(path)
     # The small JSON is written (and checked) first and renamed only after the volume is published:
     # a full disk leaves neither, never a volume without its provenance.
@@ -54,6 +54,15 @@ def write_volume_with_provenance(volume: CTVolume, path: str | os.PathLike,
         tmp.write_text(json.dumps(json_ready(record), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         write_volume(volume, path)
     return side
+
+
+def with_compute_settings(record: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """``record`` with a ``compute`` entry (device and CPU threads of this run) unless it has one."""
+    from ..devices import compute_settings
+
+    record = dict(record or {})
+    record.setdefault("compute", compute_settings())
+    return record
 
 
 def read_provenance(path: str | os.PathLike) -> dict[str, Any]:

@@ -51,15 +51,16 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, LCTfoundError
+from .choices import COLD_DIFFUSION_DEFAULT_STEPS, COLD_DIFFUSION_DEFAULT_TIMESTEP_MAX, COLD_DIFFUSION_DEFAULT_WINDOW
 from ..progress import Progress, ensure_progress
 from ..windows import Window, get_window
 from ..compat import strict_zip
 
 TASK = "low-dose-enhancement"
 TASK_LABEL = "low-dose enhancement"
-DEFAULT_STEPS = 10
-DEFAULT_TIMESTEP_MAX = 20
-DEFAULT_WINDOW = "lung"
+DEFAULT_STEPS = COLD_DIFFUSION_DEFAULT_STEPS
+DEFAULT_TIMESTEP_MAX = COLD_DIFFUSION_DEFAULT_TIMESTEP_MAX
+DEFAULT_WINDOW = COLD_DIFFUSION_DEFAULT_WINDOW
 ADJUST_WIDTHS = (32, 64, 128)
 
 

@@ -36,6 +36,7 @@ from .. import __version__
 from ..errors import LCTfoundError
 from ..io.volume import CTVolume
 from ..progress import Progress, ensure_progress
+from .choices import DEFAULT_INCIDENT_PHOTONS, DEFAULT_VIEWS, LOW_DOSE_METHODS  # noqa: F401 - re-exported
 from ..tomography import (
     HU_AIR,
     MU_WATER_PER_MM,
@@ -48,12 +49,7 @@ from ..tomography import (
 )
 
 TASK = "simulate-low-dose"
-METHODS = ("noise-insertion", "reconstruct")
-#: Full-dose photons per detector bin per view. With the default 720-view fan geometry this gives
-#: 16.5 HU noise (ramp FBP) in soft tissue of lung1 slice 24 at full dose (measured with
-#: ``input_noise=False``), the order of a routine chest CT; 10 % dose then adds about 50 HU.
-DEFAULT_INCIDENT_PHOTONS = 1.0e5
-DEFAULT_VIEWS = 720
+METHODS = LOW_DOSE_METHODS
 #: Value of the slices a run did not simulate (``slices=`` a subset): air.
 UNPROCESSED_HU = -1024.0
 #: Voxels below this are padding outside the scanner's field of view, not air: left unchanged.

@@ -233,6 +233,32 @@ class FeatureCache:
             raise
         return np.asarray(features[slices])
 
+    def stored(self, slices: Sequence[int]) -> dict[int, np.ndarray]:
+        """The intact stored features of ``slices`` ({slice: (C, R, R) float16}, in memory), without
+        creating an entry or computing anything: what prediction reuses of a fit's cache."""
+        if self._features is None:
+            if not (self.folder / "features.npy").is_file():
+                return {}
+            try:
+                self._lock.acquire()
+            except OSError:
+                return {}
+            if not self._open_existing():
+                self._lock.release()
+                return {}
+        try:
+            return {s: np.array(self._features[s]) for s in self._verified([int(s) for s in slices])}
+        finally:
+            self.close()
+
+    def describe(self) -> str:
+        """One line: where the entry is and how much it takes on disk."""
+        from ..cache import disk_bytes
+
+        size = disk_bytes(self.folder) if self.folder.exists() else 0
+        return (f"feature cache: {self.cached_slices} slice(s), {human_bytes(size)} on disk in {self.folder} "
+                f"(all entries limited to {human_bytes(cache_limit())}, {LIMIT_ENV})")
+
     def close(self) -> None:
         """Unmap the features and release the entry (it may be evicted from now on)."""
         self._features = None
@@ -372,6 +398,8 @@ class FitReport:
     #: Epochs actually run, and the epochs asked for (the fast recipe raises them to reach ``min_steps``).
     epochs: int = 0
     requested_epochs: int = 0
+    #: Where the features of the labelled slices are cached and how big that is (one line; "" if not cached).
+    cache: str = ""
 
     @property
     def epochs_note(self) -> str:
@@ -526,7 +554,7 @@ class FewShotSegmenter:
         class_pixels = {("background" if v == 0 else self.label_names[v]): int(c)
                         for v, c in zip(self.class_values, counts)}
         return FitReport(labelled, len(rows), int((weights > 1).sum()), class_pixels, losses[-1], losses,
-                         epochs=epochs, requested_epochs=self.config.epochs)
+                         epochs=epochs, requested_epochs=self.config.epochs, cache=cache.describe())
 
     def _fit_official(self, hu_volume: np.ndarray, labels: np.ndarray, labelled: list[int],
                       progress: Progress) -> FitReport:
@@ -625,10 +653,12 @@ class FewShotSegmenter:
         """Yield ``(slice index, probabilities (K, H, W))`` on the native grid, slice by slice."""
         progress = ensure_progress(progress)
         slices = list(range(hu_volume.shape[0])) if slices is None else [int(s) for s in slices]
-        # The official recipe's full grid (0.5 GB per slice for the official model in fp16) is
-        # computed per batch and not cached.
+        # Streamed: features are computed per batch, classified and dropped, never cached (a whole
+        # volume's features are GBs; the official grid is 0.5 GB per slice in fp16). Only slices a fit
+        # stored (the labelled ones, what retraining needs) are read back from the cache.
         model_volume = self.model_volume(hu_volume)
         cache = None if self.config.official else FeatureCache(self.extractor, model_volume, cache_root)
+        stored = cache.stored(slices) if cache is not None else {}
         head = self.head.eval()
         height, width = hu_volume.shape[1:]
         for done, first in enumerate(range(0, len(slices), batch_size)):
@@ -636,7 +666,7 @@ class FewShotSegmenter:
             if cache is None:
                 features = self.extractor(self.extractor.prepare(np.asarray(hu_volume[batch])), batch)
             else:
-                features = self.head_features(cache.get(batch), model_volume, batch)
+                features = self.head_features(self._stream_features(model_volume, batch, stored), model_volume, batch)
             channels, resolution = features.shape[1], features.shape[-1]
             rows = features.permute(0, 2, 3, 1).reshape(-1, channels)
             logits = head(rows).reshape(len(batch), resolution, resolution, -1).permute(0, 3, 1, 2)
@@ -645,6 +675,16 @@ class FewShotSegmenter:
                 yield index, slice_logits.numpy()
             progress.update(min(first + batch_size, len(slices)), len(slices), f"slice {batch[-1]}")
             progress.check_cancelled()
+
+    def _stream_features(self, hu_volume: np.ndarray, batch: list[int], stored: dict[int, np.ndarray]) -> np.ndarray:
+        """Features (len(batch), C, R, R) float16 as `FeatureCache.get` gives them: stored ones reused,
+        the others computed now and not kept."""
+        missing = [s for s in batch if s not in stored]
+        fresh: dict[int, np.ndarray] = {}
+        for done, values in self.extractor.iter_volume(hu_volume, missing, max(1, len(missing)),
+                                                       out_dtype=torch.float16):
+            fresh.update(zip((int(s) for s in done), values.numpy()))
+        return np.stack([stored[s] if s in stored else fresh[s] for s in batch])
 
     def __call__(self, hu_volume: np.ndarray, progress: Optional[Progress] = None,
                  cache_root: Optional[Path] = None, postprocess: Sequence[str] = (),

@@ -49,10 +49,11 @@ from ..tomography import (
     square_pixel_mm,
     tv_reconstruction,
 )
+from .choices import SPARSE_VIEW_METHODS
 from .low_dose import provenance, volume_source
 
 TASK = "sparse-view"
-METHODS = ("fbp", "tv", "diffusion")
+METHODS = SPARSE_VIEW_METHODS
 SINOGRAM_SUFFIXES = (".npy", ".nrrd", ".nii", ".nii.gz", ".mha")
 #: Value of the slices a run did not reconstruct (``slices=`` a subset): air.
 UNRECONSTRUCTED_HU = -1024.0

@@ -50,6 +50,10 @@ class StudentConfig:
     resolution: Optional[int] = None
     window: Optional[str] = None   # default: the teacher's window
     epochs: int = 20
+    #: Wall-clock budget of the whole distillation in seconds (teacher pass + student training), None for
+    #: none: after the first epoch the student trains only as many epochs (at most ``epochs``) as fit in
+    #: what is left, its learning-rate schedule shortened to match. The default fits a coffee break.
+    time_budget: Optional[float] = 600.0
     batch_size: int = 8
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
@@ -73,6 +77,8 @@ class StudentConfig:
             raise LCTfoundError(f"student resolution {self.resolution} must be a positive multiple of {multiple}")
         if self.epochs < 1 or self.batch_size < 1:
             raise LCTfoundError("epochs and batch size must be at least 1")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise LCTfoundError("the time budget must be positive (or none)")
         if not self.temperature > 0:
             raise LCTfoundError("the distillation temperature must be positive")
 
@@ -412,18 +418,36 @@ def distill(teacher: Any, volumes: Iterable[np.ndarray], labels: Optional[Iterab
     teacher_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    losses = train_student(student, data, config, progress)
+    budget = None if config.time_budget is None else config.time_budget - teacher_seconds
+    losses = train_student(student, data, config, progress, budget)
     training_seconds = time.perf_counter() - start
     units, probabilities, _, contexts, annotated = data.tensors()
-    student.report = DistillReport(len(data.units), len(units), int(annotated.sum()), config.epochs, losses[-1],
+    student.report = DistillReport(len(data.units), len(units), int(annotated.sum()), len(losses), losses[-1],
                                    losses, teacher_seconds, training_seconds,
                                    _agreement(student, units, probabilities, contexts))
     return student
 
 
+def budget_epochs(planned: int, epoch_seconds: float, seconds_left: Optional[float]) -> int:
+    """Epochs to train in all, the first one done in ``epoch_seconds``: ``planned``, or fewer (at least
+    one) if the rest would not fit in ``seconds_left`` (None: no budget)."""
+    if seconds_left is None or epoch_seconds <= 0:
+        return planned
+    return max(1, min(planned, 1 + int(seconds_left // epoch_seconds)))
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(max(0.0, seconds))), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
 def train_student(student: StudentSegmenter, data: DistillationSet, config: StudentConfig,
-                  progress: Optional[Progress] = None) -> list[float]:
-    """Train ``student.network`` on collected distillation data; the mean loss of each epoch."""
+                  progress: Optional[Progress] = None, budget_seconds: Optional[float] = None) -> list[float]:
+    """Train ``student.network`` on collected distillation data; the mean loss of each epoch.
+
+    ``budget_seconds``: time for the training; after the first epoch the number of epochs is cut to
+    what fits (`budget_epochs`) and the cosine schedule shortened to that. Progress messages carry an ETA.
+    """
     from monai.losses import DiceLoss, FocalLoss
 
     from ..training.finetune import seeded_flips
@@ -440,7 +464,9 @@ def train_student(student: StudentSegmenter, data: DistillationSet, config: Stud
     # Structures over the whole batch; smoothing of one pixel so a batch without any structure costs ~0.
     dice = DiceLoss(include_background=False, softmax=True, batch=True, smooth_nr=1.0, smooth_dr=1.0)
     losses: list[float] = []
-    for epoch in range(config.epochs):
+    epochs, started = config.epochs, time.perf_counter()
+    epoch = 0
+    while epoch < epochs:
         order = torch.randperm(total_slices, generator=torch.Generator().manual_seed(config.seed + epoch)).numpy()
         epoch_loss = 0.0
         for step, batch in enumerate(slice_batches(order, config.batch_size)):
@@ -469,9 +495,17 @@ def train_student(student: StudentSegmenter, data: DistillationSet, config: Stud
             optimizer.step()
             schedule.step()
             epoch_loss += float(loss.detach()) * len(batch)
-            progress.update(epoch * steps_per_epoch + step + 1, steps_per_epoch * config.epochs,
-                            f"student epoch {epoch + 1}/{config.epochs}")
+            done, total = epoch * steps_per_epoch + step + 1, steps_per_epoch * epochs
+            remaining = (time.perf_counter() - started) / done * (total - done)
+            progress.update(done, total, f"student epoch {epoch + 1}/{epochs}, ETA {_duration(remaining)}")
         losses.append(epoch_loss / total_slices)
+        if epoch == 0 and budget_seconds is not None:
+            elapsed = time.perf_counter() - started
+            fitted = budget_epochs(epochs, elapsed, budget_seconds - elapsed)
+            if fitted < epochs:
+                epochs = fitted
+                schedule.T_max = steps_per_epoch * epochs  # the cosine decays to the end of the shorter run
+        epoch += 1
     network.eval()
     return losses
 

@@ -81,6 +81,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LCTfoundError
+from .choices import DEFAULT_ETA, INTENSITY_MAPPINGS, SLICE_MODEL_TEXT, SLICE_MODELS  # noqa: F401 - re-exported
 from ..models.conditioning import condition_prompt
 from ..preprocessing import unit_to_model
 from ..progress import Progress, ensure_progress
@@ -89,21 +90,9 @@ from ..windows import Window, get_window
 FACTORS = (2, 4, 8)
 AXES = ("in-plane", "through-plane")
 METHODS = ("ddnm", "bicubic", "bspline")
-#: Through-plane acquisition models: a thick slice is the mean of its f thin slices, or the thin slice at its centre.
-SLICE_MODELS = ("average", "point")
 TASK = "super-resolution"
-#: η of the DDNM update: the DDNM code's default (and the official zero-shot script's unused --eta).
-DEFAULT_ETA = 0.85
 #: Largest result held in memory (float32), 4 GiB; larger requests must choose a slice range.
 MAX_OUTPUT_BYTES = 4 << 30
-INTENSITY_MAPPINGS = ("official", "fixed")
-#: What each through-plane slice model assumes (help text and provenance).
-SLICE_MODEL_TEXT = {
-    "average": "thick slice = mean of the f thin slices it covers (box profile); thin-slice centres average to "
-               "the thick centre",
-    "point": "thick slice = the thin slice at its centre (point sample); every f-th thin slice lies on a thick "
-             "slice, (N-1)*f+1 thin slices",
-}
 
 
 def check_factor(factor: Any) -> int:

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, LCTfoundError
+from .choices import VCTA_MODES
 from ..progress import Progress, ensure_progress
 from ..windows import get_window
 from .cold_diffusion import (
@@ -59,7 +60,7 @@ from .cold_diffusion import (
 TASK = "vcta"
 TASK_LABEL = "virtual CTA"
 WINDOW = get_window("mediastinal")  # −200..200 HU, as in the paper
-MODES = ("full", "adapter")
+MODES = VCTA_MODES
 CONDITION_SLICES = 3
 DEFAULT_STEPS = 50
 

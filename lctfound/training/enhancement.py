@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, LCTfoundError
+from ..pipelines.choices import DEFAULT_MIN_SNR_GAMMA, LOSSES  # noqa: F401 - re-exported
 from ..models.bundle import LCTfoundModel, load_model
 from ..models.task_models import backbone_reference, load_task_model, save_task_model
 from ..pipelines.cold_diffusion import (
@@ -43,9 +44,6 @@ from .finetune import seeded_flips
 from .loop import TrainingTask
 from ..compat import strict_zip
 
-LOSSES = ("mse", "l1")
-#: γ of the min-SNR loss weights of VCTA fine-tuning (Hang et al.'s recommended 5); None = plain ε-MSE.
-DEFAULT_MIN_SNR_GAMMA = 5.0
 #: Learning-rate factor of VCTA's widened input layer (its condition channels start at zero).
 CONV_IN_LR_SCALE = 10.0
 #: Patch centres are drawn among full-dose pixels above this (inside the body, lungs included).
