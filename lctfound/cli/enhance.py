@@ -453,7 +453,7 @@ def run_train_low_dose(args: argparse.Namespace) -> int:
 
 
 def _add_low_dose(commands) -> None:
-    from ..pipelines.classical_denoise import NLM_H_PER_SIGMA, TV_WEIGHT_PER_SIGMA
+    from ..pipelines.choices import NLM_H_PER_SIGMA, TV_WEIGHT_PER_SIGMA
 
     parser = commands.add_parser(
         "low-dose", help="denoise a low-dose CT: TV (default), non-local means or a trained cold-diffusion model",

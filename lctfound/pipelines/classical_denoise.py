@@ -28,13 +28,10 @@ import numpy as np
 
 from ..errors import LCTfoundError
 from ..progress import Progress, ensure_progress
+from .choices import NLM_H_PER_SIGMA, TV_WEIGHT_PER_SIGMA  # noqa: F401 - defined where the CLI reads them
 
 METHODS = ("tv", "nlm")
 TASK = "low-dose-enhancement"
-#: TV weight per HU of estimated noise (on HU/1000): 50 HU → 0.08, the benchmark's best weight at 10 % dose.
-TV_WEIGHT_PER_SIGMA = 1.6
-#: NLM h per estimated noise σ (scikit-image's example for fast mode).
-NLM_H_PER_SIGMA = 0.8
 NLM_PATCH_SIZE = 5
 NLM_PATCH_DISTANCE = 6
 _LAPLACIAN = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
