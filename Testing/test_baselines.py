@@ -66,7 +66,7 @@ def test_segmenter_trains_the_shared_head_on_raw_features(tmp_path):
     overlap = (prediction[held_out] & lesion[held_out]).sum()
     assert 2 * overlap / (prediction[held_out].sum() + lesion[held_out].sum()) > 0.8
     cache = FeatureCache(segmenter.extractor, volume, tmp_path)
-    assert cache.cached_slices == volume.shape[0]
+    assert cache.cached_slices == len(report.slices)  # prediction streams: only the fitted slices are kept
     other = IntensityPatchSegmenter({1: "Lesion"}, FewShotConfig(window="lung", resolution=24), patch=3)
     assert FeatureCache(other.extractor, volume, tmp_path).folder != cache.folder
     with pytest.raises(LCTfoundError, match="not saved"):

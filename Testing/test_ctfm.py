@@ -387,7 +387,7 @@ def test_index_ranks_identical_scan_first(small_folder, tmp_path):
     assert window_matches[0].score == pytest.approx(1.0, abs=1e-5) and window_matches[0].centre_ras is not None
     other = new_model(SMALL_CTFM, seed=3)
     other.metadata["weights_sha256"] = "0" * 64
-    with pytest.raises(LCTfoundError, match="use the same --model"):
+    with pytest.raises(LCTfoundError, match="use the same model"):
         index.check_model(other)
     with pytest.raises(LCTfoundError, match="already exists"):
         build_index(model, sorted(folder.iterdir()), index_path, SMALL_WINDOWS, validate=False)
