@@ -402,7 +402,10 @@ def environment_cases() -> list[Case]:
              ("model", "list"), Expect(phrase="is a file", env=(("LCTFOUND_CACHE_DIR", "{blocker}"),))),
         Case("data-fetch-sample-cache-dir-is-a-file", _cache_is_a_file,
              ("data", "fetch-sample"), Expect(phrase="is a file", env=(("LCTFOUND_CACHE_DIR", "{blocker}"),))),
-        Case("segment-predict-cache-limit-unreadable", _good, predict,
+        # Training stores the labelled slices' features in the cache (prediction streams and keeps none).
+        Case("segment-train-cache-limit-unreadable", _good,
+             ("segment", "train", "{ct}", "--labels", "{label}", "--names", "1=Lesion", "--backbone", "{backbone}",
+              "--epochs", "1", "-o", "{out}"),
              Expect(phrase="LCTFOUND_FEATURE_CACHE_LIMIT", env=(("LCTFOUND_FEATURE_CACHE_LIMIT", "lots"),))),
         Case("segment-predict-output-folder-missing-parent", _good,
              ("segment", "predict", "{ct}", "--model", "{segmodel}", "-o", "{ct}/inside/out.nrrd")),
@@ -485,7 +488,8 @@ DISK_FULL_CASES = [
          Expect(phrase="no space left", tripwire=False)),
     Case("disk-full-feature-cache", _and(_good, lambda inputs, values: {
          "cache_folder": _mkdir_all(values["full"] / "space" / "cache" / "features")}),
-         ("segment", "predict", "{ct}", "--model", "{segmodel}", "-o", "{out}.nrrd"),
+         ("segment", "train", "{ct}", "--labels", "{label}", "--names", "1=Lesion", "--backbone", "{backbone}",
+          "--epochs", "1", "-o", "{out}"),
          Expect(phrase="no space left", tripwire=False, env=(("LCTFOUND_CACHE_DIR", "{full}/space/cache"),))),
 ]
 
