@@ -432,8 +432,11 @@ class ThresholdSegmenter:
 
     label_names = {1: "Dense"}
 
-    def predict(self, array, progress=None, postprocess=()):
+    def predict(self, array, progress=None, postprocess=(), slices=None, annotation=None):
         return (array > 0).astype(np.uint8)
+
+    def annotation_for(self, array):
+        return None
 
 
 def test_a_batch_rerun_redoes_empty_or_unreadable_outputs(tmp_path, run_cli, monkeypatch):
