@@ -55,8 +55,8 @@ class EnhanceModuleLogicTest(unittest.TestCase):
         self.assertEqual(self.logic.selection_summary(node), "Model 'gone' is not installed here.")
         node.task, node.interpolation = "super-resolution", "bicubic"  # no model needed
         self.assertEqual(self.logic.selection_summary(node), "Super-resolution with no model on CPU.")
-        node.task = "low-dose"
-        self.assertIn("low-dose-enhancement model", self.logic.selection_summary(node))
+        node.task = "low-dose"  # TV denoising by default: no model needed
+        self.assertEqual(self.logic.selection_summary(node), "Low-dose enhancement with no model on CPU.")
 
     def test_input_file_paths_are_accepted(self):
         path = self.folder / "ct.nii.gz"

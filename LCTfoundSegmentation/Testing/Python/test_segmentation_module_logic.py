@@ -30,6 +30,10 @@ class SegmentationModuleLogicTest(unittest.TestCase):
         self._tmp = tempfile.TemporaryDirectory()
         folder = Path(self._tmp.name) / "lctfound-base"
         folder.mkdir()
+        # A model folder as the registry lists it (the panel reads its metadata to name the recipe).
+        (folder / "unet").mkdir()
+        (folder / "unet" / "config.json").write_text("{}")
+        (folder / "lctfound.json").write_text('{"preset": "cpu-tiny"}')
         self.model = SimpleNamespace(
             name="lctfound-base", path=folder, source="embedded", preset="cpu-tiny", description="Built-in"
         )
@@ -58,7 +62,9 @@ class SegmentationModuleLogicTest(unittest.TestCase):
         self.assertEqual(self.logic.fill_defaults(node), {"model_name": "lctfound-base"})
         self.assertEqual(
             self.logic.selection_summary(node),
-            "Model lctfound-base (built-in, preset cpu-tiny) on Automatic (cpu). Select a few-shot model (train one first).",
+            "Model lctfound-base (built-in, preset cpu-tiny) on Automatic (cpu). Training uses the fast recipe (cached "
+            "features on a grid of at most 128², class-balanced pixel subset), 30 epochs. Select a few-shot model "
+            "(train one first).",
         )
         node.device = "cuda"
         self.assertIn("not available", self.logic.selection_summary(node))
