@@ -749,3 +749,12 @@ class ModuleLogicBase:
         self._cancel_thread = threading.Thread(target=job.cancel, name="lctfound-cancel", daemon=True)
         self._cancel_thread.start()
         return True
+
+
+def export_volume_node(volume_node: Any, path: Path) -> Path:
+    """A volume node as a file with its world geometry, uncompressed (a job reads it at once)."""
+    from ..io.volume import write_volume
+    from ..mrml import ctvolume_from_volume_node
+
+    write_volume(ctvolume_from_volume_node(volume_node), path, compress=False)
+    return Path(path)

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from ..errors import InputError, LCTfoundError
-from .base import AUTO_DEVICE, ButtonState, Choice, ModuleLogicBase, RunState, _camel_case, _snake_case
+from .base import AUTO_DEVICE, ButtonState, Choice, ModuleLogicBase, RunState, _camel_case, _snake_case, export_volume_node
 from .train import chosen_path
 
 if TYPE_CHECKING:
@@ -176,14 +176,6 @@ def _weights_missing(path: Path) -> str:
     if path.is_file():
         return "" if path.suffix.lower() == ".safetensors" else f"{path}: not a folder or a .safetensors file"
     return f"{path}: no such folder or file"
-
-
-def _export_volume(volume_node: Any, path: Path) -> Path:
-    """A volume node as a file (world geometry), uncompressed: a job reads it at once."""
-    from ..io.volume import write_volume
-    from ..mrml import ctvolume_from_volume_node
-
-    return write_volume(ctvolume_from_volume_node(volume_node), path, compress=False)
 
 
 class CTFMLogic(ModuleLogicBase):
@@ -875,7 +867,7 @@ class CTFMLogic(ModuleLogicBase):
             raise LCTfoundError(f"segmentation '{_node_name(segmentation_node)}' has no labelled voxels on "
                                 f"'{_node_name(volume_node)}'")
         folder.mkdir(parents=True)
-        image = _export_volume(volume_node, folder / "image.nrrd")
+        image = export_volume_node(volume_node, folder / "image.nrrd")
         return image, write_volume(ctvolume_from_volume_node(volume_node).with_array(labels), folder / "labels.nrrd"), names
 
     def apply_finished_job(self, target: Any) -> dict[str, Any]:
@@ -912,7 +904,7 @@ class CTFMLogic(ModuleLogicBase):
         run = self.new_run_folder(f"ctfm-{kind}")
         run.mkdir(parents=True)
         try:
-            return run, _export_volume(p.input_volume, run / INPUT_FILE)
+            return run, export_volume_node(p.input_volume, run / INPUT_FILE)
         except BaseException:
             shutil.rmtree(run, ignore_errors=True)
             raise

@@ -417,12 +417,9 @@ class SegmentationModuleLogic(ModuleLogicBase):
 
     @staticmethod
     def _export_volume(volume: Any, run: Path) -> Path:
-        from ..io.volume import write_volume
-        from ..mrml import ctvolume_from_volume_node
+        from .base import export_volume_node
 
-        path = run / "volume.nrrd"
-        write_volume(ctvolume_from_volume_node(volume), path, compress=False)
-        return path
+        return export_volume_node(volume, run / "volume.nrrd")
 
     def _backbone_path(self, name: str) -> Path:
         entry = self.find_model(name)
