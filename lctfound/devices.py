@@ -11,8 +11,10 @@ from .errors import LCTfoundError
 #: `set_threads` so that child jobs started from this process use the same number.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
-# The device a run's work was put on (the last `resolve_device` answer), for its provenance.
+# The device a run's work was put on (the last `resolve_device` answer) and the backbone's forward
+# precision there (the last `resolve_precision` answer), for its provenance.
 _run_device: Optional[str] = None
+_run_precision: Optional[str] = None
 
 
 def cpu_count() -> int:
@@ -48,7 +50,10 @@ def compute_settings() -> dict[str, Any]:
         threads = sys.modules["torch"].get_num_threads()
     else:
         threads = int(os.environ.get("OMP_NUM_THREADS") or cpu_count())
-    return {"device": _run_device or "cpu", "threads": threads}
+    settings = {"device": _run_device or "cpu", "threads": threads}
+    if _run_precision is not None:
+        settings["precision"] = _run_precision
+    return settings
 
 
 def available_devices() -> list[str]:
@@ -87,3 +92,44 @@ def _resolve(choice: str | None):
     if choice != "cpu" and choice not in available and not (base == "cuda" and choice == "cuda:0" and "cuda" in available):
         raise LCTfoundError(f"device {choice!r} is not available here; available: {', '.join(available)}")
     return torch.device(choice)
+
+
+#: Forward precision of the frozen backbone (features, few-shot prediction): ``auto`` picks bf16
+#: autocast where the device computes bf16 natively, fp32 elsewhere; the variable overrides it.
+PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_VARIABLE = "LCTFOUND_PRECISION"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16). Without it, bf16 is
+    emulated and slower than fp32 (measured: benchmarks/RESULTS.md, "Official features on the CPU")."""
+    import torch
+
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:
+        return False
+    found = capabilities()
+    return bool(found.get("amx_bf16") or found.get("avx512_bf16"))
+
+
+def resolve_precision(device, choice: Optional[str] = None) -> str:
+    """``fp32`` or ``bf16`` for frozen-backbone forwards on ``device`` (a `torch.device`).
+
+    ``choice`` (default: $LCTFOUND_PRECISION, else ``auto``): ``auto`` is bf16 on CUDA devices that
+    support it and on CPUs with native bf16, fp32 elsewhere (MPS, CPUs without it)."""
+    import torch
+
+    choice = (choice or os.environ.get(PRECISION_VARIABLE) or "auto").strip().lower()
+    if choice not in PRECISIONS:
+        raise LCTfoundError(f"unknown precision {choice!r} (from {PRECISION_VARIABLE} or the caller); choose one "
+                            f"of: {', '.join(PRECISIONS)}")
+    if choice == "auto":
+        if device.type == "cuda":
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        elif device.type == "cpu":
+            choice = "bf16" if cpu_has_native_bf16() else "fp32"
+        else:
+            choice = "fp32"
+    global _run_precision
+    _run_precision = choice
+    return choice

@@ -13,7 +13,9 @@ is drawn from a generator seeded by the slice index, so a slice's features do no
 which batch it falls in (feature caches stay valid).
 
 Volumes are streamed slice batch by slice batch: memory holds one batch of features, never the
-volume's. On CUDA the forward runs under bf16 autocast with PyTorch SDPA attention.
+volume's. The forward runs under bf16 autocast on CUDA and on CPUs with native bf16 (AMX,
+AVX-512 BF16), in fp32 elsewhere (`lctfound.devices.resolve_precision`; $LCTFOUND_PRECISION
+overrides it), with PyTorch SDPA attention.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .devices import resolve_precision
 from .errors import LCTfoundError
 from .models.bundle import LCTfoundModel
 from .models.presets import FEATURE_BLOCKS, FEATURE_TIMESTEPS, feature_channels
@@ -77,9 +80,11 @@ class ChannelGroup:
 class FeatureExtractor:
     """Frozen-backbone features for batches of slices; see the module docstring."""
 
-    def __init__(self, model: LCTfoundModel, spec: FeatureSpec = FeatureSpec()):
+    def __init__(self, model: LCTfoundModel, spec: FeatureSpec = FeatureSpec(), precision: Optional[str] = None):
         self.model = model
         self.spec = spec
+        self._precision_choice = precision
+        resolve_precision(model.device, precision)  # an unknown choice fails here, before any work
         self.resolution = spec.resolution or model.sample_size
         widths = list(reversed(model.unet.config.block_out_channels))
         self.layout: list[ChannelGroup] = []
@@ -98,10 +103,14 @@ class FeatureExtractor:
             self._condition_cache[batch] = self.model.condition(self.spec.window, self.spec.disease, batch)
         return self._condition_cache[batch]
 
+    @property
+    def precision(self) -> str:
+        """``fp32`` or ``bf16``: how the backbone runs on the model's current device."""
+        return resolve_precision(self.model.device, self._precision_choice)
+
     def _autocast(self):
-        device = self.model.device
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision == "bf16":
+            return torch.autocast(self.model.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def noise_for(self, slice_ids: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -168,6 +177,7 @@ class FeatureExtractor:
             "layout": [asdict(group) for group in self.layout],
             "model": str(self.model.path) if self.model.path else self.model.preset,
             "preset": self.model.preset,
+            "precision": self.precision,
         }
 
 

@@ -86,8 +86,10 @@ class FeatureCache:
             from ..hashing import sha256_file
 
             weights = sha256_file(locate_unet_folder(model.path) / WEIGHTS_NAME)
-        recipe = json.dumps({"spec": asdict(extractor.spec), "resolution": extractor.resolution, "weights": weights},
-                            sort_keys=True)
+        recipe = {"spec": asdict(extractor.spec), "resolution": extractor.resolution, "weights": weights}
+        if extractor.precision != "fp32":  # bf16 features differ slightly; fp32 keys stay as they were
+            recipe["precision"] = extractor.precision
+        recipe = json.dumps(recipe, sort_keys=True)
         key = hashlib.sha256((volume_key(volume) + recipe).encode()).hexdigest()[:32]
         self.root = Path(root) if root is not None else feature_cache_dir()
         self.folder = self.root / key
