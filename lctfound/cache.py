@@ -2,14 +2,15 @@
 and checksums.
 
 The cache (``<cache root>/features``, see `paths.feature_cache_dir`) holds one folder per
-(volume, model, feature recipe) written by `pipelines.segmentation.FeatureCache`, and one
+(volume, model, feature recipe) written by `pipelines.segmentation.FeatureCache` (one file per
+stored slice and an index), and one
 ``.safetensors`` file per scan embedding under ``ctfm/`` (`ctfm.probe.EmbeddingCache`). Both
 store checksums of what they hold and recompute anything that does not match, so a truncated,
 zeroed or half-written entry is never used.
 
 The cache's total size stays under a limit (`DEFAULT_LIMIT`, or ``$LCTFOUND_FEATURE_CACHE_LIMIT``
-such as ``500MB``, ``8GB``; ``0`` keeps nothing on disk). Before a new entry is created, the
-least recently used entries are removed until it fits; an entry that a process has open holds a
+such as ``500MB``, ``8GB``; ``0`` keeps nothing on disk). Before new files are written, the
+least recently used entries are removed until they fit; an entry that a process has open holds a
 shared lock (`EntryLock`) and is never removed.
 """
 
@@ -202,6 +203,11 @@ def _remove_if_unused(entry: CacheEntry) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def remove_unused_entry(folder: Path) -> bool:
+    """Remove an entry folder unless some process has it open (an entry its user left empty)."""
+    return _remove_if_unused(CacheEntry(Path(folder), 0, 0.0))
 
 
 def make_room(needed: int, root: Optional[Path] = None, keep: Iterable[Path] = ()) -> bool:

@@ -13,6 +13,7 @@ Label arrays use -1 for "not labelled" (those slices are ignored); 0 is backgrou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_file
-from ..cache import LIMIT_ENV, EntryLock, cache_limit, slice_digest
+from ..cache import LIMIT_ENV, LOCK_NAME, EntryLock, cache_limit, slice_digest
 from ..errors import LCTfoundError
 from ..features import FeatureExtractor, FeatureSpec, human_bytes
 from ..models.bundle import WEIGHTS_NAME, LCTfoundModel, locate_unet_folder
@@ -40,9 +41,15 @@ logger = logging.getLogger(__name__)
 
 UNLABELLED = -1
 TASK = "fewshot-segmentation"
-#: The feature cache entry's index: shape and a checksum of every computed slice.
+#: The feature cache entry's index: shape and a checksum of every stored slice.
 ENTRY_INDEX = "entry.json"
-ENTRY_FORMAT = 2
+#: The entry's folder of per-slice feature files, ``<slice index>.npy`` (C, R, R) float16.
+SLICES_FOLDER = "slices"
+#: 3: one file per stored slice. Format 2 kept the whole volume in one ``features.npy`` with disk blocks
+#: reserved for every slice (and format 1 added ``done.npy``); such an entry is emptied and rebuilt when
+#: its volume is used again, and is evicted like any other entry until then.
+ENTRY_FORMAT = 3
+OLD_ENTRY_FILES = ("features.npy", "done.npy")
 
 
 def volume_key(array: np.ndarray) -> str:
@@ -71,11 +78,14 @@ def pad_to_square(volume: np.ndarray, value: float) -> np.ndarray:
 class FeatureCache:
     """Features of one volume under one model and recipe, computed slice by slice on demand.
 
-    Stored as ``features.npy`` (slices, C, R, R) float16, memory-mapped, plus ``entry.json``
-    holding a checksum of every computed slice (replaced atomically after each batch), so an
-    interrupted run keeps what it finished and a later call computes only the missing slices.
-    A slice whose bytes no longer match its checksum (a truncated, zeroed or half-written file)
-    is recomputed with a warning. The cache is bounded: see `lctfound.cache`.
+    Each computed slice is its own file, ``slices/<index>.npy`` (C, R, R) float16, written atomically
+    and read back before it is published; ``entry.json`` holds a checksum of every stored slice
+    (replaced atomically after each batch). An entry so takes the bytes of the slices computed (a
+    fit's labelled slices), not of the whole volume; an interrupted run keeps what it finished and a
+    later call computes only the missing slices. A slice whose file no longer matches its checksum
+    (truncated, zeroed, removed) is recomputed with a warning. The cache is bounded (`lctfound.cache`):
+    room is made for the slices about to be written; when they do not fit under the limit, they are
+    kept in memory for this run only.
     """
 
     def __init__(self, extractor: FeatureExtractor, volume: np.ndarray, root: Optional[Path] = None):
@@ -94,109 +104,90 @@ class FeatureCache:
         self.root = Path(root) if root is not None else feature_cache_dir()
         self.folder = self.root / key
         self.shape = (volume.shape[0], extractor.channels, extractor.resolution, extractor.resolution)
-        self.persistent = model.path is not None  # random weights: nothing worth keeping between runs
-        self._features: Optional[np.ndarray] = None
-        self._digests: dict[int, str] = {}
-        self._on_disk = False
+        self._opened = False
+        self._digests: dict[int, str] = {}  # the slices stored on disk (the index)
+        self._memory: dict[int, np.ndarray] = {}  # slices computed in this run that did not fit under the limit
         self._lock = EntryLock(self.folder)
 
     @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(np.float16).itemsize
+    def slice_bytes(self) -> int:
+        """Bytes of one slice's features (its file adds a header of 128 bytes)."""
+        return int(np.prod(self.shape[1:])) * np.dtype(np.float16).itemsize
+
+    def _slice_path(self, index: int) -> Path:
+        return self.folder / SLICES_FOLDER / f"{index}.npy"
 
     # -- opening ---------------------------------------------------------------------------------
 
     def _open(self) -> None:
-        if self._features is not None:
+        if self._opened:
             return
-        from ..cache import make_room, mark_used
+        from ..cache import mark_used
 
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
         except OSError as error:
-            from ..atomic import disk_full_error, is_disk_full
+            raise self._write_error(error) from None
+        self._opened = True
+        self._digests = self._read_index()
+        mark_used(self.folder)
 
-            if is_disk_full(error):
-                raise disk_full_error(self.root, self.nbytes) from None
-            raise LCTfoundError(f"feature cache {self.root}: cannot be written ({error.strerror or error}); set "
-                                "LCTFOUND_CACHE_DIR to a writable folder") from None
-        if self._open_existing():
-            mark_used(self.folder)
-            return
-        if not make_room(self.nbytes, self.root, keep=[self.folder]):
-            logger.warning("feature cache: %s of features do not fit under its limit (%s); keeping them in memory "
-                           "for this run only (raise %s to keep them)", human_bytes(self.nbytes),
-                           human_bytes(cache_limit()), LIMIT_ENV)
-            self._lock.release()
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self._features, self._digests, self._on_disk = np.zeros(self.shape, dtype=np.float16), {}, False
-            return
-        self._create()
+    def _write_error(self, error: OSError, needed: Optional[int] = None) -> LCTfoundError:
+        from ..atomic import disk_full_error, is_disk_full
 
-    def _open_existing(self) -> bool:
-        """Map the stored entry if its index and array agree with this volume and recipe."""
-        features_path, index_path = self.folder / "features.npy", self.folder / ENTRY_INDEX
-        if not features_path.is_file():
-            return False
-        problem = ""
+        if is_disk_full(error):
+            return disk_full_error(self.root, needed)
+        return LCTfoundError(f"feature cache {self.root}: cannot be written ({error.strerror or error}); set "
+                             "LCTFOUND_CACHE_DIR to a writable folder")
+
+    def _read_index(self) -> dict[int, str]:
+        """The stored slices' checksums. An entry of an older format (one whole-volume file) or with
+        a damaged or foreign index is emptied, with a warning, and so rebuilt."""
+        index_path = self.folder / ENTRY_INDEX
+        old_files = [name for name in OLD_ENTRY_FILES if (self.folder / name).exists()]
         try:
             index = json.loads(index_path.read_text())
-            if index.get("format") != ENTRY_FORMAT or list(index.get("shape", ())) != list(self.shape):
+            stored_format = index.get("format")
+            if old_files or (isinstance(stored_format, int) and stored_format < ENTRY_FORMAT):
+                problem = "it has an older format (one file for the whole volume)"
+            elif stored_format != ENTRY_FORMAT or list(index.get("shape", ())) != list(self.shape):
                 problem = "its index does not match"
             else:
-                problem = _npy_problem(features_path, self.shape, np.float16)
+                return {int(k): str(v) for k, v in index.get("digests", {}).items() if 0 <= int(k) < self.shape[0]}
         except FileNotFoundError:
+            if not old_files and not (self.folder / SLICES_FOLDER).exists():
+                return {}  # a new entry
             problem = "it has no checksums"
-        except (OSError, ValueError, AttributeError) as error:
+        except (OSError, ValueError, TypeError, AttributeError) as error:
             problem = f"its index cannot be read ({error})"
-        if problem:
-            logger.warning("feature cache entry %s: %s; recomputing it", self.folder.name, problem)
-            return False
-        self._features = np.load(features_path, mmap_mode="r+", allow_pickle=False)
-        self._digests = {int(k): str(v) for k, v in index.get("digests", {}).items() if 0 <= int(k) < self.shape[0]}
-        self._on_disk = True
-        return True
-
-    def _create(self) -> None:
-        from ..atomic import create_memmap, disk_full_error, is_disk_full
-
-        features_path = self.folder / "features.npy"
-        for stale in (features_path, self.folder / ENTRY_INDEX, self.folder / "done.npy"):
-            if stale.exists():
-                stale.unlink()
-        try:
-            with atomic_file(features_path, expected_bytes=self.nbytes) as tmp:
-                # Real blocks behind the memory map: a full disk is one line here, not SIGBUS later.
-                create_memmap(tmp, np.float16, self.shape).flush()  # the file only: it is mapped again below
-            self._write_index({})
-        except (LCTfoundError, OSError) as error:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            if isinstance(error, LCTfoundError):
-                raise
-            if is_disk_full(error):
-                raise disk_full_error(self.root, self.nbytes) from None
-            raise LCTfoundError(f"feature cache {self.root}: cannot be written ({error.strerror or error})") from None
-        self._features = np.load(features_path, mmap_mode="r+", allow_pickle=False)
-        self._digests, self._on_disk = {}, True
-
-    def _write_index(self, digests: dict[int, str]) -> None:
-        index = {"format": ENTRY_FORMAT, "shape": list(self.shape), "dtype": "float16",
-                 "digests": {str(k): v for k, v in sorted(digests.items())}}
-        with atomic_file(self.folder / ENTRY_INDEX) as tmp:
-            tmp.write_text(json.dumps(index))
+        logger.warning("feature cache entry %s: %s; its features are computed again", self.folder.name, problem)
+        for path in self.folder.iterdir():
+            if path.name == LOCK_NAME:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        return {}
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def _verified(self, slices: Sequence[int]) -> list[int]:
-        """Slices among ``slices`` that are stored and match their checksums; mismatches are dropped."""
-        good, damaged = [], []
+    def _load(self, slices: Sequence[int]) -> dict[int, np.ndarray]:
+        """The intact features of ``slices`` held in memory or stored; stored slices that fail their
+        checksum are dropped from the entry (with one warning) so they are computed again."""
+        found, damaged = {}, []
         for s in dict.fromkeys(slices):
+            if s in self._memory:
+                found[s] = self._memory[s]
+                continue
             digest = self._digests.get(s)
             if digest is None:
                 continue
-            if slice_digest(self._features[s]) == digest:
-                good.append(s)
+            value = self._read_slice(self._slice_path(s))
+            if value is not None and slice_digest(value) == digest:
+                found[s] = value
             else:
                 damaged.append(s)
         if damaged:
@@ -204,76 +195,141 @@ class FeatureCache:
                            self.folder.name, len(damaged))
             for s in damaged:
                 del self._digests[s]
-        return good
+                with contextlib.suppress(OSError):
+                    self._slice_path(s).unlink()
+            try:
+                self._write_index()
+            except (LCTfoundError, OSError):
+                pass  # the next store rewrites it; until then the damaged slices only fail again
+        return found
+
+    def _read_slice(self, path: Path) -> Optional[np.ndarray]:
+        """A slice file's features, or None when it is missing, truncated or not of this entry's shape."""
+        try:
+            value = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+        return value if value.shape == self.shape[1:] and value.dtype == np.float16 else None
 
     def get(self, slices: Sequence[int], batch_size: int = 1, progress: Optional[Progress] = None) -> np.ndarray:
         """Features (len(slices), C, R, R) float16, computing only what is not cached (or not intact)."""
         progress = ensure_progress(progress)
         slices = [int(s) for s in slices]
         self._open()
-        features = self._features
-        verified = set(self._verified(slices))
-        missing = [s for s in dict.fromkeys(slices) if s not in verified]
+        found = self._load(slices)
+        missing = [s for s in dict.fromkeys(slices) if s not in found]
+        to_disk = bool(missing) and self._room_for(len(missing))
         computed = 0
-        try:
-            for batch, values in self.extractor.iter_volume(self.volume, missing, batch_size, out_dtype=torch.float16):
-                values = values.numpy()
-                features[batch] = values
-                for s, value in zip(batch, values):
-                    self._digests[int(s)] = slice_digest(value)
-                if self._on_disk:
-                    features.flush()
-                    self._write_index(self._digests)
-                computed += len(batch)
-                progress.update(computed, len(missing), f"features of slice {batch[-1]}")
-                progress.check_cancelled()
-        except OSError as error:
-            from ..atomic import disk_full_error, is_disk_full
-
-            if is_disk_full(error):
-                raise disk_full_error(self.root) from None
-            raise
-        return np.asarray(features[slices])
+        for batch, values in self.extractor.iter_volume(self.volume, missing, batch_size, out_dtype=torch.float16):
+            batch_values = {int(s): value for s, value in zip(batch, values.numpy())}
+            found.update(batch_values)
+            if to_disk:
+                self._store(batch_values)
+            else:
+                self._memory.update(batch_values)
+            computed += len(batch)
+            progress.update(computed, len(missing), f"features of slice {batch[-1]}")
+            progress.check_cancelled()
+        if not slices:
+            return np.zeros((0, *self.shape[1:]), dtype=np.float16)
+        return np.stack([found[s] for s in slices])
 
     def stored(self, slices: Sequence[int]) -> dict[int, np.ndarray]:
         """The intact stored features of ``slices`` ({slice: (C, R, R) float16}, in memory), without
         creating an entry or computing anything: what prediction reuses of a fit's cache."""
-        if self._features is None:
-            if not (self.folder / "features.npy").is_file():
+        if not self._opened:
+            if not (self.folder / ENTRY_INDEX).is_file():
                 return {}
             try:
-                self._lock.acquire()
-            except OSError:
-                return {}
-            if not self._open_existing():
-                self._lock.release()
+                self._open()
+            except LCTfoundError:
                 return {}
         try:
-            return {s: np.array(self._features[s]) for s in self._verified([int(s) for s in slices])}
+            return self._load([int(s) for s in slices])
         finally:
             self.close()
 
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _room_for(self, count: int) -> bool:
+        """Make room under the limit for ``count`` new slice files. False (with a warning) when they
+        do not fit: they are kept in memory for this run only, and an entry with nothing stored goes."""
+        from ..cache import make_room
+
+        needed = count * self.slice_bytes
+        if make_room(needed, self.root, keep=[self.folder]):
+            return True
+        logger.warning("feature cache: %s of features do not fit under its limit (%s); keeping them in memory "
+                       "for this run only (raise %s to keep them)", human_bytes(needed),
+                       human_bytes(cache_limit()), LIMIT_ENV)
+        if not self._digests:
+            self._release()
+        return False
+
+    def _store(self, values: dict[int, np.ndarray]) -> None:
+        """Publish one file per slice (each read back against its checksum first), then the index
+        naming them. On a failure an entry with nothing stored is removed."""
+        try:
+            for s, value in values.items():
+                digest = slice_digest(value)
+                with atomic_file(self._slice_path(s), expected_bytes=value.nbytes,
+                                 verify=lambda path, digest=digest: self._check_written(path, digest)) as tmp:
+                    with open(tmp, "wb") as handle:
+                        np.save(handle, value, allow_pickle=False)
+                self._digests[s] = digest
+            self._write_index()
+        except (LCTfoundError, OSError) as error:
+            if not (self.folder / ENTRY_INDEX).is_file():
+                self._release()
+            if isinstance(error, LCTfoundError):
+                raise
+            raise self._write_error(error, len(values) * self.slice_bytes) from None
+
+    def _check_written(self, path: Path, digest: str) -> None:
+        value = self._read_slice(path)
+        if value is None or slice_digest(value) != digest:
+            raise ValueError("it differs from the features written")
+
+    def _write_index(self) -> None:
+        index = {"format": ENTRY_FORMAT, "shape": list(self.shape), "dtype": "float16",
+                 "digests": {str(k): v for k, v in sorted(self._digests.items())}}
+        with atomic_file(self.folder / ENTRY_INDEX) as tmp:
+            tmp.write_text(json.dumps(index))
+
+    # -- the entry as a whole --------------------------------------------------------------------
+
     def describe(self) -> str:
-        """One line: where the entry is and how much it takes on disk."""
+        """One line: where the entry is and how much it takes on disk (and what stayed in memory)."""
         from ..cache import disk_bytes
 
         size = disk_bytes(self.folder) if self.folder.exists() else 0
-        return (f"feature cache: {self.cached_slices} slice(s), {human_bytes(size)} on disk in {self.folder} "
+        text = (f"feature cache: {self.cached_slices} slice(s), {human_bytes(size)} on disk in {self.folder} "
                 f"(all entries limited to {human_bytes(cache_limit())}, {LIMIT_ENV})")
+        if self._memory:
+            text += f"; {len(self._memory)} slice(s) did not fit and were kept in memory for this run only"
+        return text
 
     def close(self) -> None:
-        """Unmap the features and release the entry (it may be evicted from now on)."""
-        self._features = None
+        """Release the entry (it may be evicted from now on) and the slices held in memory."""
+        self._memory = {}
+        self._release()
+
+    def _release(self) -> None:
+        """Release the lock; an entry left with nothing stored is removed (unless another process has it open)."""
+        from ..cache import remove_unused_entry
+
         self._lock.release()
+        if self._opened and not (self.folder / ENTRY_INDEX).is_file():
+            remove_unused_entry(self.folder)
+        self._opened, self._digests = False, {}
 
     @property
     def cached_slices(self) -> int:
-        if self._features is not None and not self._on_disk:
-            return len(self._digests)
+        """Slices stored on disk."""
         try:
             index = json.loads((self.folder / ENTRY_INDEX).read_text())
-            return len(index.get("digests", {}))
-        except (OSError, ValueError):
+            return len(index.get("digests", {})) if index.get("format") == ENTRY_FORMAT else 0
+        except (OSError, ValueError, AttributeError):
             return 0
 
 
@@ -304,22 +360,6 @@ def _to_native_grid(logits: torch.Tensor, height: int, width: int, padded: bool)
     side = max(height, width)
     logits = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)
     return logits[..., top:top + height, left:left + width]
-
-
-def _npy_problem(path: Path, shape: tuple[int, ...], dtype) -> str:
-    """Why ``path`` is not a complete ``.npy`` of ``shape``/``dtype`` ('' when it is)."""
-    with open(path, "rb") as handle:
-        version = np.lib.format.read_magic(handle)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        stored_shape, fortran, stored_dtype = read_header(handle)
-        offset = handle.tell()
-    if tuple(stored_shape) != tuple(shape) or np.dtype(stored_dtype) != np.dtype(dtype) or fortran:
-        return "its array has another shape or type"
-    expected = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
-    size = path.stat().st_size
-    if size != expected:
-        return f"its file is {'truncated' if size < expected else 'too long'} ({size} of {expected} bytes)"
-    return ""
 
 
 @dataclass
