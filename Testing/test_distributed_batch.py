@@ -85,6 +85,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LCTFOUND_CACHE_DIR", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_segment_predict_two_processes_match_one_and_resume_across_ranks(cases, backbone, cache, tmp_path,
                                                                         run_cli):
     volume, lesion, _ = fewshot_phantom(3, 48, 7)
@@ -166,6 +167,7 @@ def classifier(tmp_path_factory, backbone):
     return root / "run" / "model"
 
 
+@pytest.mark.slow
 def test_classify_predict_two_processes_match_one_and_resume(cases, classifier, cache, tmp_path, run_cli):
     predict = ["classify", "predict", cases, "--model", classifier, "--device", "cpu", "--threads", "1"]
     code, out, err = run_cli([*predict, "-o", tmp_path / "one.csv"])
@@ -183,6 +185,7 @@ def test_classify_predict_two_processes_match_one_and_resume(cases, classifier, 
     assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_features_over_a_folder_two_processes_match_one_and_resume(cases, backbone, cache, tmp_path, run_cli):
     from lctfound.features import load_volume_features
 
@@ -232,6 +235,47 @@ def test_ranks_come_from_the_launcher_environment():
     for bad in ({"RANK": "4", "WORLD_SIZE": "4"}, {"WORLD_SIZE": "two"}):
         with pytest.raises(LCTfoundError, match="torchrun or accelerate launch"):
             launcher_ranks(bad)
+
+
+RANK_THAT_DIES = """
+import sys
+from pathlib import Path
+from lctfound.batch import BatchRun, read_table, write_table
+from lctfound.errors import LCTfoundError
+
+try:
+    with BatchRun(Path(sys.argv[1]), ["a", "b", "c"], read_table,
+                  lambda rows, path: write_table(rows, path, ["input", "status"])) as run:
+        mine = run.plan(lambda i: False)
+        if run.ranks.rank == 1:
+            sys.exit(3)  # dies after joining, before its rows reach rank 0
+        for i in mine:
+            run.record(run.inputs[i], {"input": run.inputs[i], "status": "ok"})
+        run.finish(failed=0)
+except LCTfoundError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_a_rank_that_dies_stops_the_others_with_one_line(tmp_path):
+    # Started by hand (as on several nodes, without torchrun's agent to stop the survivors): the rank left
+    # waiting learns from gloo that its peer is gone; the timeout (60 min) is never reached.
+    port = free_port()
+    processes = [subprocess.Popen([sys.executable, "-c", RANK_THAT_DIES, str(tmp_path / "summary.csv")], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RANK": str(r),
+                                       "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                       "MASTER_PORT": str(port)})
+                 for r in (0, 1)]
+    (out0, err0), (_, err1) = (p.communicate(timeout=1200) for p in processes)
+    assert processes[1].returncode == 3, err1
+    assert processes[0].returncode == 2, err0
+    (line,) = err0.strip().splitlines()
+    assert line.startswith("error: rank 0: waiting for the other processes to finish their cases: another process "
+                           "of this batch stopped") and "run the same command again to resume" in line
+    # What rank 0 did is on disk for the re-run, which folds it in.
+    assert [row["input"] for row in read_table(part_path(tmp_path / "summary.csv", 0))] == ["a", "c"]
 
 
 def test_one_process_folds_parts_of_an_interrupted_launch_and_keeps_input_order(tmp_path):

@@ -140,7 +140,9 @@ class RankGroup:
             raise self._error("joining the other processes", error) from None
 
     def _error(self, what: str, error: BaseException) -> LCTfoundError:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        # gloo's text starts with its source location; its first sentence is what happened.
+        text = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [""])[0])
+        first = (text.split(". ")[0] or type(error).__name__)[:160]
         minutes = self.timeout.total_seconds() / 60
         return LCTfoundError(f"rank {self.ranks.rank}: {what}: another process of this batch stopped or did not "
                              f"answer within {minutes:g} min ({TIMEOUT_VARIABLE}) ({first}); run the same command "
