@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Optional
 
 from ..errors import LCTfoundError
 from ..validation import MAX_IMAGE_SIZE, batch_int, int_type, seed_int, slice_list_type
@@ -71,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from ..batch import idle_rank, launcher_ranks, rank_device
     from ..devices import resolve_device
     from ..features import FeatureExtractor, FeatureSpec
-    from ..io.volume import find_volumes
+    from ..io.volume import find_volumes, read_volume
     from ..models import load_model, resolve_model
     from . import given_paths
 
@@ -96,24 +95,24 @@ def run(args: argparse.Namespace) -> int:
     ranks = launcher_ranks()
     if not batch and idle_rank(ranks, output):
         return 0
+    volume = None if batch else read_volume(inputs[0], series_uid=args.series_uid)  # a bad volume before the model
     device = resolve_device(rank_device(args.device, ranks))
     extractor = FeatureExtractor(load_model(resolve_model(args.model), device=device), spec)
     dtype = getattr(torch, args.dtype)
-    if not batch:
-        _extract(extractor, inputs[0], output, args, dtype, limit, args.series_uid, args.overwrite)
+    if volume is not None:
+        _extract(extractor, volume, inputs[0], output, args, dtype, limit, args.overwrite)
         print(f"wrote {output}")
         return 0
     return _extract_folder(extractor, inputs, output, args, dtype, limit, ranks, [source, *model_paths])
 
 
-def _extract(extractor, path: Path, output: Path, args: argparse.Namespace, dtype, limit: int,
-             series_uid: Optional[str], overwrite: bool) -> int:
-    """Store the features of the volume ``path`` in the folder ``output``; returns the number of slices."""
+def _extract(extractor, volume, path: Path, output: Path, args: argparse.Namespace, dtype, limit: int,
+             overwrite: bool) -> int:
+    """Store the features of ``volume`` (read from ``path``) in the folder ``output``; returns the number of
+    slices."""
     from ..features import feature_bytes, human_bytes, parse_slices, save_volume_features
-    from ..io.volume import read_volume
     from ..progress import TqdmProgress
 
-    volume = read_volume(path, series_uid=series_uid)
     slices = parse_slices(args.slices, volume.shape[0])
     count = len(slices) if slices is not None else volume.shape[0]
     size = feature_bytes(count, extractor.channels, extractor.resolution, dtype)
@@ -150,7 +149,7 @@ def _extract_folder(extractor, inputs: list, output: Path, args: argparse.Namesp
     over the ranks of a launch (`lctfound.batch.BatchRun`)."""
     from ..atomic import DiskFullError, refuse_input_conflict
     from ..batch import BatchRun, read_table, write_table
-    from ..io.volume import volume_stem
+    from ..io.volume import read_volume, volume_stem
 
     output.mkdir(parents=True, exist_ok=True)  # every rank may: exist_ok
     summary_path = output / "summary.csv"
@@ -174,7 +173,7 @@ def _extract_folder(extractor, inputs: list, output: Path, args: argparse.Namesp
                 start = time.perf_counter()
                 try:
                     # A listed folder that does not read back (a killed run) is replaced.
-                    count = _extract(extractor, path, target, args, dtype, limit, None,
+                    count = _extract(extractor, read_volume(path), path, target, args, dtype, limit,
                                      overwrite=args.overwrite or keys[index] in done)
                     row.update(output=str(target), status="ok", seconds=f"{time.perf_counter() - start:.1f}",
                                slices=count)
