@@ -85,19 +85,17 @@ def _saliency_target(option: Optional[str], single: bool) -> Optional[Callable[[
     return lambda source: path / f"{volume_stem(source)}_saliency.nii.gz"
 
 
-def _previous_rows(output: Path, class_names: list[str], provenance: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Rows of an existing results table of the same model (keyed by input), else a clear error."""
+def _previous_rows(output: Path, class_names: list[str], provenance: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of an existing results table of the same model, else a clear error."""
     from ..pipelines.diagnosis import read_results_csv
 
-    if not output.exists():
-        return {}
     rows = read_results_csv(output, class_names)
     for row in rows:
         for key in ("model_sha256", "backbone_sha256"):
             if row.get(key) and row[key] != provenance[key]:
                 raise LCTfoundError(f"{output}: holds results of another model ({row.get('model')}, {key} "
                                     f"{row[key][:12]}…); choose a new output file")
-    return {row["input"]: row for row in rows}
+    return rows
 
 
 def _print_table(rows: list[dict[str, Any]], class_names: list[str]) -> None:
@@ -152,49 +150,60 @@ def run_predict(args: argparse.Namespace) -> int:
     check_writable(output)
     if saliency_target:
         check_writable(saliency_target(inputs[0]))
-    classifier = ScanClassifier.from_pretrained(args.model, args.backbone, device=args.device,
+    from ..batch import BatchRun, launcher_ranks, rank_device
+
+    ranks = launcher_ranks()
+    classifier = ScanClassifier.from_pretrained(args.model, args.backbone, device=rank_device(args.device, ranks),
                                                 batch_size=args.batch_size)
-    if args.backbone and classifier.task_model.backbone_folder() is not None:
+    if args.backbone and classifier.task_model.backbone_folder() is not None and ranks.main:
         print("note: this model was fine-tuned in full mode and carries its own backbone; --backbone is not used",
               file=sys.stderr)
     names, provenance = classifier.class_names, classifier.provenance
-    rows = {} if args.overwrite else _previous_rows(output, names, provenance)
-    order = [str(path) for path in inputs]
-    skipped = failures = 0
-    with command_progress(args.events, "classify", unit="scan") as bar:
-        for number, path in enumerate(inputs):
-            case = volume_stem(path)
-            target = saliency_target(path) if saliency_target else None
-            if rows.get(str(path), {}).get("status") == "ok" and (target is None or target.is_file()):
-                skipped += 1
-                continue
+    keys = [str(path) for path in inputs]
+    failures = 0
+    with BatchRun(output, keys, lambda path: _previous_rows(path, names, provenance),
+                  lambda rows, path: write_results_csv(rows, path, names), restart=args.overwrite,
+                  ranks=ranks) as run:
 
-            def report(done: int, total: int, message: str, number: int = number, case: str = case) -> None:
-                bar.update(number, len(inputs), f"{case}: {message} ({done}/{total})")
+        def done(index: int) -> bool:
+            target = saliency_target(inputs[index]) if saliency_target else None
+            return run.previous.get(keys[index], {}).get("status") == "ok" and (target is None or target.is_file())
 
-            progress = Progress(report, cancel_token=bar.cancel_token)
-            try:
-                if target is not None and target.exists() and not args.overwrite:
-                    raise LCTfoundError(f"{target}: already exists; choose another --saliency or pass --overwrite")
-                volume = read_volume(path)
-                prediction = classifier(volume, args.slices, progress, source=str(path))
-                if target is not None:
-                    saliency = saliency_volume(classifier, volume, prediction=prediction, progress=progress)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    write_volume(volume.with_array(saliency, kind="saliency"), target)
-                row = results_rows([prediction])[0]
-            except LCTfoundError as error:
-                failures += 1
-                row = error_row(str(path), str(error), names, provenance)
-            rows[str(path)] = row
-            ordered = [rows[s] for s in order if s in rows] + [r for s, r in rows.items() if s not in set(order)]
-            write_results_csv(ordered, output, names)
-            bar.update(number + 1, len(inputs), case)
-    shown = [rows[s] for s in order if s in rows]
-    _print_table(shown, names)
+        mine = run.plan(done)
+        with command_progress(args.events, "classify", unit="scan") as bar:
+            for number, index in enumerate(mine):
+                path = inputs[index]
+                case = volume_stem(path)
+                target = saliency_target(path) if saliency_target else None
+
+                def report(done: int, total: int, message: str, number: int = number, case: str = case) -> None:
+                    bar.update(number, len(mine), f"{case}: {message} ({done}/{total})")
+
+                progress = Progress(report, cancel_token=bar.cancel_token)
+                try:
+                    if target is not None and target.exists() and not args.overwrite:
+                        raise LCTfoundError(f"{target}: already exists; choose another --saliency or pass --overwrite")
+                    volume = read_volume(path)
+                    prediction = classifier(volume, args.slices, progress, source=str(path))
+                    if target is not None:
+                        saliency = saliency_volume(classifier, volume, prediction=prediction, progress=progress)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        write_volume(volume.with_array(saliency, kind="saliency"), target)
+                    row = results_rows([prediction])[0]
+                except LCTfoundError as error:
+                    failures += 1
+                    row = error_row(str(path), str(error), names, provenance)
+                run.record(keys[index], row)
+                bar.update(number + 1, len(mine), case)
+        totals = run.finish(failed=failures, done=len(mine) - failures)
+    if not ranks.main:
+        print(run.shard_line(len(mine) - failures, failures, "scan(s) classified"))
+        return run.exit_code(totals["failed"])
+    listed = set(keys)
+    _print_table([row for row in run.merged if row.get("input") in listed], names)
     print(f"model {provenance['model']} (sha256 {provenance['model_sha256'][:12]}…), backbone {provenance['backbone']} "
           f"(sha256 {provenance['backbone_sha256'][:12] or '?'}…), trained {provenance['trained'] or 'date unknown'}")
-    done = len(inputs) - skipped - failures
-    print(f"{done} scan(s) classified, {skipped} already in {output}, {failures} failed; results in {output}")
+    print(f"{totals['done']} scan(s) classified, {run.skipped} already in {output}, {totals['failed']} failed; "
+          f"results in {output}")
     print(RESEARCH_USE_NOTE)
-    return 1 if failures else 0
+    return run.exit_code(totals["failed"])

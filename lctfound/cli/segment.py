@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -49,7 +48,9 @@ def register(subparsers) -> None:
                                   description="Predict with any segmentation task model: few-shot, structures "
                                               "(fine-tuned) or a distilled student. With a folder as input, writes "
                                               "one label map per volume into --output and a summary.csv, skipping "
-                                              "volumes already done (so an interrupted batch resumes).")
+                                              "volumes already done (so an interrupted batch resumes). Under "
+                                              "torchrun or accelerate launch the processes share the volumes out "
+                                              "and rank 0 merges the summary.")
     predict.add_argument("input", help="a CT volume or a folder of volumes (NIfTI/NRRD/MHA files or DICOM folders)")
     predict.add_argument("--model", required=True, help="task model folder or registered name")
     predict.add_argument("--backbone", help="backbone model (default: the one the task model names)")
@@ -209,7 +210,7 @@ def _predict_in_extent(segmenter, volume, args: argparse.Namespace, steps, progr
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..atomic import atomic_file, check_outputs, check_writable, refuse_input_conflict
+    from ..atomic import check_outputs, check_writable, refuse_input_conflict
     from ..io.volume import find_volumes, read_volume, volume_stem, write_volume
     from ..pipelines.predictors import load_segmentation_predictor
     from ..pipelines.segmentation import POSTPROCESSING, parse_extent_margin
@@ -236,7 +237,12 @@ def run_predict(args: argparse.Namespace) -> int:
             raise LCTfoundError(f"{output}: is a file; with a folder of volumes give an output folder")
         refuse_input_conflict(output, [source, *inputs, *model_paths])
         check_writable(output / "summary.csv")
-    segmenter = load_segmentation_predictor(args.model, args.backbone, args.device)
+    from ..batch import BatchRun, idle_rank, launcher_ranks, rank_device, read_table, write_table
+
+    ranks = launcher_ranks()
+    if not batch and idle_rank(ranks, output):
+        return 0
+    segmenter = load_segmentation_predictor(args.model, args.backbone, rank_device(args.device, ranks))
     if not batch:
         volume = read_volume(inputs[0])
         annotation = None
@@ -250,51 +256,52 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"wrote {output}: " + ", ".join(f"{name} {int((labels == value).sum())} voxels"
                                               for value, name in sorted(segmenter.label_names.items())))
         return 0
-    output.mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)  # every rank may: exist_ok
     summary_path = output / "summary.csv"
-    rows = []
-    if summary_path.is_file() and not args.overwrite:
-        with open(summary_path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    done = {row["input"] for row in rows if row.get("status") == "ok"}
     names = [name for _, name in sorted(segmenter.label_names.items())]
-    failures = 0
-    for path in inputs:
-        target = output / f"{volume_stem(path)}_seg.nii.gz"
+    columns = ["input", "output", "status", "seconds", *names]
+    keys = [str(path) for path in inputs]
+    targets = [output / f"{volume_stem(path)}_seg.nii.gz" for path in inputs]
+    for target in targets:
         refuse_input_conflict(target, [*inputs, *model_paths])
-        if not args.overwrite and str(path) in done and _segmentation_done(target):
-            continue
-        if target.exists() and not args.overwrite and str(path) not in done:
-            # Not made by this batch (or its summary row is lost): never replace it silently.
-            failures += 1
-            row = {"input": str(path), "output": "", "seconds": "", **{n: "" for n in names},
-                   "status": f"error: {target} already exists and is not listed in {summary_path.name}; "
-                             "pass --overwrite to replace it"}
-        else:
-            start = time.perf_counter()
-            try:
-                volume = read_volume(path)
-                with command_progress(args.events, path.name, unit="slice") as progress:
-                    labels = _predict_in_extent(segmenter, volume, args, steps, progress)
-                write_volume(volume.with_array(labels), target)
-                row = {"input": str(path), "output": str(target), "status": "ok",
-                       "seconds": f"{time.perf_counter() - start:.1f}",
-                       **{name: int((labels == value).sum()) for value, name in sorted(segmenter.label_names.items())}}
-            except LCTfoundError as error:
-                from ..atomic import DiskFullError
-
-                if isinstance(error, DiskFullError):
-                    raise  # every later volume would fail the same way
+    failures = 0
+    with BatchRun(summary_path, keys, read_table, lambda rows, path: write_table(rows, path, columns),
+                  restart=args.overwrite, ranks=ranks) as run:
+        done = {key for key, row in run.previous.items() if row.get("status") == "ok"}
+        mine = run.plan(lambda i: keys[i] in done and _segmentation_done(targets[i]))
+        for index in mine:
+            path, target = inputs[index], targets[index]
+            if target.exists() and not args.overwrite and keys[index] not in done:
+                # Not made by this batch (or its summary row is lost): never replace it silently.
                 failures += 1
-                row = {"input": str(path), "output": "", "status": f"error: {error}", "seconds": "",
-                       **{n: "" for n in names}}
-        rows = [r for r in rows if r["input"] != str(path)] + [row]
-        with atomic_file(summary_path) as tmp, open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, ["input", "output", "status", "seconds", *names])
-            writer.writeheader()
-            writer.writerows(rows)
-    print(f"{len(inputs) - failures} of {len(inputs)} volume(s) segmented; summary in {summary_path}")
-    return 1 if failures else 0
+                row = {"input": keys[index], "output": "", "seconds": "", **{n: "" for n in names},
+                       "status": run.unlisted_output(target)}
+            else:
+                start = time.perf_counter()
+                try:
+                    volume = read_volume(path)
+                    with command_progress(args.events, path.name, unit="slice") as progress:
+                        labels = _predict_in_extent(segmenter, volume, args, steps, progress)
+                    write_volume(volume.with_array(labels), target)
+                    row = {"input": keys[index], "output": str(target), "status": "ok",
+                           "seconds": f"{time.perf_counter() - start:.1f}",
+                           **{name: int((labels == value).sum())
+                              for value, name in sorted(segmenter.label_names.items())}}
+                except LCTfoundError as error:
+                    from ..atomic import DiskFullError
+
+                    if isinstance(error, DiskFullError):
+                        raise  # every later volume would fail the same way
+                    failures += 1
+                    row = {"input": keys[index], "output": "", "status": f"error: {error}", "seconds": "",
+                           **{n: "" for n in names}}
+            run.record(keys[index], row)
+        totals = run.finish(failed=failures, done=len(mine) - failures)
+    if ranks.main:
+        print(f"{len(inputs) - totals['failed']} of {len(inputs)} volume(s) segmented; summary in {summary_path}")
+    else:
+        print(run.shard_line(len(mine) - failures, failures, "volume(s) segmented"))
+    return run.exit_code(totals["failed"])
 
 
 def run_distill(args: argparse.Namespace) -> int:
