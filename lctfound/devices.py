@@ -94,15 +94,26 @@ def _resolve(choice: str | None):
     return torch.device(choice)
 
 
-#: Forward precision of the frozen backbone (features, few-shot prediction): ``auto`` picks bf16
-#: autocast where the device computes bf16 natively, fp32 elsewhere; the variable overrides it.
+#: Forward precision of the frozen backbone (features, few-shot prediction): ``auto`` (bf16 autocast
+#: on CUDA, fp32 on CPUs and MPS; see `resolve_precision`), ``fp32`` or ``bf16``; the variable sets it.
 PRECISIONS = ("auto", "fp32", "bf16")
 PRECISION_VARIABLE = "LCTFOUND_PRECISION"
 
 
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    import logging
+
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger(__name__).warning(message)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16). Without it, bf16 is
-    emulated and slower than fp32 (measured: benchmarks/RESULTS.md, "Official features on the CPU")."""
+    emulated: ~90× slower than fp32 (benchmarks/RESULTS.md, "Official features on the CPU")."""
     import torch
 
     capabilities = getattr(torch.cpu, "get_capabilities", None)
@@ -115,8 +126,10 @@ def cpu_has_native_bf16() -> bool:
 def resolve_precision(device, choice: Optional[str] = None) -> str:
     """``fp32`` or ``bf16`` for frozen-backbone forwards on ``device`` (a `torch.device`).
 
-    ``choice`` (default: $LCTFOUND_PRECISION, else ``auto``): ``auto`` is bf16 on CUDA devices that
-    support it and on CPUs with native bf16, fp32 elsewhere (MPS, CPUs without it)."""
+    ``choice`` (default: $LCTFOUND_PRECISION, else ``auto``): ``auto`` is bf16 autocast on CUDA devices
+    that support it (as the original code ran reduced precision on GPUs) and fp32 on CPUs and MPS:
+    bf16 changes the official features by ~2 % (relative), over the 1 % a CPU default may cost, and
+    is only faster on CPUs with native bf16 (`cpu_has_native_bf16`); there ``bf16`` is an opt-in."""
     import torch
 
     choice = (choice or os.environ.get(PRECISION_VARIABLE) or "auto").strip().lower()
@@ -124,12 +137,10 @@ def resolve_precision(device, choice: Optional[str] = None) -> str:
         raise LCTfoundError(f"unknown precision {choice!r} (from {PRECISION_VARIABLE} or the caller); choose one "
                             f"of: {', '.join(PRECISIONS)}")
     if choice == "auto":
-        if device.type == "cuda":
-            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        elif device.type == "cpu":
-            choice = "bf16" if cpu_has_native_bf16() else "fp32"
-        else:
-            choice = "fp32"
+        choice = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    elif choice == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        _warn_once("bf16 on this CPU is emulated (no AMX or AVX-512 BF16): expect it ~90× slower than fp32; "
+                   f"unset {PRECISION_VARIABLE} to run fp32")
     global _run_precision
     _run_precision = choice
     return choice

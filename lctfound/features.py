@@ -13,9 +13,9 @@ is drawn from a generator seeded by the slice index, so a slice's features do no
 which batch it falls in (feature caches stay valid).
 
 Volumes are streamed slice batch by slice batch: memory holds one batch of features, never the
-volume's. The forward runs under bf16 autocast on CUDA and on CPUs with native bf16 (AMX,
-AVX-512 BF16), in fp32 elsewhere (`lctfound.devices.resolve_precision`; $LCTFOUND_PRECISION
-overrides it), with PyTorch SDPA attention.
+volume's. The forward runs under bf16 autocast on CUDA and in fp32 on CPUs, where bf16 would move
+the features by ~2 % (`lctfound.devices.resolve_precision`; $LCTFOUND_PRECISION=bf16 opts in on
+CPUs with AMX or AVX-512 BF16), with PyTorch SDPA attention.
 """
 
 from __future__ import annotations

@@ -58,9 +58,11 @@ class _NoBackbone:
 
 class IntensityPatchExtractor:
     """HU slices → (B, patch², R, R) windowed-intensity neighbourhoods; the feature-source interface
-    of `FewShotSegmenter` (``spec``, ``resolution``, ``channels``, ``iter_volume``, ``model.path``)."""
+    of `FewShotSegmenter` (``spec``, ``resolution``, ``channels``, ``precision``, ``iter_volume``,
+    ``model.path``)."""
 
     model = _NoBackbone()
+    precision = "fp32"  # no network: the intensities themselves
 
     def __init__(self, spec: PatchSpec = PatchSpec()):
         self.spec = spec
