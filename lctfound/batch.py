@@ -179,7 +179,8 @@ def read_table(path: Path) -> list:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             return list(csv.DictReader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise LCTfoundError(f"{path}: cannot be read ({error}); move it aside or pass --overwrite") from None
+        raise LCTfoundError(f"{path}: cannot be read ({error}); move it aside",
+                            option_hints={"overwrite": "or pass --overwrite to start again"}) from None
 
 
 def write_table(rows: Sequence[dict], path: Path, columns: Sequence[str]) -> None:
