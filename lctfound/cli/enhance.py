@@ -481,6 +481,9 @@ def _add_low_dose(commands) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=batch_int, default=4, help="slices per batch (default 4)")
     _add_output_options(parser, seed=False)
+    from .remote import add_server_options
+
+    add_server_options(parser)
     parser.set_defaults(func=run_low_dose)
 
 
@@ -491,6 +494,10 @@ def run_low_dose(args: argparse.Namespace) -> int:
     from ..pipelines.cold_diffusion import ColdDiffusionEnhancer, result_name
     from ..progress import command_progress
 
+    if args.server:
+        from .remote import run_enhance_low_dose
+
+        return run_enhance_low_dose(args, _output_path)
     method = args.method or ("cold-diffusion" if args.model else "tv")
     if method != "cold-diffusion":
         if args.model or args.backbone or args.steps is not None:
