@@ -45,13 +45,15 @@ class ServerJob:
         self.device: Optional[str] = None
         self.result: dict = {}
         self.created = time.time()
+        self.started_at: Optional[float] = None
         self.ended_at: Optional[float] = None
         self.process: Optional[Job] = None
         self.cancel_requested = False
 
     def describe(self) -> dict:
         return {"job": self.id, "task": self.task.name, "state": self.state, "error": self.error,
-                "device": self.device, "events": len(self.events), "created": self.created}
+                "device": self.device, "events": len(self.events), "created": self.created,
+                "started": self.started_at, "ended": self.ended_at}
 
 
 class JobQueue:
@@ -204,6 +206,7 @@ class JobQueue:
                     job = self._pending[client].popleft()
                     self._last_served[client] = next(self._turn)
                     job.state = RUNNING
+                    job.started_at = time.time()
                     self._condition.notify_all()
                     return job
                 self._condition.wait()
