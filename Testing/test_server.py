@@ -388,7 +388,7 @@ def test_server_killed_mid_job_then_restarted(files, tmp_path):
         out, err = cli.communicate(timeout=300)
         assert cli.returncode == 2, err
         assert err.count("\n") == 1 and "does not answer" in err and "nothing was written" in err, err
-        assert pid is not None and process_alive(pid)  # the job's child outlived the killed server
+        assert pid is not None  # the job's child: it dies at its next event (its pipe is gone) or at the restart
 
         server = Server(data, tmp_path / "cache", ["--models", f"tiny={files / 'tiny'}"])
         wait_for(lambda: not process_alive(pid), polls=400)
