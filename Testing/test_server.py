@@ -318,6 +318,15 @@ def test_few_shot_train_and_predict_on_the_server_equal_the_local_run(server, fi
     assert remote.array.sum() > 0 and np.array_equal(remote.array, here.array)
     assert np.allclose(remote.origin, here.origin) and np.allclose(remote.direction, here.direction)
     assert f"Lesion {int((remote.array == 1).sum())} voxels" in out
+    # The correction loop: retraining starts from the model on the server and the new one stays there too.
+    code, out, err = run_cli(["segment", "train", files / "ct.nrrd", "--labels", files / "label.nrrd",
+                              "--names", "1=Lesion", "--init", "lesion", "--epochs", "3", "-o", "lesion-v2",
+                              "--server", server.url])
+    assert code == 0, err
+    assert server.client("cli").models()["yours"] == ["lesion", "lesion-v2"]
+    code, _, err = run_cli(["segment", "train", files / "ct.nrrd", "--labels", files / "label.nrrd",
+                            "--names", "1=Lesion", "--init", "lesion", "-o", "lesion-v2", "--server", server.url])
+    assert code == 2 and "already have a model 'lesion-v2'" in err and err.count("\n") == 1
     # Another client cannot use (or see) this client's model.
     from lctfound.remote import RemoteError
 
@@ -363,6 +372,43 @@ def test_cancel_per_client_limit_and_round_robin_between_clients(server, files):
     _, alice_result = first.download_result(alice[1]["job"])
     _, bob_result = second.download_result(bob["job"])
     assert np.array_equal(alice_result, bob_result) and alice_result.shape == ct.shape
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_command_line_cancels_the_job_on_the_server(server, files):
+    env = dict(base_env(files / "cli-cache"), LCTFOUND_SERVER_TOKEN=server.token, LCTFOUND_CLIENT_ID="interrupter")
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "lctfound", "segment", "train", str(files / "ct.nrrd"), "--labels",
+         str(files / "label.nrrd"), "--backbone", "tiny", "--epochs", "10000", "-o", "interrupted",
+         "--server", server.url, "--events"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in cli.stdout:
+        if '"progress"' in line:
+            break
+    cli.send_signal(signal.SIGINT)
+    _, err = cli.communicate(timeout=300)
+    assert cli.returncode == 130 and err.startswith("error: interrupted") and err.count("\n") == 1
+    jobs = server.client("interrupter")._request("GET", "/jobs")["jobs"]
+    assert [job["state"] for job in jobs] == ["cancelled"]
+    assert server.client("interrupter").models()["yours"] == []
+
+
+def test_quota_and_expiry(tmp_path):
+    from lctfound.remote import RemoteError
+
+    server = Server(tmp_path / "data", tmp_path / "cache", ["--quota-gb", "0.0002", "--expire-hours", "0.0005"])
+    try:
+        client = server.client("small")
+        noise = np.random.default_rng(0).integers(0, 30000, size=(4, 128, 128)).astype(np.int16)  # ~130 kB packed
+        upload = client.upload_volume(noise)
+        with pytest.raises(RemoteError, match=r"\(507\).*over its quota"):
+            client.upload_volume(noise)
+        # After --expire-hours (1.8 s) the sweep removes the upload, and the space is free again.
+        wait_for(lambda: not (tmp_path / "data" / "clients" / "small" / "uploads" / f"{upload}.zst").exists())
+        with pytest.raises(RemoteError, match=r"\(404\)"):
+            client._request("GET", f"/uploads/{upload}")
+        assert client.upload_volume(noise)
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow
