@@ -193,6 +193,23 @@ def test_serve_refuses_other_binds_without_tls_and_a_readable_token(tmp_path, ru
     assert code == 2 and "readable by other users" in err and token not in err
 
 
+def test_unreachable_server_or_missing_token_is_one_line(files, run_cli, monkeypatch):
+    from lctfound.io.sample_data import load_sample  # noqa: F401 - files made; no server runs on this port
+
+    monkeypatch.delenv("LCTFOUND_SERVER_TOKEN", raising=False)
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    command = ["enhance", "low-dose", files / "ct.nrrd", "-o", files / "nowhere.nrrd", "--server", nowhere]
+    code, _, err = run_cli(command)
+    assert code == 2 and err.count("\n") == 1 and "LCTFOUND_SERVER_TOKEN" in err
+    monkeypatch.setenv("LCTFOUND_SERVER_TOKEN", "x" * 43)
+    code, _, err = run_cli(command)
+    assert code == 2 and err == f"error: the server at {nowhere} does not answer (connection refused)\n"
+    code, _, err = run_cli(["segment", "train", files / "ct.nrrd", "--labels", files / "label.nrrd", "-o", "../up",
+                            "--server", nowhere])
+    assert code == 2 and "names the model on the server" in err
+    assert not (files / "nowhere.nrrd").exists()
+
+
 # -- against a running server ----------------------------------------------------------------------
 
 
