@@ -243,6 +243,7 @@ def test_version_mismatch_is_one_sentence(server, monkeypatch, token_env, files,
                                                            "X-LCTfound-API": "999"})
     assert response.status_code == 409 and "API 1" in response.json()["detail"]
     assert server.client().check_version()["api"] == 1
+    assert server.client().test_connection().startswith(f"connected to {server.url}: lctfound 0.1.0, models default, tiny")
     monkeypatch.setattr(lctfound.remote, "__version__", "0.0.1")
     with pytest.raises(RemoteError, match=r"runs lctfound 0\.1\.0 .* and this client lctfound 0\.0\.1 .*install the "
                                           r"same version on both"):
@@ -426,6 +427,46 @@ def test_quota_and_expiry(tmp_path):
         assert client.upload_volume(noise)
     finally:
         server.stop()
+
+
+def test_https_with_certfile_and_keyfile(tmp_path, files, monkeypatch, run_cli):
+    from lctfound.remote import RemoteClient, RemoteError
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+    port = free_port()
+    log = open(tmp_path / "tls.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "lctfound", "serve", "--data", str(tmp_path / "data"), "--port",
+                                str(port), "--certfile", str(tmp_path / "cert.pem"), "--keyfile", str(tmp_path / "key.pem")],
+                               env=base_env(tmp_path / "cache"), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        url = f"https://127.0.0.1:{port}"
+        token = wait_for(lambda: (tmp_path / "data" / "token").is_file() and (tmp_path / "data" / "token").read_text().strip())
+        client = RemoteClient(url, token, client_id="tls", ca_file=str(tmp_path / "cert.pem"))
+        wait_for(lambda: _answers(client))
+        assert client.check_version()["api"] == 1
+        with pytest.raises(RemoteError, match="certificate of .* is not trusted; set LCTFOUND_SERVER_CA_FILE"):
+            RemoteClient(url, token, client_id="tls").health()
+        monkeypatch.setenv("LCTFOUND_SERVER_TOKEN", token)
+        monkeypatch.setenv("LCTFOUND_SERVER_CA_FILE", str(tmp_path / "cert.pem"))
+        code, out, err = run_cli(["enhance", "low-dose", files / "ct.nrrd", "-o", tmp_path / "tls.nrrd", "--server", url])
+        assert code == 0, err
+        assert (tmp_path / "tls.nrrd").is_file()
+    finally:
+        process.terminate()
+        process.wait(60)
+        log.close()
+
+
+def _answers(client) -> bool:
+    from lctfound.remote import ServerLost
+
+    try:
+        return client.health() == {"status": "ok"}
+    except ServerLost:
+        return False
 
 
 @pytest.mark.slow

@@ -25,6 +25,8 @@ from ..errors import LCTfoundError
 from .wire import API_VERSION, WireError, check_name, decode_volume, encode_volume
 
 TOKEN_ENVIRONMENT = "LCTFOUND_SERVER_TOKEN"
+#: A PEM file of the certificate authority (or the self-signed certificate) of an HTTPS server.
+CA_ENVIRONMENT = "LCTFOUND_SERVER_CA_FILE"
 CLIENT_ENVIRONMENT = "LCTFOUND_CLIENT_ID"
 CHUNK_BYTES = 8 * 1024 * 1024
 _RETRIES = 3
@@ -69,11 +71,23 @@ def default_client_id() -> str:
 
 
 class RemoteClient:
-    """One server, one client id. ``url`` like ``http://127.0.0.1:8765`` or ``https://gpu.example.org``."""
+    """One server, one client id. ``url`` like ``http://127.0.0.1:8765`` or ``https://gpu.example.org``.
+    HTTPS certificates are checked against the system's authorities, or against ``ca_file`` (default
+    ``$LCTFOUND_SERVER_CA_FILE``) for a department's own certificate."""
 
     def __init__(self, url: str, token: str, client_id: Optional[str] = None, timeout: float = 60.0,
-                 verify: Any = True):
+                 ca_file: Optional[str] = None):
+        import ssl
+
         import httpx
+
+        ca_file = ca_file or os.environ.get(CA_ENVIRONMENT) or None
+        verify: Any = True
+        if ca_file:
+            try:
+                verify = ssl.create_default_context(cafile=str(Path(ca_file).expanduser()))
+            except (OSError, ssl.SSLError) as error:
+                raise RemoteError(f"{ca_file}: not a readable PEM certificate file ({error})") from None
 
         if not re.match(r"^https?://[^/\s]+", url or ""):
             raise RemoteError(f"{url!r} is not a server address; give one like http://127.0.0.1:8765")
@@ -104,6 +118,9 @@ class RemoteClient:
                 response = self._http.request(method, path, **kwargs)
                 break
             except httpx.TransportError as error:
+                if "CERTIFICATE_VERIFY_FAILED" in str(error):
+                    raise RemoteError(f"the certificate of {self.url} is not trusted; set {CA_ENVIRONMENT} to the "
+                                      "server's certificate (PEM) or that of its authority") from None
                 if attempt == retries:
                     raise ServerLost(f"the server at {self.url} does not answer ({_reason(error)})") from None
                 time.sleep(0.5 * (attempt + 1))
