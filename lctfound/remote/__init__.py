@@ -51,8 +51,9 @@ def read_token(token_file: Optional[str] = None) -> str:
         return token
     token = os.environ.get(TOKEN_ENVIRONMENT, "").strip()
     if not token:
-        raise RemoteError(f"no access token for the server; set {TOKEN_ENVIRONMENT} or give --token-file FILE "
-                          "(the token is in the server's data folder, file 'token')")
+        raise RemoteError(f"no access token for the server; set {TOKEN_ENVIRONMENT} to the token the server's "
+                          "administrator gave you (the file 'token' in the server's data folder)",
+                          option_hints={"token_file": "or give --token-file FILE"})
     return token
 
 
