@@ -302,6 +302,16 @@ def test_low_dose_on_the_server_equals_the_local_run(server, files, token_env, r
     record, local_record = read_provenance(files / "ld_remote.nrrd"), read_provenance(files / "ld_local.nrrd")
     assert record["weight_per_slice"] == local_record["weight_per_slice"] and record["method"] == "tv"
     assert record["output"] == str(files / "ld_remote.nrrd") and record["server"] == server.url
+    # The command line's --server path runs where torch, diffusers, MONAI and scikit-image are missing.
+    script = ("import sys\nsys.path.insert(0, %r)\nfrom import_blocker import hidden_packages\n"
+              "with hidden_packages('torch', 'diffusers', 'monai', 'transformers', 'scikit-image'):\n"
+              "    from lctfound.cli import main\n    code = main(sys.argv[1:])\nsys.exit(code)" % str(ROOT / "Testing"))
+    light = subprocess.run([sys.executable, "-c", script, "enhance", "low-dose", str(files / "ct.nrrd"),
+                            "-o", str(files / "ld_light.nrrd"), "--server", server.url],
+                           env=dict(base_env(files / "cli-cache"), LCTFOUND_SERVER_TOKEN=server.token),
+                           capture_output=True, text=True)
+    assert light.returncode == 0, light.stderr
+    assert np.array_equal(read_volume(files / "ld_light.nrrd").array, here.array)
     # The same output again needs --overwrite, checked before anything is uploaded.
     code, _, err = run_cli(["enhance", "low-dose", files / "ct.nrrd", "-o", files / "ld_remote.nrrd",
                             "--server", server.url])

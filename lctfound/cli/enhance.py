@@ -488,16 +488,16 @@ def _add_low_dose(commands) -> None:
 
 
 def run_low_dose(args: argparse.Namespace) -> int:
+    if args.server:
+        from .remote import run_enhance_low_dose
+
+        return run_enhance_low_dose(args, _output_path)
     from ..errors import LCTfoundError
     from ..features import parse_slices
     from ..io.volume import read_volume, volume_stem
     from ..pipelines.cold_diffusion import ColdDiffusionEnhancer, result_name
     from ..progress import command_progress
 
-    if args.server:
-        from .remote import run_enhance_low_dose
-
-        return run_enhance_low_dose(args, _output_path)
     method = args.method or ("cold-diffusion" if args.model else "tv")
     if method != "cold-diffusion":
         if args.model or args.backbone or args.steps is not None:
