@@ -318,6 +318,24 @@ def test_low_dose_on_the_server_equals_the_local_run(server, files, token_env, r
     assert code == 2 and "--overwrite" in err
 
 
+def test_a_failed_job_is_one_sentence_without_server_paths(server, files):
+    from lctfound.io.volume import read_volume
+    from lctfound.remote import RemoteError
+
+    client = server.client("mistaken")
+    ct = read_volume(files / "ct.nrrd")
+    upload = client.upload_volume(ct.array, ct.spacing, ct.origin, ct.direction)
+    job = client.submit("segment-predict", {"volume": upload}, {"model": "tiny"})  # a backbone, not a task model
+    with pytest.raises(RemoteError, match="failed") as failure:
+        client.follow(job["job"])
+    message = str(failure.value)
+    assert "\n" not in message and str(server.data) not in message and str(files / "tiny") not in message
+    with pytest.raises(RemoteError, match=r"\(409\).*failed"):
+        client.download_result(job["job"])
+    with pytest.raises(RemoteError, match=r"\(422\).*no option 'output'"):
+        client.submit("segment-predict", {"volume": upload}, {"model": "tiny", "output": "/etc/passwd"})
+
+
 @pytest.mark.slow
 def test_few_shot_train_and_predict_on_the_server_equal_the_local_run(server, files, token_env, run_cli):
     from lctfound.io.volume import read_volume

@@ -13,6 +13,7 @@ import collections
 import itertools
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -277,16 +278,20 @@ class JobQueue:
         if job.cancel_requested and state != FINISHED:
             state = CANCELLED
         if state != FINISHED:
-            return state, ("cancelled" if state == CANCELLED else end.get("error") or "the job failed")
+            error = "cancelled" if state == CANCELLED else end.get("error") or "the job failed"
+            return state, self._without_server_paths(job, {"error": error})["error"]
         job.result = self._result(job, output)
         return FINISHED, ""
 
     def _without_server_paths(self, job: ServerJob, event: dict) -> dict:
         """The event with the server's folders left out of its text (clients name models, not paths)."""
         text = json.dumps(event, default=str)
-        for folder, shown in ((self.store.models(job.client), ""), (job.folder / "output", ""),
-                              (job.folder / "inputs", ""), (self.store.data, "")):
-            text = text.replace(json.dumps(str(folder) + "/")[1:-1], shown).replace(json.dumps(str(folder))[1:-1], "server")
+        shown = {str(folder) + os.sep: "" for folder in (self.store.models(job.client), job.folder / "output",
+                                                          job.folder / "inputs")}
+        shown.update({folder: name for name, folder in self.server_models.items() if os.path.isabs(folder)})
+        shown[str(self.store.data)] = "(server)"
+        for path in sorted(shown, key=len, reverse=True):  # the longest first: a folder before its parent
+            text = text.replace(json.dumps(path)[1:-1], shown[path])
         return json.loads(text)
 
     def _result(self, job: ServerJob, output: Path) -> dict:
