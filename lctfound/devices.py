@@ -30,12 +30,14 @@ def set_threads(threads: Optional[int] = None) -> int:
     `THREAD_VARIABLES`, for child processes. Returns the number set."""
     import sys
 
+    explicit = bool(threads)
     if not threads and os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
         threads = int(os.environ["OMP_NUM_THREADS"])  # the user's own setting stands unless --threads
     count = int(threads) if threads else cpu_count()
     for name in THREAD_VARIABLES:
         os.environ[name] = str(count)
-    if "torch" in sys.modules or threads:  # otherwise torch reads OMP_NUM_THREADS when first imported
+    # Otherwise torch reads OMP_NUM_THREADS when first imported (and a thin `--server` client never imports it).
+    if "torch" in sys.modules or explicit:
         import torch
 
         torch.set_num_threads(count)

@@ -25,7 +25,7 @@ from ..errors import LCTfoundError, set_command_options
 
 # Command-group modules, in the order `--help` lists them.
 COMMAND_MODULES = ("demo", "doctor", "data", "model", "features", "train", "generate", "segment", "classify", "ctfm",
-                   "evaluate", "enhance", "web")
+                   "evaluate", "enhance", "web", "serve")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -481,10 +481,17 @@ def _add_low_dose(commands) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=batch_int, default=4, help="slices per batch (default 4)")
     _add_output_options(parser, seed=False)
+    from .remote import add_server_options
+
+    add_server_options(parser)
     parser.set_defaults(func=run_low_dose)
 
 
 def run_low_dose(args: argparse.Namespace) -> int:
+    if args.server:
+        from .remote import run_enhance_low_dose
+
+        return run_enhance_low_dose(args, _output_path)
     from ..errors import LCTfoundError
     from ..features import parse_slices
     from ..io.volume import read_volume, volume_stem

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import LCTfoundError
+from .remote import add_server_options
 from ..validation import MAX_IMAGE_SIZE, epochs_int, float_type, int_type, parse_label_names, slice_list_type
 
 
@@ -42,6 +43,7 @@ def register(subparsers) -> None:
     train.add_argument("--register", metavar="NAME", help="also register it under NAME for every front end")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     train.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
+    add_server_options(train)
     train.set_defaults(func=run_train)
 
     predict = commands.add_parser("predict", help="segment a volume, or every volume of a folder",
@@ -72,6 +74,7 @@ def register(subparsers) -> None:
                          help="predict every slice, not only the annotated extent")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     predict.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
+    add_server_options(predict)
     predict.set_defaults(func=run_predict)
 
     distill = commands.add_parser("distill", help="distil a segmentation model into a small, fast student",
@@ -106,6 +109,10 @@ def _format_names(names: dict[int, str]) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.server:
+        from .remote import run_segment_train
+
+        return run_segment_train(args)
     import numpy as np
 
     from ..devices import resolve_device
@@ -210,6 +217,10 @@ def _predict_in_extent(segmenter, volume, args: argparse.Namespace, steps, progr
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    if args.server:
+        from .remote import run_segment_predict
+
+        return run_segment_predict(args)
     from ..atomic import check_outputs, check_writable, refuse_input_conflict
     from ..io.volume import find_volumes, read_volume, volume_stem, write_volume
     from ..pipelines.predictors import load_segmentation_predictor

@@ -1,0 +1,142 @@
+"""``--server URL``: the same commands, run on an `lctfound serve` machine (`lctfound.remote`).
+
+The local file is read and checked here, uploaded, the job's progress is shown as it arrives
+(``--events`` passes the server job's events through), Ctrl-C cancels the job on the server, and
+the result is written here with the same output checks and atomic writes as a local run. A server
+that stops answering is one ``error:`` line and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import LCTfoundError
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", metavar="URL",
+                        help="run on an `lctfound serve` machine (e.g. http://gpu-host:8765); the access token comes "
+                             "from $LCTFOUND_SERVER_TOKEN or --token-file, never from the command line")
+    parser.add_argument("--token-file", metavar="FILE", help="file holding the server's access token (with --server)")
+
+
+def _refuse(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name, None) not in (None, False, "auto"):
+            raise LCTfoundError(f"--{name.replace('_', '-')} is not available with --server yet; run without --server")
+
+
+def _client(args: argparse.Namespace):
+    from ..remote import RemoteClient, read_token
+
+    client = RemoteClient(args.server, read_token(args.token_file))
+    client.check_version()
+    return client
+
+
+def _follow_printer(args: argparse.Namespace, description: str, unit: str):
+    """An ``on_event`` callback: JSON events passed through under ``--events``, else a progress bar and
+    the job's own text lines."""
+    from ..progress import TqdmProgress, print_event
+
+    if args.events:
+        return print_event, None
+    bar = TqdmProgress(description, unit=unit)
+
+    def show(event: dict) -> None:
+        if event.get("event") == "progress":
+            bar.update(int(event.get("done", 0)), int(event.get("total", 0)), str(event.get("message", "")))
+        elif event.get("event") == "log":
+            print(event.get("text", ""))
+    return show, bar
+
+
+def _run(args: argparse.Namespace, client, task: str, volumes: dict, options: dict, description: str, unit: str):
+    on_event, bar = _follow_printer(args, description, unit)
+    try:
+        return client.run(task, volumes, options, on_event=on_event)
+    finally:
+        if bar is not None:
+            bar.close()
+        client.close()
+
+
+def _geometry(volume) -> tuple:
+    return (volume.array, volume.spacing, volume.origin, volume.direction)
+
+
+def run_segment_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..io.volume import read_label_volume, read_volume
+    from ..remote.wire import check_name
+
+    _refuse(args, "register", "device")
+    name = check_name(args.output, "with --server, -o names the model on the server;")
+    client = _client(args)
+    volume = read_volume(args.volume)
+    label = read_label_volume(args.labels, reference=volume)
+    options = {"model": name, "names": args.names, "slices": args.slices.replace(" ", "") if args.slices else None,
+               "epochs": args.epochs, "recipe": args.recipe, "window": args.window, "backbone": args.backbone,
+               "init": args.init, "overwrite": bool(args.overwrite)}
+    labels = label.array.astype(np.int16)
+    result, _ = _run(args, client, "segment-train", {"volume": _geometry(volume),
+                                                     "labels": (labels, *_geometry(volume)[1:])},
+                     options, "segment train", "step")
+    names = ", ".join(f"{value}={label_name}" for value, label_name in sorted(result.get("labels", {}).items()))
+    print(f"model {result['model']!r} ({names}) is on {client.url}; predict with "
+          f"`lctfound segment predict VOLUME --model {result['model']} --server {client.url} -o OUT`")
+    return 0
+
+
+def run_segment_predict(args: argparse.Namespace) -> int:
+    from ..atomic import check_outputs
+    from ..io.volume import find_volumes, read_label_volume, read_volume, write_volume
+
+    _refuse(args, "device")
+    source, output = Path(args.input).expanduser(), Path(args.output).expanduser()
+    inputs = find_volumes(source)
+    if source.is_dir() and not (len(inputs) == 1 and inputs[0] == source):
+        raise LCTfoundError("with --server, segment predict takes one volume, not a folder")
+    check_outputs([output], [source] + ([Path(args.annotation)] if args.annotation else []), args.overwrite)
+    client = _client(args)
+    volume = read_volume(inputs[0])
+    volumes = {"volume": _geometry(volume)}
+    if args.annotation:
+        annotation = read_label_volume(args.annotation, reference=volume).array.astype("int16")
+        volumes["annotation"] = (annotation, *_geometry(volume)[1:])
+    options = {"model": args.model, "backbone": args.backbone, "postprocess": args.postprocess.replace(" ", ""),
+               "extent_margin": args.extent_margin.replace(" ", ""), "whole_volume": bool(args.whole_volume)}
+    result, labels = _run(args, client, "segment-predict", volumes, options, "segment", "slice")
+    write_volume(volume.with_array(labels), output)
+    print(f"wrote {output}: " + ", ".join(f"{label_name} {int((labels == int(value)).sum())} voxels"
+                                          for value, label_name in sorted(result.get("labels", {}).items())))
+    return 0
+
+
+def run_enhance_low_dose(args: argparse.Namespace, output_path) -> int:
+    from ..io.provenance import write_volume_with_provenance
+    from ..io.volume import read_volume, volume_stem
+
+    method = args.method or ("cold-diffusion" if args.model else "tv")
+    if method == "cold-diffusion":
+        raise LCTfoundError("--method cold-diffusion is not available with --server yet; use tv or nlm, or run "
+                            "without --server")
+    _refuse(args, "device")
+    name = f"{volume_stem(args.volume)}_ldct-{method}"  # as pipelines.classical_denoise.result_name
+    output = output_path(args, lambda: name)
+    client = _client(args)
+    volume = read_volume(args.volume, validate=not args.no_validate)
+    options = {"method": method, "strength": args.strength, "no_validate": bool(args.no_validate),
+               "slices": args.slices.replace(" ", "") if args.slices else None}
+    result, array = _run(args, client, "enhance-low-dose", {"volume": _geometry(volume)}, options,
+                         f"low-dose {method}", "slice")
+    provenance = dict(result.get("provenance") or {})
+    # The record is the server's (same task, parameters and compute); paths are said for this machine.
+    provenance.update({"name": name, "output": str(output), "server": client.url})
+    if "source" in provenance:
+        provenance["source"] = str(args.volume)
+    side = write_volume_with_provenance(volume.with_array(array), output, provenance)
+    print(f"wrote {output} ({provenance.get('task', 'low-dose')}) on {client.url}; provenance in {side}")
+    return 0
