@@ -433,7 +433,9 @@ def test_ctrl_c_on_the_command_line_cancels_the_job_on_the_server(server, files)
     cli.send_signal(signal.SIGINT)
     _, err = cli.communicate(timeout=300)
     assert cli.returncode == 130 and err.startswith("error: interrupted") and err.count("\n") == 1
-    jobs = server.client("interrupter")._request("GET", "/jobs")["jobs"]
+    # The cancel request kills the job's process tree at once; the worker records the end just after.
+    jobs = wait_for(lambda: (lambda j: j if all(job["state"] != "running" for job in j) else None)(
+        server.client("interrupter")._request("GET", "/jobs")["jobs"]))
     assert [job["state"] for job in jobs] == ["cancelled"]
     assert server.client("interrupter").models()["yours"] == []
 
