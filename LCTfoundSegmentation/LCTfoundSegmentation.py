@@ -34,6 +34,7 @@ from LCTfoundSlicerLib import (  # noqa: E402
     LCTfoundVolumeModuleTestMixin,
     pythonSlicerExecutable,
 )
+from lctfound.errors import LCTfoundError  # noqa: E402
 from lctfound.logic import (  # noqa: E402
     DIAGNOSIS,
     SegmentationModuleLogic,
@@ -88,6 +89,8 @@ class LCTfoundSegmentationParameterNode:
     keepLargest, fillHoles, smooth, surfaces - post-processing and 3D display of segmentations.
     saliency - add a Grad-CAM overlay volume to diagnosis results.
     device - "auto", "cpu", "cuda", "cuda:N" or "mps".
+    serverUrl, serverTokenFile - "Run on": empty for this computer, else an `lctfound serve` address and
+        the file holding its access token (empty: $LCTFOUND_SERVER_TOKEN).
     """
 
     task: str = _DEFAULTS.task
@@ -108,6 +111,8 @@ class LCTfoundSegmentationParameterNode:
     surfaces: bool = _DEFAULTS.surfaces
     saliency: bool = _DEFAULTS.saliency
     device: str = _DEFAULTS.device
+    serverUrl: str = _DEFAULTS.server_url
+    serverTokenFile: str = _DEFAULTS.server_token_file
 
 
 #
@@ -124,6 +129,7 @@ class LCTfoundSegmentationWidget(LCTfoundJobModuleWidget):
     def __init__(self, parent=None) -> None:
         LCTfoundJobModuleWidget.__init__(self, parent)
         self._shownTask = None
+        self._shownServer = None
 
     def createLogic(self) -> "LCTfoundSegmentationLogic":
         return LCTfoundSegmentationLogic()
@@ -135,6 +141,7 @@ class LCTfoundSegmentationWidget(LCTfoundJobModuleWidget):
         self.ui.undoButton.connect("clicked(bool)", self.onUndoButton)
         self.ui.markReviewedButton.connect("clicked(bool)", lambda: self.onMarkReviewed(True))
         self.ui.unmarkReviewedButton.connect("clicked(bool)", lambda: self.onMarkReviewed(False))
+        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
 
     # -- selectors ----------------------------------------------------------------------------
 
@@ -143,15 +150,29 @@ class LCTfoundSegmentationWidget(LCTfoundJobModuleWidget):
         self._shownTask = self._parameterNode.task if self._parameterNode else None
         if self._parameterNode:
             self._parameterNode.taskModel = ""
+        self._onServerShown()
+
+    def _onServerShown(self) -> None:
+        """Run on this computer or a tested server: the selectors list that side's models."""
+        self._shownServer = self._connectedServer()
         self._fillChoiceSelectors()
-        if self._parameterNode:
-            self.logic.engine.fill_defaults(self._parameterNode)
+        node = self._parameterNode
+        if node:
+            for name in ("modelName", "taskModel"):  # a model of the other side is not offered here
+                if self._choiceSelectors[name].findData(getattr(node, name)) < 0:
+                    setattr(node, name, "")
+            self.logic.engine.fill_defaults(node)
+
+    def _connectedServer(self):
+        return self.logic.engine.connected_server(self._parameterNode) if self._parameterNode else None
 
     # -- state to widgets ---------------------------------------------------------------------
 
     def _updateStatus(self, caller=None, event=None) -> None:
         if self._parameterNode and self._parameterNode.task != self._shownTask:
             self._onTaskShown()  # may modify the parameter node, which calls this again
+        elif self._parameterNode and self._connectedServer() is not self._shownServer:
+            self._onServerShown()
         LCTfoundJobModuleWidget._updateStatus(self)
         engine = self.logic.engine
         node = self._parameterNode
@@ -165,6 +186,7 @@ class LCTfoundSegmentationWidget(LCTfoundJobModuleWidget):
                              self.ui.smoothCheckBox),
             "keep_connected": (self.ui.keepConnectedCheckBox,),
             "extent_margin_mm": (self.ui.extentLabel, self.ui.extentMarginSpinBox, self.ui.wholeVolumeCheckBox),
+            "device": (self.ui.deviceLabel, self.ui.deviceSelector),
         }
         for name, widgets in fields.items():
             for widget in widgets:
@@ -230,6 +252,17 @@ class LCTfoundSegmentationWidget(LCTfoundJobModuleWidget):
             self._startPolling()
 
         self._runStart(_("Prediction could not start."), start)
+
+    def onTestConnection(self) -> None:
+        """Reach the server in "Run on"; the result (or why not) is one line next to the button."""
+        from LCTfoundSlicerLib.dependencies import ensureDependencies
+
+        try:
+            ensureDependencies(["--server"])  # the thin client (httpx, zstandard), after asking once
+            self.ui.connectionLabel.text = self.logic.engine.test_connection(self._parameterNode)
+        except LCTfoundError as error:
+            self.ui.connectionLabel.text = str(error)
+        self._updateStatus()
 
     def onUndoButton(self) -> None:
         result = self.logic.engine.result_segmentation

@@ -25,10 +25,11 @@ class DependenciesMissing(LCTfoundError):
     """A Python package a job needs is missing and was not installed; no job was started."""
 
 
-def checkDependencies() -> "dependencies.DependencyReport":
-    """What is installed and what is missing (package metadata only; nothing is imported)."""
+def checkDependencies(server: bool = False) -> "dependencies.DependencyReport":
+    """What is installed and what is missing (package metadata only; nothing is imported); ``server``:
+    for jobs that run on a department server (the thin client only, no torch)."""
     importlib.invalidate_caches()  # see packages installed since the last check
-    return dependencies.check()
+    return dependencies.check(server=server)
 
 
 def confirmationText(report: "dependencies.DependencyReport") -> str:
@@ -44,10 +45,11 @@ def confirmationText(report: "dependencies.DependencyReport") -> str:
     ).format(lines=lines, size=size)
 
 
-def ensureDependencies() -> None:
+def ensureDependencies(args=()) -> None:
     """Return when every package a job needs is installed; otherwise ask once and install, or raise
-    `DependenciesMissing` (declined, impossible here, or the installation did not complete)."""
-    report = checkDependencies()
+    `DependenciesMissing` (declined, impossible here, or the installation did not complete). A job
+    with ``--server`` in ``args`` runs on a server: only the thin client's packages are needed."""
+    report = checkDependencies(server="--server" in list(args))
     if report.complete:
         return
     if report.problem:
@@ -90,7 +92,7 @@ def installDependencies(report: "dependencies.DependencyReport") -> None:
                 error=error)) from error
     finally:
         progress.close()
-    final = checkDependencies()
+    final = checkDependencies(server=not report.needs_torch)
     if not final.complete:
         raise DependenciesMissing(_("Still missing after the installation: {missing}. Nothing was started.").format(
             missing=final.missing_text()))

@@ -237,6 +237,25 @@ def test_accepting_installs_the_exact_set_then_starts_the_job(slicer_side):
         assert fake.kinds() == ["confirm", "progress", "pip_install"] and len(started) == 2
 
 
+def test_a_server_job_installs_only_the_thin_client(slicer_side):
+    """Run on a server: torch and the model packages are not needed here, only httpx and zstandard."""
+    with hidden_packages("torch", "diffusers", "httpx", "zstandard") as blocker:
+        module, fake, started = slicer_side(
+            confirm=True, on_pip=lambda arguments: [blocker.unhide(a.split("==")[0]) for a in arguments if "==" in a])
+        engine_with(module).start_job(["segment", "train", "--server", "http://gpu:8765"])
+        assert fake.kinds() == ["confirm", "progress", "pip_install"]
+        text = fake.calls[0][1]
+        assert "httpx 0.29.0" in text and "zstandard 0.25.0" in text
+        assert "diffusers" not in text and "PyTorch" not in text
+        assert fake.calls[2][1][4:] == ["httpx==0.29.0", "zstandard==0.25.0"]
+        assert started == [["segment", "train", "--server", "http://gpu:8765"]]
+        # A local job still needs the whole set (torch and diffusers are still missing): asked again.
+        fake.confirm = False
+        with pytest.raises(LCTfoundError):
+            engine_with(module).start_job(["segment", "train"])
+        assert "PyTorch" in fake.calls[-1][1] and "diffusers" in fake.calls[-1][1]
+
+
 def test_failed_installation_starts_nothing(slicer_side):
     def fail(arguments):
         raise RuntimeError("pip exited with code 1")

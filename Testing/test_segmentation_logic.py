@@ -66,7 +66,7 @@ def world(empty_cache, tmp_path):
     return SimpleNamespace(logic=logic, scene=scene, node=node, lesion=lesion, blob=blob, ct=ct)
 
 
-def run_job(logic, timeout: float = 300.0) -> list[dict]:
+def run_job(logic, timeout: float = 1800.0) -> list[dict]:  # a hang guard, not a speed requirement
     events = []
     deadline = time.monotonic() + timeout
     while logic.state.busy or logic.job is None:

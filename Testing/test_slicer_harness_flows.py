@@ -76,6 +76,13 @@ def import_tiny_backbone():
 @pytest.fixture(scope="module")
 def scene(slicer_session):
     """The CT and the annotator's 2 painted slices."""
+    volume, segmentation, _ = painted_chest()
+    import_tiny_backbone()
+    return dict(volume=volume, segmentation=segmentation)
+
+
+def painted_chest():
+    """(volume node, segmentation node with the lesion painted on `PAINTED`, the lesion mask) in the scene."""
     import slicer
 
     array, lesion = tiny_ct()
@@ -84,8 +91,7 @@ def scene(slicer_session):
     segmentation.CreateDefaultDisplayNodes()
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     paint(segmentation, volume, lesion, PAINTED)
-    import_tiny_backbone()
-    return dict(volume=volume, segmentation=segmentation)
+    return volume, segmentation, lesion
 
 
 # -- LCTfoundSegmentation -----------------------------------------------------------------------

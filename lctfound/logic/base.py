@@ -288,10 +288,11 @@ class ModuleLogicBase:
         self._eta_s: Optional[float] = None
         #: The job of the current (or last) run.
         self.job: Optional["Job"] = None
-        #: Called with no arguments before any job starts; it raises to stop the start. Slicer sets
-        #: it to the dependency installer (LCTfoundSlicerLib.dependencies.ensureDependencies);
-        #: web, command line and tests leave it None.
-        self.before_job: Optional[Callable[[], None]] = None
+        #: Called with the job's command-line arguments before any job starts; it raises to stop the
+        #: start. Slicer sets it to the dependency installer (LCTfoundSlicerLib.dependencies.
+        #: ensureDependencies: a ``--server`` job needs the thin client only); web, command line and
+        #: tests leave it None.
+        self.before_job: Optional[Callable[[Sequence[str]], None]] = None
         self._cancel_thread: Optional[threading.Thread] = None
 
         self._models: Optional[list[Any]] = None
@@ -687,7 +688,7 @@ class ModuleLogicBase:
         if self._state.busy:
             raise LCTfoundError(f"{self.task_name} is already running; wait for it or cancel it first")
         if self.before_job is not None:
-            self.before_job()
+            self.before_job(list(args))
         job = Job.start(list(args), cwd=cwd, env=device_environment(device), python=self.python)
         self.job = job
         self.begin(message)

@@ -96,6 +96,15 @@ SLICER_REQUIREMENTS: tuple[Package, ...] = (
     Package("psutil", "7.2.2", "5.9", "cancelling jobs", 0.1),
 )
 
+#: What a Slicer that runs its jobs on a department server (`lctfound serve`) needs: the thin client
+#: (`lctfound.remote`) talks HTTP and compresses volumes; no torch, no diffusers (numpy is Slicer's).
+CLIENT_REQUIREMENTS: tuple[Package, ...] = (
+    Package("httpx", "0.29.0", "0.27", "talking to the server", 0.2),
+    Package("zstandard", "0.25.0", "0.22", "compressing volumes for the server", 5.6),
+)
+#: Download (MB) of what httpx pulls in that a fresh Slicer lacks (httpcore, h11, anyio, sniffio).
+CLIENT_SUPPORT_MB = 1
+
 VersionOf = Callable[[str], Optional[str]]
 
 
@@ -153,9 +162,17 @@ class DependencyReport:
     problem: str = ""
     #: Versions of the protected packages that are installed (the constraints).
     protected: Mapping[str, str] = field(default_factory=dict)
+    #: False for server mode: jobs run on a server and this computer needs only the thin client.
+    needs_torch: bool = True
+
+    @property
+    def packages(self) -> tuple[Package, ...]:
+        return SLICER_REQUIREMENTS if self.needs_torch else CLIENT_REQUIREMENTS
 
     @property
     def torch_ok(self) -> bool:
+        if not self.needs_torch:
+            return True
         return self.torch_version is not None and at_least(self.torch_version, TORCH_REQUIREMENT.lstrip(">="))
 
     @property
@@ -163,11 +180,15 @@ class DependencyReport:
         return not self.problem and self.torch_ok and not self.to_install
 
     @property
+    def support_mb(self) -> int:
+        return SUPPORT_PACKAGES_MB if self.needs_torch else CLIENT_SUPPORT_MB
+
+    @property
     def download_mb(self) -> int:
         """Estimated pip download (MB), without torch."""
         if not self.to_install:
             return 0
-        return math.ceil(sum(package.download_mb for package in self.to_install) + SUPPORT_PACKAGES_MB)
+        return math.ceil(sum(package.download_mb for package in self.to_install) + self.support_mb)
 
     def missing_text(self) -> str:
         """One line naming what is missing (for an error message)."""
@@ -188,13 +209,14 @@ class DependencyReport:
             change = f", replacing {now}" if now else ""
             lines.append(f"{package.name} {package.pinned} ({package.purpose}{change})")
         if self.to_install:
-            lines.append(f"and the packages these need (about {SUPPORT_PACKAGES_MB} MB)")
+            lines.append(f"and the packages these need (about {self.support_mb} MB)")
         return lines
 
     def version_lines(self) -> list[str]:
         """``name: version`` of torch, the set and the protected packages (the check button)."""
-        lines = [f"torch: {self.torch_version or 'not installed'} (needs {TORCH_REQUIREMENT})"]
-        for package in SLICER_REQUIREMENTS:
+        lines = [f"torch: {self.torch_version or 'not installed'} (needs {TORCH_REQUIREMENT})" if self.needs_torch
+                 else f"torch: {self.torch_version or 'not installed'} (not needed: jobs run on the server)"]
+        for package in self.packages:
             version = self.versions.get(package.name)
             state = "not installed" if version is None else version
             if version is not None and not at_least(version, package.minimum):
@@ -204,14 +226,18 @@ class DependencyReport:
         return lines
 
 
-def check(version_of: VersionOf = installed_version, problem: Optional[str] = None) -> DependencyReport:
-    """What of `SLICER_REQUIREMENTS` and torch is installed (metadata only, nothing imported)."""
-    versions = {package.name: version_of(package.name) for package in SLICER_REQUIREMENTS}
-    to_install = tuple(package for package in SLICER_REQUIREMENTS
+def check(version_of: VersionOf = installed_version, problem: Optional[str] = None,
+          server: bool = False) -> DependencyReport:
+    """What of `SLICER_REQUIREMENTS` and torch is installed (metadata only, nothing imported);
+    ``server``: what running jobs on a server needs instead (`CLIENT_REQUIREMENTS`, no torch)."""
+    packages = CLIENT_REQUIREMENTS if server else SLICER_REQUIREMENTS
+    versions = {package.name: version_of(package.name) for package in packages}
+    to_install = tuple(package for package in packages
                        if versions[package.name] is None or not at_least(versions[package.name], package.minimum))
     protected = {name: version for name in PROTECTED_PACKAGES for version in [version_of(name)] if version}
     return DependencyReport(torch_version=version_of("torch"), versions=versions, to_install=to_install,
-                            problem=platform_problem() if problem is None else problem, protected=protected)
+                            problem=platform_problem() if problem is None else problem, protected=protected,
+                            needs_torch=not server)
 
 
 def constraints_text(protected: Mapping[str, str]) -> str:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from ..atomic import write_text_file
 from ..errors import LCTfoundError
 from .base import ButtonState, Choice, ModuleLogicBase, ModuleParameters, _snake_case
+from .server import ServerConnection, check_server_model_name, connect, normalized_url, server_arguments
 
 if TYPE_CHECKING:
     import numpy as np
@@ -114,6 +115,10 @@ class SegmentationParameters(ModuleParameters):
     smooth: bool = False
     surfaces: bool = True
     saliency: bool = True
+    #: "Run on": empty = this computer, else an `lctfound serve` address (few-shot train and predict).
+    server_url: str = ""
+    #: File holding the server's access token; empty = ``$LCTFOUND_SERVER_TOKEN``.
+    server_token_file: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +251,8 @@ class SegmentationModuleLogic(ModuleLogicBase):
         self.registered_model: Optional[Path] = None
         self._undo_stacks: dict[str, Any] = {}
         self._result_target: Optional[SegmentationParameters] = None
+        #: The server reached by the last "Test connection" (None: not tested, or it failed).
+        self.server: Optional[ServerConnection] = None
 
     # -- task models ----------------------------------------------------------------------
 
@@ -264,6 +271,13 @@ class SegmentationModuleLogic(ModuleLogicBase):
 
     def choices(self, parameter_name: str, refresh: bool = False, parameters: Any = None) -> list[Choice]:
         name = _snake_case(parameter_name)
+        server = self.connected_server(parameters) if parameters is not None else None
+        if server is not None and name == "model_name":
+            return [Choice(model, f"{model} (on the server)", server.url) for model in server.server_models]
+        if server is not None and name == "task_model":
+            task = self.parameters_from(parameters).task
+            return [Choice(model, f"{model} (on the server)", ", ".join(server.labels.get(model, {}).values()))
+                    for model in server.your_models] if task == FEWSHOT else []
         if name == "task_model":
             task = self.parameters_from(parameters).task if parameters is not None else FEWSHOT
             return self.task_model_choices(task, refresh)
@@ -282,11 +296,21 @@ class SegmentationModuleLogic(ModuleLogicBase):
             shown |= {"keep_largest", "fill_holes", "smooth", "surfaces"}
         else:
             shown |= {"saliency"}
+        if self.on_server(p):
+            shown.discard("device")  # the server picks its device
         return shown
 
     def default_values(self, parameters: Any) -> dict[str, Any]:
-        defaults = super().default_values(parameters)
         p = self.parameters_from(parameters)
+        server = self.connected_server(p)
+        if server is not None:  # the server's backbones and your models there, not this computer's
+            defaults: dict[str, Any] = {}
+            if p.model_name not in server.server_models and server.server_models:
+                defaults["model_name"] = server.server_models[0]
+            if p.task == FEWSHOT and p.task_model not in server.your_models and server.your_models:
+                defaults["task_model"] = server.your_models[-1]
+            return defaults
+        defaults = super().default_values(parameters)
         if not p.task_model:
             choices = self.task_model_choices(p.task)
             if choices:
@@ -319,6 +343,57 @@ class SegmentationModuleLogic(ModuleLogicBase):
             return f"Model '{p.task_model}' is not installed here."
         return ""
 
+    # -- run on a server ------------------------------------------------------------------
+
+    @staticmethod
+    def on_server(parameters: Any) -> bool:
+        """Whether "Run on" names a server (few-shot training and prediction then run there)."""
+        return bool(normalized_url(getattr(parameters, "server_url", "") or ""))
+
+    def connected_server(self, parameters: Any) -> Optional[ServerConnection]:
+        """The tested connection to the server ``parameters`` name; None on this computer or untested."""
+        p = self.parameters_from(parameters)
+        if not self.on_server(p) or self.server is None or not self.server.matches(p.server_url, p.server_token_file):
+            return None
+        return self.server
+
+    def server_problem(self, parameters: Any) -> str:
+        """Why the chosen server cannot run this panel's job yet, or ''."""
+        p = self.parameters_from(parameters)
+        if not self.on_server(p):
+            return ""
+        if p.task != FEWSHOT:
+            return ("The server runs few-shot segmentation; run lung structures and diagnosis on this computer "
+                    "(clear the server address).")
+        if self.connected_server(p) is None:
+            return f"Press Test connection to use the server at {normalized_url(p.server_url)}."
+        return ""
+
+    def test_connection(self, parameters: Any) -> str:
+        """Reach the server named in ``parameters`` (the "Test connection" button): one line saying what
+        it offers; an `LCTfoundError` sentence when it cannot be used. Selectors then list its models."""
+        p = self.parameters_from(parameters)
+        self.server = None
+        self.server = connect(p.server_url, p.server_token_file)
+        return self.server.summary
+
+    def _server_train_problems(self, p: SegmentationParameters) -> list[str]:
+        server = self.connected_server(p)
+        problems = [self.server_problem(p)]
+        if server is not None:
+            if p.model_name not in server.server_models:
+                problems.append("Select a backbone the server offers (Test connection lists them).")
+            problems.append(check_server_model_name(p.new_model_name, server))
+        return problems
+
+    def _server_predict_problems(self, p: SegmentationParameters) -> list[str]:
+        server = self.connected_server(p)
+        problems = [self.server_problem(p)]
+        if server is not None and p.task_model not in server.your_models:
+            problems.append("Select one of your few-shot models on the server (train one first)."
+                            if not p.task_model else f"Model '{p.task_model}' is not one of yours on the server.")
+        return problems
+
     def train_problems(self, parameters: Any) -> list[str]:
         p = self.parameters_from(parameters)
         problems = [self.check_input_volume(p.input_volume)]
@@ -327,15 +402,20 @@ class SegmentationModuleLogic(ModuleLogicBase):
                             "the LCTfound Train module.")
         if p.annotation_segmentation is None:
             problems.append("Select the segmentation with your labelled slices.")
-        problems += [self.check_model(p.model_name), self.check_new_model_name(p.new_model_name),
-                     self.check_device(p.device)]
+        if self.on_server(p):
+            problems += self._server_train_problems(p)
+        else:
+            problems += [self.check_model(p.model_name), self.check_new_model_name(p.new_model_name),
+                         self.check_device(p.device)]
         if not 1 <= int(p.epochs) <= 10000:
             problems.append("Epochs must lie between 1 and 10000.")
         return [problem for problem in problems if problem]
 
     def predict_problems(self, parameters: Any) -> list[str]:
         p = self.parameters_from(parameters)
-        problems = [self.check_input_volume(p.input_volume), self.check_task_model(p), self.check_device(p.device)]
+        problems = [self.check_input_volume(p.input_volume)]
+        problems += (self._server_predict_problems(p) if self.on_server(p)
+                     else [self.check_task_model(p), self.check_device(p.device)])
         if p.task != DIAGNOSIS and p.output_mode == "update" and p.annotation_segmentation is None:
             problems.append("Select the annotation segmentation to update, or put the result in a new segmentation.")
         problems.append(self.extent_problem(p))
@@ -345,6 +425,9 @@ class SegmentationModuleLogic(ModuleLogicBase):
         """What the status line names first: input volume, the backbone (few-shot) and the device."""
         p = self.parameters_from(parameters)
         problems = [self.check_input_volume(p.input_volume)]
+        if self.on_server(p):
+            problems.append(self.server_problem(p))
+            return [problem for problem in problems if problem]
         if p.task == FEWSHOT:
             problems.append(self.check_model(p.model_name))
         problems.append(self.check_device(p.device))
@@ -366,6 +449,11 @@ class SegmentationModuleLogic(ModuleLogicBase):
         problem = self.first_problem(p)
         if problem:
             return problem
+        if self.on_server(p):
+            server = self.connected_server(p)
+            text = (f"Runs on the server {server.url} with backbone '{p.model_name or '?'}' (the server picks the "
+                    "recipe: official for the official backbone, fast otherwise).")
+            return f"{text} Predicts with '{p.task_model}'." if p.task_model else text
         text = super().selection_summary(p) if p.task == FEWSHOT else f"Runs on {self.device_label(p.device)}."
         if p.task == FEWSHOT:
             from ..pipelines.recipes import describe_recipe
@@ -460,11 +548,15 @@ class SegmentationModuleLogic(ModuleLogicBase):
             labels_path = run / "labels.nrrd"
             write_volume(ctvolume_from_volume_node(p.input_volume).with_array(labels), labels_path)
             name = p.new_model_name.strip()
+            server = self.connected_server(p)
+            common = ["segment", "train", str(volume_path), "--labels", str(labels_path),
+                      "--slices", format_slices(slices),
+                      "--names", ",".join(f"{value}={text}" for value, text in sorted(names.items())),
+                      "--window", p.window, "--events"]
+            if server is not None:
+                return self._start_server_train(p, server, run, common, slices, names)
             recipe, epochs = self.training_recipe(p)
-            args = ["segment", "train", str(volume_path), "--labels", str(labels_path),
-                    "--slices", format_slices(slices),
-                    "--names", ",".join(f"{value}={text}" for value, text in sorted(names.items())),
-                    "--window", p.window, "--epochs", str(epochs), "--output", str(run / "model"), "--events"]
+            args = common + ["--epochs", str(epochs), "--output", str(run / "model")]
             start_from = self.correction_start(p.annotation_segmentation, names)
             if start_from is not None:
                 args += ["--init", str(start_from.path)]  # the recipe is the start model's
@@ -478,6 +570,18 @@ class SegmentationModuleLogic(ModuleLogicBase):
             raise
         return self._launch(run, info, args, p.device, f"training on slices {format_slices(slices)}")
 
+    def _start_server_train(self, p: SegmentationParameters, server: ServerConnection, run: Path,
+                            args: list[str], slices: list[int], names: dict[int, str]) -> "Job":
+        """`segment train --server`: the exported slices go up, the model is trained and kept on the server
+        under the new name (the server picks the recipe for its backbone; epochs only when changed)."""
+        name = p.new_model_name.strip()
+        args = args + ["--output", name, "--backbone", p.model_name, *server_arguments(server)]
+        if int(p.epochs) != SegmentationParameters.epochs:
+            args += ["--epochs", str(int(p.epochs))]
+        info = {"action": "train", "new_model_name": name, "slices": slices, "names": names, "recipe": "auto",
+                "init": "", "server": server.url, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        return self._launch(run, info, args, p.device, f"training on slices {format_slices(slices)} on {server.url}")
+
     def start_predict(self, parameters: Any) -> "Job":
         """Export the volume and start `lctfound segment predict` (or `classify predict` for diagnosis)."""
         p = self.parameters_from(parameters)
@@ -486,12 +590,15 @@ class SegmentationModuleLogic(ModuleLogicBase):
             raise LCTfoundError(problems[0])
         if self.state.busy:
             raise LCTfoundError(f"{self.task_name} is already running; wait for it or cancel it first")
-        entry = self.find_task_model(p.task_model, p.task)
+        server = self.connected_server(p)
+        entry = None if server is not None else self.find_task_model(p.task_model, p.task)
         run = self._new_run(p.task)
         try:
             volume_path = self._export_volume(p.input_volume, run)
             info: dict[str, Any] = {"action": "classify" if p.task == DIAGNOSIS else "predict", "task": p.task,
-                                    "task_model": p.task_model, "task_model_path": str(entry.path),
+                                    "task_model": p.task_model,
+                                    "task_model_path": str(entry.path) if entry is not None else "",
+                                    "server": server.url if server is not None else "",
                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
             if p.task == DIAGNOSIS:
                 args = ["classify", "predict", str(volume_path), "--model", str(entry.path),
@@ -504,12 +611,16 @@ class SegmentationModuleLogic(ModuleLogicBase):
                 steps = [step for step, on in (("connected", fewshot and p.keep_connected),
                                                ("largest", p.keep_largest), ("fill", p.fill_holes),
                                                ("smooth", p.smooth)) if on]
-                args = ["segment", "predict", str(volume_path), "--model", str(entry.path),
+                model = p.task_model if server is not None else str(entry.path)
+                args = ["segment", "predict", str(volume_path), "--model", model,
                         "--output", str(run / "prediction.nrrd"), "--events",
                         "--postprocess", ",".join(steps) or "none"]
                 if fewshot:
                     args += self._extent_args(p, run)
                 message = f"segmenting with {p.task_model}"
+                if server is not None:
+                    args += server_arguments(server)
+                    message += f" on {server.url}"
         except BaseException:
             shutil.rmtree(run, ignore_errors=True)
             raise
@@ -564,6 +675,8 @@ class SegmentationModuleLogic(ModuleLogicBase):
         from ..models.registry import register_model
 
         name = self._job_info["new_model_name"]
+        if self._job_info.get("server"):
+            return self._finish_server_train(name)
         output = self.run_folder / "model"
         try:
             self.registered_model = register_model(output, name)
@@ -573,6 +686,18 @@ class SegmentationModuleLogic(ModuleLogicBase):
         message = f"few-shot model '{name}' registered (slices {format_slices(self._job_info['slices'])})"
         note = self.training_note(output)
         return f"{message}; {note}" if note else message
+
+    def _finish_server_train(self, name: str) -> str:
+        """The model stays on the server: its lists are read again so that the selectors offer it."""
+        server = self.server
+        message = (f"few-shot model '{name}' trained on slices {format_slices(self._job_info['slices'])}; "
+                   f"it stays on the server {self._job_info['server']}")
+        if server is not None and server.url == self._job_info["server"]:
+            try:
+                self.server = connect(server.url, server.token_file)
+            except LCTfoundError as error:
+                return f"{message} (its model list could not be read again: {error})"
+        return message
 
     @staticmethod
     def training_note(model_folder: Path) -> str:
@@ -604,8 +729,12 @@ class SegmentationModuleLogic(ModuleLogicBase):
         volume = p.input_volume
         reference = ctvolume_from_volume_node(volume)
         labels = read_label_volume(self.run_folder / "prediction.nrrd", reference=reference).array
-        info = read_task_info(self._job_info["task_model_path"])
-        names = {int(k): v for k, v in info.get("labels", {}).items()}
+        if self._job_info.get("server"):
+            server = self.server
+            names = dict(server.labels.get(self._job_info["task_model"], {})) if server is not None else {}
+            names = names or {int(v): f"Label {int(v)}" for v in sorted(set(labels.ravel().tolist())) if v > 0}
+        else:
+            names = {int(k): v for k, v in read_task_info(self._job_info["task_model_path"]).get("labels", {}).items()}
         kept: list[int] = []
         annotation = p.annotation_segmentation
         if annotation is not None and p.task == FEWSHOT:

@@ -129,7 +129,12 @@ def create_app(store: Store, queue: JobQueue, token: str, sweep_seconds: float =
 
     @api.get("/models")
     def models(client: str = Depends(authorised_client)) -> dict:
-        return {"yours": store.list_models(client), "server": sorted(queue.server_models)}
+        from .tasks import model_label_names
+
+        yours = store.list_models(client)
+        # The label names let a client name the segments of a prediction made with its model.
+        return {"yours": yours, "server": sorted(queue.server_models),
+                "labels": {name: model_label_names(store.models(client) / name) for name in yours}}
 
     @api.post("/uploads", status_code=201)
     async def create_upload(request: Request, client: str = Depends(authorised_client)) -> dict:

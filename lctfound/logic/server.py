@@ -1,0 +1,87 @@
+"""Qt-free "Run on" support for the module logics: a department server (`lctfound serve`) instead
+of this computer.
+
+A module keeps the server's address (and optionally a token file) in its parameters; "Test connection"
+reaches the server once (`connect`) and keeps what it offers (backbones, and the models this client
+trained there), so that button states and selectors never wait on the network. Jobs still run as local
+child processes: the same `lctfound` command with ``--server URL`` (`server_arguments`), which reads
+and uploads the exported files, streams the server job's events and writes the result here — so
+progress, Cancel and the result nodes work exactly as for a local job, and this computer needs only the
+thin client (numpy, httpx, zstandard; no torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ..errors import LCTfoundError
+
+
+def normalized_url(url: str) -> str:
+    """The address as the client uses it: stripped, no trailing slash."""
+    return (url or "").strip().rstrip("/")
+
+
+@dataclass
+class ServerConnection:
+    """What one successful "Test connection" learnt about a server."""
+
+    url: str
+    token_file: str = ""
+    #: The status line of the test ("connected to …: lctfound …, models …").
+    summary: str = ""
+    #: Models the server offers to every client (backbones it was started with).
+    server_models: list[str] = field(default_factory=list)
+    #: Task models this client trained on the server.
+    your_models: list[str] = field(default_factory=list)
+    #: ``{model: {value: label name}}`` of your models.
+    labels: dict = field(default_factory=dict)
+
+    def matches(self, url: str, token_file: str = "") -> bool:
+        return self.url == normalized_url(url) and self.token_file == (token_file or "").strip()
+
+
+def connect(url: str, token_file: str = "") -> ServerConnection:
+    """Reach the server at ``url``: reachable, token accepted, same lctfound version; its model lists.
+    Any failure is one `LCTfoundError` sentence."""
+    address = normalized_url(url)
+    if not address:
+        raise LCTfoundError("Enter the server's address, e.g. http://gpu-host:8765.")
+    if not address.startswith(("http://", "https://")):
+        raise LCTfoundError(f"'{address}' is not a server address: it starts with http:// or https://.")
+    try:
+        from ..remote import RemoteClient, read_token
+    except ImportError as error:
+        raise LCTfoundError(f"The server client needs {error.name}: install the dependencies for server mode "
+                            "(pip install 'lctfound[remote]').") from None
+    client = RemoteClient(address, read_token(token_file.strip() or None))
+    try:
+        summary = client.test_connection()
+        models = client.models()
+    finally:
+        client.close()
+    labels = {str(name): {int(value): str(text) for value, text in (names or {}).items()}
+              for name, names in (models.get("labels") or {}).items()}
+    return ServerConnection(address, (token_file or "").strip(), summary, sorted(models.get("server", [])),
+                            sorted(models.get("yours", [])), labels)
+
+
+def server_arguments(connection: ServerConnection) -> list[str]:
+    """The command-line options that run a job on ``connection``'s server (the token travels in a file
+    or in the environment, never on a command line)."""
+    return ["--server", connection.url] + (["--token-file", connection.token_file] if connection.token_file else [])
+
+
+def check_server_model_name(name: str, connection: ServerConnection) -> str:
+    """Why ``name`` cannot name a new model on the server, or ''."""
+    from ..remote.wire import check_name
+
+    text = (name or "").strip()
+    if not text:
+        return "Enter a name for the new model."
+    try:
+        check_name(text, "model name")
+    except LCTfoundError as error:
+        return str(error)
+    if text in connection.your_models:
+        return f"You already have a model named '{text}' on the server; choose another name."
+    return ""
