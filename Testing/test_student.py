@@ -204,6 +204,12 @@ def test_cli_distill_then_predict(models, tmp_path, run_cli):
                               "-o", tmp_path / "student"])
     assert code == 0, err
     assert "distilled on 6 slices of 1 volume(s) (1 annotated)" in out
+    import re
+
+    from lctfound.cli.segment import STUDENT_MISSED_DICE
+
+    name, agreement = re.search(r"Dice with the teacher: (\S+) ([0-9.]+)", out).groups()
+    assert (f"has not learnt {name}" in err) == (float(agreement) < STUDENT_MISSED_DICE), (out, err)
     info = load_task_model(tmp_path / "student", "segmentation-student").info
     assert info["teacher"]["model"]["name"] == "teacher" and info["student"]["resolution"] == 32
     code, out, err = run_cli(["segment", "predict", tmp_path / "ct.nrrd", "--model", tmp_path / "student",
