@@ -28,13 +28,13 @@ def base_env(cache: Path) -> dict:
 class Server:
     """A `lctfound serve` child process (own session, so its whole tree can be ended)."""
 
-    def __init__(self, data: Path, cache: Path, extra=()):
+    def __init__(self, data: Path, cache: Path, extra=(), env=None):
         self.data, self.port = data, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(data.parent / f"{data.name}-server-{self.port}.log", "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lctfound", "serve", "--data", str(data), "--port", str(self.port), *extra],
-            env=base_env(cache), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            env={**base_env(cache), **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         import httpx
 
         for _ in range(SERVER_STARTUP_POLLS):

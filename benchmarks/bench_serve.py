@@ -8,8 +8,9 @@ Remote: the same command with ``--server URL`` against a server started here wit
 volume, the upload, the queue, the server's job process (reading the upload, loading the model), the
 download and writing — the prediction itself is the same code on the same CPU. Both outputs must be
 identical voxel for voxel. Then N clients (distinct client ids) submit the same prediction at once;
-throughput = N / wall time of the slowest. Every figure is the median of ``--runs``; the load
-average before each run is printed (the CPU is shared).
+throughput = N / wall time of the slowest. The local/remote figures are the median of ``--runs``
+(alternated), the concurrent ones of ``--concurrent-runs``; the load average before each run is
+printed (the CPU is shared).
 
     python benchmarks/bench_student.py --skip-speed --workdir W        # makes W/student (once)
     python benchmarks/bench_serve.py --student W/student --runs 3
@@ -64,6 +65,7 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--clients", default="1,2,4")
+    parser.add_argument("--concurrent-runs", type=int, default=1, help="runs per client count (median reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", help="append the results as one JSON line to this file")
@@ -84,7 +86,7 @@ def main() -> int:
                LCTFOUND_CACHE_DIR=str(work / "cache"))
     server = Server(work / "server-data", work / "server-cache",
                     ["--models", f"student={Path(args.student).resolve()}", "--max-jobs-per-client", "8",
-                     "--max-upload-mb", "4096"])
+                     "--max-upload-mb", "4096"], env={"OMP_NUM_THREADS": str(args.threads)})  # as the local run
     results: dict = {"volume": f"lung2 cycled to 512×512×{args.slices}, NIfTI", "threads": args.threads}
     try:
         client_env = dict(env, LCTFOUND_SERVER_TOKEN=server.token, LCTFOUND_CLIENT_ID="bench")
@@ -108,7 +110,7 @@ def main() -> int:
         throughput = {}
         for count in (int(c) for c in args.clients.split(",")):
             walls = []
-            for run in range(args.runs):
+            for run in range(args.concurrent_runs):
                 argvs = [["segment", "predict", str(big), "--model", "student", "--server", server.url, "-o",
                           str(work / f"c{count}_{i}.nii.gz"), "--overwrite"] for i in range(count)]
                 envs = [dict(client_env, LCTFOUND_CLIENT_ID=f"bench-{i}") for i in range(count)]
