@@ -130,3 +130,31 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Ending the test process
+# --------------------------------------------------------------------------------------------
+
+_exit_status: list = []
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the process once pytest is done, after the atexit handlers (they stop job processes), without the
+    interpreter's module teardown: this one process has hosted MRML scenes, torch, gloo and hundreds of
+    job-following threads, and a whole-suite run once crashed (SIGSEGV) in that teardown after every test
+    had passed, with no Python frame involved (faulthandler was silent). The exit status is pytest's."""
+    if not _exit_status or os.environ.get("LCTFOUND_TEST_FULL_TEARDOWN") == "1":
+        return
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status[0])
