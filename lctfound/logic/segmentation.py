@@ -732,7 +732,10 @@ class SegmentationModuleLogic(ModuleLogicBase):
         if self._job_info.get("server"):
             server = self.server
             names = dict(server.labels.get(self._job_info["task_model"], {})) if server is not None else {}
-            names = names or {int(v): f"Label {int(v)}" for v in sorted(set(labels.ravel().tolist())) if v > 0}
+            if not names:
+                import numpy as np
+
+                names = {int(v): f"Label {int(v)}" for v in np.unique(labels) if v > 0}
         else:
             names = {int(k): v for k, v in read_task_info(self._job_info["task_model_path"]).get("labels", {}).items()}
         kept: list[int] = []
