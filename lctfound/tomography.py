@@ -55,14 +55,13 @@ from .progress import Progress, ensure_progress
 #: Linear attenuation of water at ~70 keV, the effective energy of a 120 kVp CT beam:
 #: NIST XCOM μ/ρ(water, 70 keV, total with coherent) ≈ 0.193 cm²/g → 0.0193 /mm (defined in the
 #: torch-free `lctfound.pipelines.choices`, which the command line reads).
-from .pipelines.choices import MU_WATER_PER_MM  # noqa: E402
+from .pipelines.choices import FBP_FILTERS, MU_WATER_PER_MM  # noqa: E402
 #: Air (−1000 HU) is taken as μ = 0.
 HU_AIR = -1000.0
 
 GeometryKind = Literal["parallel", "fan"]
 GEOMETRY_KINDS = ("parallel", "fan")
 DETECTOR_SHAPES = ("flat", "curved")
-FBP_FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
 
 #: Typical clinical fan-beam distances (Siemens SOMATOM Definition): source–isocentre 595 mm,
 #: source–detector 1085.6 mm.

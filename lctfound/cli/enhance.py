@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 from ..compat import strict_zip
 
+from .remote import add_server_options
 from ..validation import (
     MAX_DIFFUSION_STEPS, MAX_IMAGE_SIZE, batch_int, diffusion_steps_int, float_type, fraction_float, int_type,
     iterations_int, non_negative_float, open_fraction_float, positive_float, seed_int, slice_list_type,
@@ -82,10 +83,16 @@ def _add_simulate_low_dose(commands) -> None:
                         help="treat the input as noise-free (phantoms): draw counts at I0·d")
     _add_geometry_options(parser, "fan", DEFAULT_VIEWS)
     _add_output_options(parser)
+    add_server_options(parser)
     parser.set_defaults(func=run_simulate_low_dose)
 
 
 def run_simulate_low_dose(args: argparse.Namespace) -> int:
+    _check_views(args.views)
+    if args.server:  # the dose fraction and views are checked by their option types and on the server
+        from .remote_enhance import run_remote_simulate_low_dose
+
+        return run_remote_simulate_low_dose(args)
     from ..features import parse_slices
     from ..io.volume import read_volume, volume_stem
     from ..pipelines.low_dose import check_dose_fraction, result_name, simulate_low_dose
@@ -93,7 +100,6 @@ def run_simulate_low_dose(args: argparse.Namespace) -> int:
     from ..tomography import square_pixel_mm
 
     check_dose_fraction(args.dose)
-    _check_views(args.views)
     name = result_name(volume_stem(args.volume), args.dose)
     output = _output_path(args, lambda: name)
     volume = read_volume(args.volume, validate=not args.no_validate)
@@ -168,11 +174,26 @@ def _add_sparse_view(commands) -> None:
     parser.add_argument("--save-sinogram", metavar="FILE.npy",
                         help="also write the simulated sinograms (and FILE.json geometry) for later --sinogram runs")
     _add_output_options(parser)
+    add_server_options(parser)
     parser.set_defaults(func=run_sparse_view)
 
 
 def run_sparse_view(args: argparse.Namespace) -> int:
     from ..errors import LCTfoundError
+    from ..pipelines.choices import FBP_FILTERS
+
+    if args.views is not None:
+        _check_views(args.views)
+    if args.sinogram and args.save_sinogram:
+        raise LCTfoundError("--save-sinogram writes simulated sinograms; with --sinogram there is nothing to simulate")
+    if args.volume and args.views is None:
+        raise LCTfoundError("give --views, the number of projection views to simulate")
+    if args.filter not in FBP_FILTERS:
+        raise LCTfoundError(f"unknown FBP filter {args.filter!r}; choose {', '.join(FBP_FILTERS)}")
+    if args.server:
+        from .remote_enhance import run_remote_sparse_view
+
+        return run_remote_sparse_view(args)
     from ..features import parse_slices
     from ..io.volume import read_volume, volume_stem
     from ..pipelines.sparse_view import (
@@ -188,14 +209,6 @@ def run_sparse_view(args: argparse.Namespace) -> int:
     from ..progress import command_progress
     from ..tomography import square_pixel_mm
 
-    if args.views is not None:
-        _check_views(args.views)
-    if args.sinogram and args.save_sinogram:
-        raise LCTfoundError("--save-sinogram writes simulated sinograms; with --sinogram there is nothing to simulate")
-    if args.volume and args.views is None:
-        raise LCTfoundError("give --views, the number of projection views to simulate")
-    if args.filter not in ("ramp", "shepp-logan", "cosine", "hamming", "hann"):
-        raise LCTfoundError(f"unknown FBP filter {args.filter!r}; choose ramp, shepp-logan, cosine, hamming or hann")
     stack = None
     if args.sinogram:
         stack = read_sinograms(args.sinogram, mu_water=args.mu_water)
@@ -282,10 +295,15 @@ def _add_super_resolution(commands) -> None:
                            "as in training; the default)")
     ddnm.add_argument("--batch-size", type=batch_int, default=4, help="slices or planes per network call (default 4)")
     _add_output_options(parser)
+    add_server_options(parser)
     parser.set_defaults(func=run_super_resolution)
 
 
 def run_super_resolution(args: argparse.Namespace) -> int:
+    if args.server:
+        from .remote_enhance import run_remote_super_resolution
+
+        return run_remote_super_resolution(args)
     from ..errors import LCTfoundError
     from ..features import parse_slices
     from ..io.volume import read_volume, volume_stem
@@ -481,33 +499,39 @@ def _add_low_dose(commands) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=batch_int, default=4, help="slices per batch (default 4)")
     _add_output_options(parser, seed=False)
-    from .remote import add_server_options
-
     add_server_options(parser)
     parser.set_defaults(func=run_low_dose)
 
 
-def run_low_dose(args: argparse.Namespace) -> int:
-    if args.server:
-        from .remote import run_enhance_low_dose
-
-        return run_enhance_low_dose(args, _output_path)
+def _low_dose_method(args: argparse.Namespace) -> str:
+    """The method of `enhance low-dose` (cold-diffusion when a --model is given), its options checked."""
     from ..errors import LCTfoundError
-    from ..features import parse_slices
-    from ..io.volume import read_volume, volume_stem
-    from ..pipelines.cold_diffusion import ColdDiffusionEnhancer, result_name
-    from ..progress import command_progress
 
     method = args.method or ("cold-diffusion" if args.model else "tv")
     if method != "cold-diffusion":
         if args.model or args.backbone or args.steps is not None:
             raise LCTfoundError(f"--model, --backbone and --steps apply to --method cold-diffusion, not {method}")
-        return _run_classical_low_dose(args, method)
-    if not args.model:
+    elif not args.model:
         raise LCTfoundError("--method cold-diffusion needs --model, a low-dose-enhancement task model "
                             "(train one with `lctfound enhance train-low-dose`)")
-    if args.strength is not None:
+    elif args.strength is not None:
         raise LCTfoundError("--strength applies to --method tv or nlm")
+    return method
+
+
+def run_low_dose(args: argparse.Namespace) -> int:
+    method = _low_dose_method(args)
+    if args.server:
+        from .remote_enhance import run_remote_low_dose
+
+        return run_remote_low_dose(args, method)
+    if method != "cold-diffusion":
+        return _run_classical_low_dose(args, method)
+    from ..features import parse_slices
+    from ..io.volume import read_volume, volume_stem
+    from ..pipelines.cold_diffusion import ColdDiffusionEnhancer, result_name
+    from ..progress import command_progress
+
     enhancer = ColdDiffusionEnhancer.load(args.model, args.backbone, args.device, batch_size=args.batch_size)
     steps = enhancer.steps if args.steps is None else args.steps
     enhancer.network.schedule.levels(steps)  # a clear error before any work
@@ -600,10 +624,15 @@ def _add_vcta(commands) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=batch_int, default=4, help="slices per batch (default 4)")
     _add_output_options(parser)
+    add_server_options(parser)
     parser.set_defaults(func=run_vcta)
 
 
 def run_vcta(args: argparse.Namespace) -> int:
+    if args.server:
+        from .remote_enhance import run_remote_vcta
+
+        return run_remote_vcta(args)
     from ..errors import LCTfoundError
     from ..features import parse_slices
     from ..io.volume import read_volume, volume_stem

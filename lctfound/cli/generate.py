@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..errors import LCTfoundError
+from ..pipelines.choices import SAMPLERS
 from ..validation import batch_int, diffusion_steps_int, float_type, image_size_int, int_type, seed_int
 
-SAMPLER_CHOICES = ("ddim", "dpm-solver", "ddpm")
 
 
 def register(subparsers) -> None:
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
                                          "(--window still sets the HU range of a volume)")
     parser.add_argument("--num-images", "-n", type=int_type(1, 100_000), default=8, help="number of slices (default 8)")
     parser.add_argument("--steps", type=diffusion_steps_int, default=50, help="sampler steps (default 50)")
-    parser.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddim", help="default ddim")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default ddim")
     parser.add_argument("--guidance-scale", type=float_type(0, 100), default=1.0,
                         help="classifier-free guidance (1 = off)")
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed of the first image (default 0)")
@@ -39,6 +39,9 @@ def register(subparsers) -> None:
                         help="grid .png, .nrrd/.mha/.nii.gz/.nii volume (HU), or a new folder for per-slice PNGs")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
+    from .remote import add_server_options
+
+    add_server_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -54,10 +57,45 @@ def parse_spacing(text: str) -> tuple[float, float, float]:
     return values[0], values[1], values[2]
 
 
+VOLUME_FORMATS = (".nii", ".nii.gz", ".nrrd", ".mha")
+
+
+def output_kind(output: Path) -> str:
+    """What ``--output`` asks for: "grid" (.png), "volume" or "slices" (a folder of PNGs)."""
+    name = output.name.lower()
+    if name.endswith(".png"):
+        return "grid"
+    if name.endswith(VOLUME_FORMATS):
+        return "volume"
+    if not output.suffix:
+        return "slices"
+    raise LCTfoundError(f"{output}: choose a .png grid, a {', '.join(VOLUME_FORMATS)} volume or a folder "
+                        "(a path without extension) for per-slice PNGs")
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from ..atomic import check_outputs
     from ..io.provenance import check_new_output, write_volume_with_provenance
+    from . import given_paths
+
+    output = Path(args.output).expanduser()
+    kind = output_kind(output)
+    if args.server and kind != "volume":  # a server sends volumes back; PNGs of its HU would not be the images
+        raise LCTfoundError(f"{output}: with --server, generate writes a volume ({', '.join(VOLUME_FORMATS)}); "
+                            "PNG grids and folders are made by a local run")
+    if kind == "volume":
+        check_new_output(output, args.overwrite, inputs=[] if args.server else given_paths(args.model))
+    else:
+        check_outputs([output], given_paths(args.model), args.overwrite)
+    if args.batch_size < 1:
+        raise LCTfoundError("--batch-size must be at least 1")
+    spacing = parse_spacing(args.spacing)
+    if args.server:
+        from .remote_enhance import run_remote_generate
+
+        return run_remote_generate(args, output)
     from ..pipelines.generation import (
         GenerationPipeline,
         images_to_volume,
@@ -68,28 +106,6 @@ def run(args: argparse.Namespace) -> int:
     from ..progress import command_progress, print_event
     from ..windows import get_window
 
-    output = Path(args.output).expanduser()
-    name = output.name.lower()
-    volume_formats = (".nii", ".nii.gz", ".nrrd", ".mha")
-    if name.endswith(".png"):
-        kind = "grid"
-    elif name.endswith(volume_formats):
-        kind = "volume"
-    elif not output.suffix:
-        kind = "slices"
-    else:
-        raise LCTfoundError(f"{output}: choose a .png grid, a {', '.join(volume_formats)} volume or a folder "
-                            "(a path without extension) for per-slice PNGs")
-    from ..atomic import check_outputs
-    from . import given_paths
-
-    if kind == "volume":
-        check_new_output(output, args.overwrite, inputs=given_paths(args.model))
-    else:
-        check_outputs([output], given_paths(args.model), args.overwrite)
-    if args.batch_size < 1:
-        raise LCTfoundError("--batch-size must be at least 1")
-    spacing = parse_spacing(args.spacing)
     window = get_window(args.window)
     model = load_diffusion_model(args.model, args.device)
     pipeline = GenerationPipeline(model, args.sampler)

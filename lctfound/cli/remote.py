@@ -3,7 +3,9 @@
 The local file is read and checked here, uploaded, the job's progress is shown as it arrives
 (``--events`` passes the server job's events through), Ctrl-C cancels the job on the server, and
 the result is written here with the same output checks and atomic writes as a local run. A server
-that stops answering is one ``error:`` line and nothing is written.
+that stops answering is one ``error:`` line and nothing is written. This module holds what every
+``--server`` command shares, and segmentation; `lctfound.cli.remote_enhance` the enhancement and
+generation commands.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ def _client(args: argparse.Namespace):
 
 
 def _follow_printer(args: argparse.Namespace, description: str, unit: str):
-    """An ``on_event`` callback: JSON events passed through under ``--events``, else a progress bar and
-    the job's own text lines."""
+    """An ``on_event`` callback: JSON events passed through under ``--events`` (but the job's ``result``
+    line, whose paths are the server's: the command says what it wrote here), else a progress bar
+    and the job's own text lines."""
     from ..progress import TqdmProgress, print_event
 
     if args.events:
-        return print_event, None
+        return (lambda event: None if event.get("event") == "result" else print_event(event)), None
     bar = TqdmProgress(description, unit=unit)
 
     def show(event: dict) -> None:
@@ -112,31 +115,4 @@ def run_segment_predict(args: argparse.Namespace) -> int:
     write_volume(volume.with_array(labels), output)
     print(f"wrote {output}: " + ", ".join(f"{label_name} {int((labels == int(value)).sum())} voxels"
                                           for value, label_name in sorted(result.get("labels", {}).items())))
-    return 0
-
-
-def run_enhance_low_dose(args: argparse.Namespace, output_path) -> int:
-    from ..io.provenance import write_volume_with_provenance
-    from ..io.volume import read_volume, volume_stem
-
-    method = args.method or ("cold-diffusion" if args.model else "tv")
-    if method == "cold-diffusion":
-        raise LCTfoundError("--method cold-diffusion is not available with --server yet; use tv or nlm, or run "
-                            "without --server")
-    _refuse(args, "device")
-    name = f"{volume_stem(args.volume)}_ldct-{method}"  # as pipelines.classical_denoise.result_name
-    output = output_path(args, lambda: name)
-    client = _client(args)
-    volume = read_volume(args.volume, validate=not args.no_validate)
-    options = {"method": method, "strength": args.strength, "no_validate": bool(args.no_validate),
-               "slices": args.slices.replace(" ", "") if args.slices else None}
-    result, array = _run(args, client, "enhance-low-dose", {"volume": _geometry(volume)}, options,
-                         f"low-dose {method}", "slice")
-    provenance = dict(result.get("provenance") or {})
-    # The record is the server's (same task, parameters and compute); paths are said for this machine.
-    provenance.update({"name": name, "output": str(output), "server": client.url})
-    if "source" in provenance:
-        provenance["source"] = str(args.volume)
-    side = write_volume_with_provenance(volume.with_array(array), output, provenance)
-    print(f"wrote {output} ({provenance.get('task', 'low-dose')}) on {client.url}; provenance in {side}")
     return 0

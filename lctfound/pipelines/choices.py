@@ -26,8 +26,13 @@ SPARSE_VIEW_METHODS = ("fbp", "tv", "diffusion")
 #: μ of water in 1/mm at the effective energy the simulation and the HU conversion assume
 #: (`lctfound.tomography`; docs/sinogram-format.md).
 MU_WATER_PER_MM = 0.0193
+#: Filters of filtered back-projection (`lctfound.tomography`).
+FBP_FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
 
 # super-resolution (`lctfound.pipelines.super_resolution`)
+SUPER_RESOLUTION_FACTORS = (2, 4, 8)
+SUPER_RESOLUTION_AXES = ("in-plane", "through-plane")
+SUPER_RESOLUTION_METHODS = ("ddnm", "bicubic", "bspline")
 #: η of the DDNM update: the DDNM code's default (and the official zero-shot script's unused --eta).
 DEFAULT_ETA = 0.85
 INTENSITY_MAPPINGS = ("official", "fixed")
@@ -45,6 +50,9 @@ SLICE_MODEL_TEXT = {
 COLD_DIFFUSION_DEFAULT_STEPS = 10
 COLD_DIFFUSION_DEFAULT_TIMESTEP_MAX = 20
 COLD_DIFFUSION_DEFAULT_WINDOW = "lung"
+
+# synthetic CT generation (`lctfound.pipelines.generation`)
+SAMPLERS = ("ddim", "dpm-solver", "ddpm")
 
 # virtual CTA (`lctfound.pipelines.vcta`)
 VCTA_MODES = ("full", "adapter")

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import LCTfoundError
+from .names import classical_denoise_name as result_name  # noqa: F401 - re-exported
 from ..progress import Progress, ensure_progress
 from .choices import NLM_H_PER_SIGMA, TV_WEIGHT_PER_SIGMA  # noqa: F401 - defined where the CLI reads them
 
@@ -118,6 +119,3 @@ def denoise_volume(volume: Any, method: str = "tv", strength: Optional[float] = 
     return CTVolume(output, volume.spacing, volume.origin, volume.direction.copy(), metadata)
 
 
-def result_name(stem: str, method: str) -> str:
-    """``lung1_image``, tv → ``lung1_image_ldct-tv``."""
-    return f"{stem}_ldct-{method}"

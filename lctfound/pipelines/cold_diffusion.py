@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, LCTfoundError
+from .names import cold_diffusion_name as result_name  # noqa: F401 - re-exported
 from .choices import COLD_DIFFUSION_DEFAULT_STEPS, COLD_DIFFUSION_DEFAULT_TIMESTEP_MAX, COLD_DIFFUSION_DEFAULT_WINDOW
 from ..progress import Progress, ensure_progress
 from ..windows import Window, get_window
@@ -511,11 +512,6 @@ def _source_name(volume) -> str:
 
     source = volume.metadata.get("source")
     return volume.metadata.get("name") or (volume_stem(source) if source else "volume")
-
-
-def result_name(source_name: str, steps: int) -> str:
-    """``lung1_ldct-cold-diffusion-10steps``: a result named after its task and parameters (a valid file stem)."""
-    return f"{source_name}_ldct-cold-diffusion-{steps}steps"
 
 
 __all__ = ["ColdDiffusionEnhancer", "ColdDiffusionNetwork", "ColdDiffusionSchedule", "ErrorModulation", "TASK",

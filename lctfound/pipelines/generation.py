@@ -28,8 +28,8 @@ from ..models.bundle import LCTfoundModel
 from ..models.conditioning import condition_prompt
 from ..progress import Progress, ensure_progress
 from ..windows import NULL_PROMPT, Window, get_window
+from .choices import SAMPLERS
 
-SAMPLERS = ("ddim", "dpm-solver", "ddpm")
 TASK = "synthetic-ct"
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import LCTfoundError
+from .names import low_dose_name as result_name  # noqa: F401 - re-exported
 from ..io.volume import CTVolume
 from ..progress import Progress, ensure_progress
 from .choices import DEFAULT_INCIDENT_PHOTONS, DEFAULT_VIEWS, LOW_DOSE_METHODS  # noqa: F401 - re-exported
@@ -172,6 +173,3 @@ def volume_source(volume: CTVolume) -> Optional[str]:
     return volume.metadata.get("source") or volume.metadata.get("name")
 
 
-def result_name(stem: str, dose_fraction: float) -> str:
-    """``lung1_image`` at 0.1 → ``lung1_image_lowdose10pct``: names a result after its task and dose."""
-    return f"{stem}_lowdose{dose_fraction * 100:g}".replace(".", "p") + "pct"

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, LCTfoundError
+from .names import sparse_view_name as result_name  # noqa: F401 - re-exported
 from ..io.volume import CTVolume
 from ..progress import Progress, ensure_progress
 from ..tomography import (
@@ -503,6 +504,3 @@ def reconstruct_sparse_view(stack: SinogramStack, method: str, *, filter_name: s
     return CTVolume(array, spacing, origin, direction, metadata)
 
 
-def result_name(stem: str, method: str, views: int, kind: str) -> str:
-    """``lung1_image``, tv, 16, fan → ``lung1_image_sparse16fan_tv``."""
-    return f"{stem}_sparse{views}{kind}_{method}"

@@ -81,15 +81,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LCTfoundError
+from .names import super_resolution_name as result_name  # noqa: F401 - re-exported
 from .choices import DEFAULT_ETA, INTENSITY_MAPPINGS, SLICE_MODEL_TEXT, SLICE_MODELS  # noqa: F401 - re-exported
+from .choices import SUPER_RESOLUTION_AXES, SUPER_RESOLUTION_FACTORS, SUPER_RESOLUTION_METHODS
 from ..models.conditioning import condition_prompt
 from ..preprocessing import unit_to_model
 from ..progress import Progress, ensure_progress
 from ..windows import Window, get_window
 
-FACTORS = (2, 4, 8)
-AXES = ("in-plane", "through-plane")
-METHODS = ("ddnm", "bicubic", "bspline")
+FACTORS, AXES, METHODS = SUPER_RESOLUTION_FACTORS, SUPER_RESOLUTION_AXES, SUPER_RESOLUTION_METHODS
 TASK = "super-resolution"
 #: Largest result held in memory (float32), 4 GiB; larger requests must choose a slice range.
 MAX_OUTPUT_BYTES = 4 << 30
@@ -485,13 +485,6 @@ def super_resolved_geometry(volume: Any, factor: int, axis: str,
         offset_index = np.zeros(3)
     origin = np.asarray(volume.origin, dtype=np.float64) + volume.direction @ (spacing * offset_index)
     return tuple(float(s) for s in spacing / scale), tuple(float(o) for o in origin)
-
-
-def result_name(stem: str, method: str, factor: int, axis: str, slice_model: str = "average") -> str:
-    """A result named after its task and parameters: ``lung1_image`` → ``lung1_image_sr-ddnm-x4-in-plane``
-    (``..._through-plane-point`` for the point-sample model)."""
-    suffix = "-point" if axis == "through-plane" and slice_model == "point" else ""
-    return f"{stem}_sr-{method}-x{factor}-{axis}{suffix}"
 
 
 def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:

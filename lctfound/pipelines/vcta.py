@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, LCTfoundError
+from .names import vcta_name as result_name  # noqa: F401 - re-exported
 from .choices import VCTA_MODES
 from ..progress import Progress, ensure_progress
 from ..windows import get_window
@@ -310,12 +311,6 @@ class VCTAPipeline:
             "lctfound_version": __version__,
         }
         return CTVolume(array, volume.spacing, volume.origin, volume.direction.copy(), record)
-
-
-def result_name(source_name: str, steps: int, seed: int, strength: float = 1.0) -> str:
-    """``lung1_vcta-ddim50-seed0`` (``…-strength0.5`` when below 1): named after the task and its parameters."""
-    name = f"{source_name}_vcta-ddim{steps}-seed{seed}"
-    return name + (f"-strength{strength:g}" if strength < 1 else "")
 
 
 def check_pair(non_contrast, contrast, name: str = "contrast-enhanced volume") -> None:

@@ -256,7 +256,8 @@ class JobQueue:
         paths = JobPaths(options=job.options, inputs=inputs, output=output,
                          model_folder=lambda name: self.resolve_model(job.client, name),
                          new_model_folder=lambda name: self.store.models(job.client) / name)
-        args = [*job.task.command, *job.task.build(paths), f"--device={device}", "--events"]
+        device_option = [f"--device={device}"] if job.task.takes_device else []
+        args = [*job.task.command, *job.task.build(paths), *device_option, "--events"]
         with self._condition:
             if job.cancel_requested or self._stopping:
                 return CANCELLED, "cancelled before it started"
@@ -305,10 +306,13 @@ class JobQueue:
             name = job.options["model"]
             folder = self.store.model_folder(job.client, name)
             return {"kind": "model", "model": name, "labels": model_label_names(folder)}
-        volume = read_volume(output, labels=job.task.output == "labels")
+        # The command wrote (and checked) this volume: not validated as CT again (--no-validate inputs).
+        volume = read_volume(output, labels=job.task.output == "labels", validate=False)
         header, body = encode_volume(volume.array, volume.spacing, volume.origin, volume.direction)
         (job.folder / "result.zst").write_bytes(body)
-        result = {"kind": job.task.output, "header": header, "provenance": read_provenance(output)}
+        # The record names models by the names clients use, not by the server's folders.
+        result = {"kind": job.task.output, "header": header,
+                  "provenance": self._without_server_paths(job, read_provenance(output))}
         if job.task.output == "labels":
             result["labels"] = model_label_names(Path(self.resolve_model(job.client, job.options["model"])))
         (job.folder / "result.json").write_text(json.dumps(result, default=str), encoding="utf-8")

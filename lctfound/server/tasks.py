@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from ..errors import LCTfoundError
+from ..pipelines.choices import (
+    FBP_FILTERS, INTENSITY_MAPPINGS, LOW_DOSE_METHODS, SAMPLERS, SLICE_MODELS, SPARSE_VIEW_METHODS,
+    SUPER_RESOLUTION_AXES, SUPER_RESOLUTION_FACTORS, SUPER_RESOLUTION_METHODS,
+)
 from ..remote.wire import check_name
+from ..validation import MAX_BATCH, MAX_DIFFUSION_STEPS, MAX_IMAGE_SIZE, MAX_SEED
 
 
 class TaskError(LCTfoundError):
@@ -33,19 +38,24 @@ class JobPaths:
     new_model_folder: Callable[[str], Path]  # where a new model of this client goes
 
 
-def _integer(low: int, high: int) -> Callable[[Any], int]:
+def _integer(low: int, high: int, multiple_of: int = 1) -> Callable[[Any], int]:
     def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise TaskError(f"must be a whole number from {low} to {high}")
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high or value % multiple_of:
+            raise TaskError(f"must be a whole number from {low} to {high}"
+                            + (f", a multiple of {multiple_of}" if multiple_of > 1 else ""))
         return value
     return check
 
 
-def _number(low: float, high: float) -> Callable[[Any], float]:
+def _number(low: float, high: float, open_low: bool = False, open_high: bool = False) -> Callable[[Any], float]:
+    """A number from ``low`` to ``high``; ``open_low``/``open_high``: that end excluded."""
     def check(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise TaskError(f"must be a number from {low:g} to {high:g}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+                or (open_low and value == low) or (open_high and value == high):
+            raise TaskError(f"must be a number {rule}")
         return float(value)
+    rule = (f"from {low:g} to {high:g}" if not (open_low or open_high) else
+            f"{'above' if open_low else 'at least'} {low:g} and {'below' if open_high else 'at most'} {high:g}")
     return check
 
 
@@ -96,6 +106,7 @@ class Task:
     labels_inputs: tuple = ()  # inputs that are label maps (written as integer volumes)
     output: str = "volume"  # "volume", "labels" or "model"
     model_options: tuple = ()  # options that name a model: resolved on the server
+    takes_device: bool = True  # the command has --device (the worker's device is passed)
 
 
 def _value_options(paths: JobPaths, names: Mapping[str, str]) -> list:
@@ -132,8 +143,131 @@ def _segment_predict(paths: JobPaths) -> list:
 
 
 def _enhance_low_dose(paths: JobPaths) -> list:
-    return [str(paths.inputs["volume"]), f"--output={paths.output}"] + _value_options(
-        paths, {"method": "--method", "strength": "--strength", "slices": "--slices", "no_validate": "--no-validate"})
+    return _enhance(paths, {"method": "--method", "strength": "--strength", "steps": "--steps",
+                            "batch_size": "--batch-size"}, models=("model", "backbone"))
+
+
+# -- the other enhancement tasks and generation: each option as the local command takes it --------------
+
+def _whole_choice(*choices: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value not in choices:
+            raise TaskError(f"must be one of {', '.join(map(str, choices))}")
+        return value
+    return check
+
+
+def _spacing(value: Any) -> str:
+    """A voxel size in mm, ``S`` or ``X,Y,Z``, each above 0 and at most 100."""
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]+(\.[0-9]+)?(,[0-9]+(\.[0-9]+)?){2}|[0-9]+(\.[0-9]+)?",
+                                                      value) or not all(0 < float(v) <= 100 for v in value.split(",")):
+        raise TaskError("must be one or three sizes in mm above 0 and at most 100, e.g. 0.7,0.7,2.5")
+    return value
+
+
+#: Options every `lctfound enhance` task shares (`_add_output_options`).
+_ENHANCE_COMMON = {"slices": "--slices", "no_validate": "--no-validate"}
+#: Free text (a prompt, a disease): one printable line.
+TEXT = _pattern(r"[^\x00-\x1f\x7f]{1,256}", "a line of text")
+#: A window name or WIDTH,LEVEL in HU (`lctfound.windows.get_window`).
+WINDOW = _pattern(r"[a-z][a-z0-9_-]{0,31}|[0-9]+(\.[0-9]+)?,-?[0-9]+(\.[0-9]+)?", "lung or 1500,-600")
+SEED = _integer(0, MAX_SEED)
+DIFFUSION_STEPS = _integer(1, MAX_DIFFUSION_STEPS)
+BATCH = _integer(1, MAX_BATCH)
+ITERATIONS = _integer(0, 100_000)
+VIEWS = _integer(2, 100_000)
+FRACTION = _number(0.0, 1.0)
+STRENGTH = _number(0.0, 1.0, open_low=True)  # (0, 1]: 1 starts from noise
+GEOMETRY = _choice("parallel", "fan")
+
+
+def _enhance(paths: JobPaths, names: Mapping[str, str], models: tuple = ()) -> list:
+    """``VOLUME --output=OUT [--model=...] --name=value...`` of an ``enhance`` task: ``models`` are the
+    options naming models (the command gets them resolved on the server)."""
+    words = [str(paths.inputs["volume"]), f"--output={paths.output}"]
+    words += [f"--{key.replace('_', '-')}={paths.model_folder(paths.options[key])}" for key in models
+              if paths.options.get(key)]
+    return words + _value_options(paths, {**names, **_ENHANCE_COMMON})
+
+
+def _simulate_low_dose(paths: JobPaths) -> list:
+    return _enhance(paths, {"dose": "--dose", "photons": "--photons", "electronic_noise": "--electronic-noise",
+                            "method": "--method", "input_noise_free": "--input-noise-free", "geometry": "--geometry",
+                            "views": "--views", "seed": "--seed"})
+
+
+def _sparse_view(paths: JobPaths) -> list:
+    return _enhance(paths, {"views": "--views", "geometry": "--geometry", "method": "--method",
+                            "mu_water": "--mu-water", "filter": "--filter", "tv_iterations": "--tv-iterations",
+                            "tv_weight": "--tv-weight", "steps": "--steps", "strength": "--strength",
+                            "dc_iterations": "--dc-iterations", "eta": "--eta", "window": "--window",
+                            "batch_size": "--batch-size", "refine_iterations": "--refine-iterations",
+                            "seed": "--seed"}, models=("model",))
+
+
+def _super_resolution(paths: JobPaths) -> list:
+    return _enhance(paths, {"factor": "--factor", "axis": "--axis", "method": "--method",
+                            "slice_model": "--slice-model", "steps": "--steps", "eta": "--eta",
+                            "noise_hu": "--noise-hu", "window": "--window", "intensity": "--intensity",
+                            "batch_size": "--batch-size", "seed": "--seed"}, models=("model",))
+
+
+def _vcta(paths: JobPaths) -> list:
+    return _enhance(paths, {"steps": "--steps", "eta": "--eta", "strength": "--strength", "batch_size": "--batch-size",
+                            "seed": "--seed"}, models=("model", "backbone"))
+
+
+def _generate(paths: JobPaths) -> list:
+    """`lctfound generate`, no input volume: the output is a volume in HU (its extension says so)."""
+    words = [f"--output={paths.output}"]
+    if paths.options.get("model"):
+        words.append(f"--model={paths.model_folder(paths.options['model'])}")
+    return words + _value_options(paths, {
+        "window": "--window", "disease": "--disease", "prompt": "--prompt", "num_images": "--num-images",
+        "steps": "--steps", "sampler": "--sampler", "guidance_scale": "--guidance-scale", "seed": "--seed",
+        "size": "--size", "batch_size": "--batch-size", "spacing": "--spacing"})
+
+
+#: The tasks of this block (after `enhance-low-dose` in `TASKS`).
+_ENHANCE_TASKS = (
+    Task("enhance-simulate-low-dose", "simulate a lower-dose scan (projection-domain Poisson noise); a volume comes "
+         "back", ("enhance", "simulate-low-dose"), ("volume",), _simulate_low_dose,
+         options={"dose": _number(0.0, 1.0, open_low=True, open_high=True), "photons": _number(0.0, 1e12, open_low=True),
+                  "electronic_noise": _number(0.0, 1e6), "method": _choice(*LOW_DOSE_METHODS),
+                  "input_noise_free": _flag, "geometry": GEOMETRY, "views": VIEWS, "seed": SEED, "slices": SLICES,
+                  "no_validate": _flag},
+         required_options=("dose",), takes_device=False),
+    Task("enhance-sparse-view", "reconstruct from few simulated projection views (FBP, TV or diffusion with a "
+         "backbone); a volume comes back", ("enhance", "sparse-view"), ("volume",), _sparse_view,
+         options={"views": VIEWS, "geometry": GEOMETRY, "method": _choice(*SPARSE_VIEW_METHODS),
+                  "mu_water": _number(0.0, 1.0, open_low=True), "filter": _choice(*FBP_FILTERS),
+                  "tv_iterations": ITERATIONS, "tv_weight": _number(0.0, 1e6), "model": _name,
+                  "steps": DIFFUSION_STEPS, "strength": STRENGTH, "dc_iterations": ITERATIONS, "eta": FRACTION,
+                  "window": WINDOW, "batch_size": BATCH, "refine_iterations": ITERATIONS, "seed": SEED,
+                  "slices": SLICES, "no_validate": _flag},
+         required_options=("views",), model_options=("model",)),
+    Task("enhance-super-resolution", "super-resolve x2, x4 or x8 in-plane or through-plane (DDNM or interpolation); "
+         "a volume on the finer grid comes back", ("enhance", "super-resolution"), ("volume",), _super_resolution,
+         options={"factor": _whole_choice(*SUPER_RESOLUTION_FACTORS), "axis": _choice(*SUPER_RESOLUTION_AXES),
+                  "method": _choice(*SUPER_RESOLUTION_METHODS), "slice_model": _choice(*SLICE_MODELS),
+                  "model": _name, "steps": DIFFUSION_STEPS, "eta": FRACTION, "noise_hu": _number(0.0, 10_000.0),
+                  "window": WINDOW, "intensity": _choice(*INTENSITY_MAPPINGS), "batch_size": BATCH, "seed": SEED,
+                  "slices": SLICES, "no_validate": _flag},
+         model_options=("model",)),
+    Task("enhance-vcta", "virtual CT angiography with a vcta task model; a contrast-enhanced volume comes back",
+         ("enhance", "vcta"), ("volume",), _vcta,
+         options={"model": _name, "backbone": _name, "steps": DIFFUSION_STEPS, "eta": FRACTION, "strength": STRENGTH,
+                  "batch_size": BATCH, "seed": SEED, "slices": SLICES, "no_validate": _flag},
+         required_options=("model",), model_options=("model", "backbone")),
+    Task("generate", "synthetic CT slices from a window prompt, no input; a volume in HU comes back",
+         ("generate",), (), _generate,
+         # num_images: a result travels as one volume (`lctfound.remote.wire.MAX_VOXELS`: 2000 slices of 1024²).
+         options={"model": _name, "window": WINDOW, "disease": TEXT, "prompt": TEXT, "num_images": _integer(1, 2000),
+                  "steps": DIFFUSION_STEPS, "sampler": _choice(*SAMPLERS), "guidance_scale": _number(0.0, 100.0),
+                  "seed": SEED, "size": _integer(16, MAX_IMAGE_SIZE, multiple_of=8), "batch_size": BATCH,
+                  "spacing": _spacing},
+         model_options=("model",)),
+)
 
 
 TASKS = {task.name: task for task in (
@@ -150,10 +284,14 @@ TASKS = {task.name: task for task in (
                   "extent_margin": _pattern(r"[0-9]+(\.[0-9]+)?(mm)?", "15mm"), "whole_volume": _flag},
          required_options=("model",), optional_inputs=("annotation",), labels_inputs=("annotation",),
          output="labels", model_options=("model", "backbone")),
-    Task("enhance-low-dose", "denoise a low-dose CT (TV or non-local means); a volume with its provenance comes back",
+    Task("enhance-low-dose", "denoise a low-dose CT (TV, non-local means or a cold-diffusion task model); a volume "
+         "with its provenance comes back",
          ("enhance", "low-dose"), ("volume",), _enhance_low_dose,
-         options={"method": _choice("tv", "nlm"), "strength": _number(0.0, 100.0), "slices": SLICES,
-                  "no_validate": _flag}),
+         options={"method": _choice("tv", "nlm", "cold-diffusion"), "strength": _number(0.0, 100.0),
+                  "model": _name, "backbone": _name, "steps": DIFFUSION_STEPS, "batch_size": BATCH,
+                  "slices": SLICES, "no_validate": _flag},
+         model_options=("model", "backbone")),
+    *_ENHANCE_TASKS,
 )}
 
 
