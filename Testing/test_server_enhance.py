@@ -159,6 +159,15 @@ def test_a_bad_option_value_is_refused_by_the_server(server, files, token_env, r
     code, _, err = run_cli(["enhance", "vcta", files / "ct.nrrd", "--model", "nowhere", "-o", files / "refused.nrrd",
                             "--server", server.url])
     assert code == 2 and "(404)" in err and "no model 'nowhere'" in err and err.count("\n") == 1
+    # A task without inputs (generate) takes none; one that needs a volume cannot go without.
+    from lctfound.remote import RemoteError
+
+    client = server.client("cli")
+    upload = client.upload_volume(np.zeros((1, 16, 16), dtype=np.int16))
+    with pytest.raises(RemoteError, match=r"\(422\): task generate takes no input volumes; 'volume' is not one"):
+        client.submit("generate", {"volume": upload}, {"model": "tiny"})
+    with pytest.raises(RemoteError, match=r"\(422\): task enhance-vcta takes the inputs volume; 'volume' is missing"):
+        client.submit("enhance-vcta", {}, {"model": "vcta"})
 
 
 def test_what_cannot_run_remotely_is_refused_before_anything_is_uploaded(server, files, monkeypatch, run_cli):

@@ -6,6 +6,8 @@ Each subcommand is one ``_add_<name>(commands)`` function listed in `SUBCOMMANDS
 its provenance (task, parameters, source, model and sha256, time per slice) in a JSON file of
 the same name (``OUT.nrrd`` → ``OUT.json``). With ``--events`` progress is JSON lines on stdout
 and the last line is ``{"event": "result", "output": ..., "provenance": ..., "name": ...}``.
+With ``--server URL`` the tasks (not their training) run on an `lctfound serve` machine
+(`lctfound.cli.remote_enhance`), with the same output handling here.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve", help="run jobs for thin clients (Slicer, browser, `--server` on the command line)",
         description="A job server: clients upload volumes (zstd-compressed, checksummed), run segment train, "
-                    "segment predict and enhance low-dose on this machine's devices, follow their progress, cancel "
+                    "segment predict, the enhance tasks and generate (GET /version lists the tasks) on this "
+                    "machine's devices, follow their progress, cancel "
                     "them and download the results. Task models trained here stay here, listed for the client "
                     "that trained them. Every request but /health needs the access token, made on first start "
                     "and stored (0600) in DATA/token. Needs `pip install 'lctfound[server]'`.")

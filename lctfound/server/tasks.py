@@ -304,6 +304,8 @@ def check_request(task_name: Any, inputs: Any, options: Any) -> tuple[Task, dict
         raise TaskError("'inputs' and 'options' must be JSON objects")
     unknown = sorted(set(inputs) - set(task.inputs) - set(task.optional_inputs))
     missing = [name for name in task.inputs if name not in inputs]
+    if unknown and not task.inputs + task.optional_inputs:
+        raise TaskError(f"task {task.name} takes no input volumes; {unknown[0]!r} is not one")
     if unknown or missing:
         raise TaskError(f"task {task.name} takes the inputs {', '.join(task.inputs + task.optional_inputs)}"
                         + (f"; {unknown[0]!r} is not one" if unknown else f"; {missing[0]!r} is missing"))
