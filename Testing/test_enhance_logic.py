@@ -127,7 +127,8 @@ def test_low_dose_on_a_server_gives_the_local_result(world, server, monkeypatch)
                           server_token_file=str(server.token_file))
     assert "device" not in logic.visible_fields(p)  # the server picks its device
     assert logic.first_problem(p) == f"Press Test connection to use the server at {server.url}."
-    assert logic.test_connection(p).startswith(f"connected to {server.url}")
+    line = logic.test_connection(p)
+    assert line.startswith(f"connected to {server.url}") and "enhance-low-dose" in line.split("; tasks ")[1]
     assert logic.server.runs("enhance-low-dose") and logic.first_problem(p) == ""
     assert logic.selection_summary(p) == f"Low-dose enhancement with no model on the server {server.url}."
     # The selectors list the server's backbones, not this computer's.

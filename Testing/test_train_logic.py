@@ -146,7 +146,7 @@ def test_training_on_a_server_is_refused_in_one_sentence(logic, ct_folder):
                             server_token_file="")
         reason = logic.server_problem(p)
         assert reason.startswith("Pretraining and fine-tuning run on this computer only") and "\n" not in reason
-        assert logic.first_problem(p) == reason
+        assert logic.first_problem(p) == reason and "device" not in logic.visible_fields(p)
         assert logic.start_button_state(p) == ButtonState(False, reason)
         assert logic.resume_button_state(p) == ButtonState(False, reason)
         with pytest.raises(LCTfoundError, match="not server tasks"):

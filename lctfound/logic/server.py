@@ -71,6 +71,7 @@ def connect(url: str, token_file: str = "") -> ServerConnection:
         client.close()
     labels = {str(name): {int(value): str(text) for value, text in (names or {}).items()}
               for name, names in (models.get("labels") or {}).items()}
+    summary += f"; tasks {', '.join(sorted(tasks))}" if tasks else "; it runs no tasks"
     return ServerConnection(address, (token_file or "").strip(), summary, sorted(models.get("server", [])),
                             sorted(models.get("yours", [])), labels, sorted(tasks))
 

@@ -389,6 +389,8 @@ class TrainModuleLogic(ModuleLogicBase):
         else:
             shown |= {"preset", "resolution", "patch_size"}
             shown |= {"training_volumes"} if source == "volumes" else {"data_folder"}
+        if self.on_server(p):
+            shown.discard("device")  # nothing runs here while a server is chosen
         return shown
 
     # -- folders and names -------------------------------------------------------------------

@@ -178,8 +178,8 @@ class EnhancePanel(LogicPanel):
                     v3.VTextField(v_if=(shown(name),), label=label, v_model=(k(name),), type="number",
                                   density="compact", hide_details=True, style="max-width: 105px;",
                                   id=f"lct-enh-{name.replace('_', '-')}")
-            v3.VSelect(v_if=(f"{k('visible')}.includes('device')",), label="Device", v_model=(k("device"),), items=(k("device_items"),), density="compact",
-                       hide_details=True, classes="mb-2")
+            v3.VSelect(v_if=(shown("device"),), label="Device", v_model=(k("device"),), items=(k("device_items"),),
+                       density="compact", hide_details=True, classes="mb-2")
             html.Div(f"{{{{ {k('summary')} }}}}", classes="text-caption text-grey mb-2")
             with html.Div(classes="d-flex ga-2"):
                 with html.Div(title=(f"{k('start')}.tooltip",), style="flex: 1;"):

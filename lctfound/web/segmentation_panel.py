@@ -269,8 +269,8 @@ class SegmentationPanel(LogicPanel):
                     v3.VCheckbox(v_model=(k(name),), label=label, density="compact", hide_details=True)
             v3.VCheckbox(v_if=(shown("saliency"),), v_model=(k("saliency"),), label="Saliency map",
                          density="compact", hide_details=True)
-            v3.VSelect(v_if=(f"{k('visible')}.includes('device')",), label="Device", v_model=(k("device"),), items=(k("device_items"),), density="compact",
-                       hide_details=True, classes="my-2")
+            v3.VSelect(v_if=(shown("device"),), label="Device", v_model=(k("device"),), items=(k("device_items"),),
+                       density="compact", hide_details=True, classes="my-2")
             with html.Div(title=(f"{k('predict')}.tooltip",)):
                 v3.VBtn("Predict", block=True, color="primary", prepend_icon="mdi-play",
                         disabled=(f"!{k('predict')}.enabled",), click=self.predict, id="lct-seg-predict")

@@ -229,8 +229,8 @@ class TrainPanel(LogicPanel):
                                   id=f"lct-train-{name.replace('_', '-')}")
             v3.VTextField(label="New model name", v_model=(k("new_model_name"),), density="compact",
                           hide_details=True, classes="mb-2", id="lct-train-new-model")
-            v3.VSelect(label="Device", v_model=(k("device"),), items=(k("device_items"),), density="compact",
-                       hide_details=True, classes="mb-2")
+            v3.VSelect(v_if=(shown("device"),), label="Device", v_model=(k("device"),), items=(k("device_items"),),
+                       density="compact", hide_details=True, classes="mb-2")
             html.Div(f"{{{{ {k('data_summary')} }}}}", classes="text-caption text-grey mb-2")
             with html.Div(classes="d-flex ga-2"):
                 with html.Div(title=(f"{k('start')}.tooltip",), style="flex: 1;"):
