@@ -343,7 +343,10 @@ class SegmentationModuleLogic(ModuleLogicBase):
     server_jobs = frozenset({"segment-train", "segment-predict"})
 
     def server_tasks(self, parameters: Any, action: str = "") -> tuple[str, ...]:
-        return ("segment-train", "segment-predict") if self.parameters_from(parameters).task == FEWSHOT else ()
+        """Few-shot "train" → segment-train, "predict" → segment-predict; the panel (no action) needs both."""
+        if self.parameters_from(parameters).task != FEWSHOT:
+            return ()
+        return {"train": ("segment-train",), "predict": ("segment-predict",)}.get(action, ("segment-train", "segment-predict"))
 
     def no_server_task(self, parameters: Any, action: str = "") -> str:
         return ("The server runs few-shot segmentation; run lung structures and diagnosis on this computer "
@@ -351,7 +354,7 @@ class SegmentationModuleLogic(ModuleLogicBase):
 
     def _server_train_problems(self, p: SegmentationParameters) -> list[str]:
         server = self.connected_server(p)
-        problems = [self.server_problem(p)]
+        problems = [self.server_problem(p, "train")]
         if server is not None:
             if p.model_name not in server.server_models:
                 problems.append("Select a backbone the server offers (Test connection lists them).")
@@ -360,7 +363,7 @@ class SegmentationModuleLogic(ModuleLogicBase):
 
     def _server_predict_problems(self, p: SegmentationParameters) -> list[str]:
         server = self.connected_server(p)
-        problems = [self.server_problem(p)]
+        problems = [self.server_problem(p, "predict")]
         if server is not None and p.task_model not in server.your_models:
             problems.append("Select one of your few-shot models on the server (train one first)."
                             if not p.task_model else f"Model '{p.task_model}' is not one of yours on the server.")
