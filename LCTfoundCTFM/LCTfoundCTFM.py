@@ -89,6 +89,8 @@ class LCTfoundCTFMParameterNode:
     probeModel, decoderModel - trained CT-FM task models (folders).
     trainingKind (probe/decoder), trainingTable (CSV), trainingSegmentation, decoderMode (frozen/full),
     maxSteps (0: default), newModelName - training settings.
+    serverUrl, serverTokenFile - "Run on": empty for this computer, else an `lctfound serve` address and
+        the file holding its access token (empty: $LCTFOUND_SERVER_TOKEN).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -111,6 +113,8 @@ class LCTfoundCTFMParameterNode:
     decoderMode: str = _DEFAULTS.decoder_mode
     maxSteps: Annotated[int, WithinRange(0, 1_000_000)] = _DEFAULTS.max_steps
     newModelName: str = ""
+    serverUrl: str = _DEFAULTS.server_url
+    serverTokenFile: str = _DEFAULTS.server_token_file
 
 
 #

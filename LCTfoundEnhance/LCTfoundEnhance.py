@@ -73,6 +73,8 @@ class LCTfoundEnhanceParameterNode:
     dose, views, reconstruction, geometry, factor, axis, interpolation, window, count, guidanceScale,
     steps, seed - the settings of the tasks (each task shows its own).
     device - "auto", "cpu", "cuda", "cuda:N" or "mps".
+    serverUrl, serverTokenFile - "Run on": empty for this computer, else an `lctfound serve` address and
+        the file holding its access token (empty: $LCTFOUND_SERVER_TOKEN).
     """
 
     task: str = _DEFAULTS.task
@@ -95,6 +97,8 @@ class LCTfoundEnhanceParameterNode:
     steps: Annotated[int, WithinRange(1, 1000)] = _DEFAULTS.steps
     seed: Annotated[int, WithinRange(0, 2147483647)] = _DEFAULTS.seed
     device: str = _DEFAULTS.device
+    serverUrl: str = _DEFAULTS.server_url
+    serverTokenFile: str = _DEFAULTS.server_token_file
 
 
 #

@@ -34,7 +34,6 @@ from LCTfoundSlicerLib import (  # noqa: E402
     LCTfoundVolumeModuleTestMixin,
     pythonSlicerExecutable,
 )
-from lctfound.errors import LCTfoundError  # noqa: E402
 from lctfound.logic import (  # noqa: E402
     DIAGNOSIS,
     SegmentationModuleLogic,
@@ -129,7 +128,6 @@ class LCTfoundSegmentationWidget(LCTfoundJobModuleWidget):
     def __init__(self, parent=None) -> None:
         LCTfoundJobModuleWidget.__init__(self, parent)
         self._shownTask = None
-        self._shownServer = None
 
     def createLogic(self) -> "LCTfoundSegmentationLogic":
         return LCTfoundSegmentationLogic()
@@ -141,7 +139,6 @@ class LCTfoundSegmentationWidget(LCTfoundJobModuleWidget):
         self.ui.undoButton.connect("clicked(bool)", self.onUndoButton)
         self.ui.markReviewedButton.connect("clicked(bool)", lambda: self.onMarkReviewed(True))
         self.ui.unmarkReviewedButton.connect("clicked(bool)", lambda: self.onMarkReviewed(False))
-        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
 
     # -- selectors ----------------------------------------------------------------------------
 
@@ -152,27 +149,11 @@ class LCTfoundSegmentationWidget(LCTfoundJobModuleWidget):
             self._parameterNode.taskModel = ""
         self._onServerShown()
 
-    def _onServerShown(self) -> None:
-        """Run on this computer or a tested server: the selectors list that side's models."""
-        self._shownServer = self._connectedServer()
-        self._fillChoiceSelectors()
-        node = self._parameterNode
-        if node:
-            for name in ("modelName", "taskModel"):  # a model of the other side is not offered here
-                if self._choiceSelectors[name].findData(getattr(node, name)) < 0:
-                    setattr(node, name, "")
-            self.logic.engine.fill_defaults(node)
-
-    def _connectedServer(self):
-        return self.logic.engine.connected_server(self._parameterNode) if self._parameterNode else None
-
     # -- state to widgets ---------------------------------------------------------------------
 
     def _updateStatus(self, caller=None, event=None) -> None:
         if self._parameterNode and self._parameterNode.task != self._shownTask:
             self._onTaskShown()  # may modify the parameter node, which calls this again
-        elif self._parameterNode and self._connectedServer() is not self._shownServer:
-            self._onServerShown()
         LCTfoundJobModuleWidget._updateStatus(self)
         engine = self.logic.engine
         node = self._parameterNode
@@ -252,17 +233,6 @@ class LCTfoundSegmentationWidget(LCTfoundJobModuleWidget):
             self._startPolling()
 
         self._runStart(_("Prediction could not start."), start)
-
-    def onTestConnection(self) -> None:
-        """Reach the server in "Run on"; the result (or why not) is one line next to the button."""
-        from LCTfoundSlicerLib.dependencies import ensureDependencies
-
-        try:
-            ensureDependencies(["--server"])  # the thin client (httpx, zstandard), after asking once
-            self.ui.connectionLabel.text = self.logic.engine.test_connection(self._parameterNode)
-        except LCTfoundError as error:
-            self.ui.connectionLabel.text = str(error)
-        self._updateStatus()
 
     def onUndoButton(self) -> None:
         result = self.logic.engine.result_segmentation

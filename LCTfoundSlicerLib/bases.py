@@ -155,6 +155,7 @@ class LCTfoundModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._choiceSelectors = {}
         self._startFailure = ""  # why the last Start failed, shown until a setting changes
+        self._shownServer = None  # the server connection the selectors list (None: this computer's models)
 
     def createLogic(self) -> LCTfoundModuleLogic:
         raise NotImplementedError(f"{type(self).__name__} must create its module's logic")
@@ -179,6 +180,7 @@ class LCTfoundModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
         self.setupWidgets(uiWidget)
         self._addDependenciesSection()
 
@@ -186,6 +188,38 @@ class LCTfoundModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setupWidgets(self, uiWidget) -> None:
         """The module's own widgets and connections (called before the parameter node is bound)."""
+
+    # -- run on a server -----------------------------------------------------------------------
+
+    def onTestConnection(self) -> None:
+        """Reach the server in "Run on" (every module's .ui has the rows: serverUrl, serverTokenFile, Test
+        connection and its line); the result, or why not, is one line next to the button."""
+        from lctfound.errors import LCTfoundError
+
+        from .dependencies import ensureDependencies
+
+        try:
+            ensureDependencies(["--server"])  # the thin client (httpx, zstandard), after asking once
+            self.ui.connectionLabel.text = self.logic.engine.test_connection(self._parameterNode)
+        except LCTfoundError as error:
+            self.ui.connectionLabel.text = str(error)
+        self._updateStatus()
+
+    def _connectedServer(self):
+        return self.logic.engine.connected_server(self._parameterNode) if self._parameterNode else None
+
+    def _onServerShown(self) -> None:
+        """Run on this computer or a tested server: the selectors list that side's models, and a model of
+        the other side is not kept selected."""
+        self._shownServer = self._connectedServer()
+        self._fillChoiceSelectors()
+        node = self._parameterNode
+        if node:
+            for name in ("modelName", "taskModel"):
+                combo = self._choiceSelectors.get(name)
+                if combo is not None and combo.findData(getattr(node, name)) < 0:
+                    setattr(node, name, "")
+            self.logic.engine.fill_defaults(node)
 
     # -- dependencies section ------------------------------------------------------------------
 
@@ -340,8 +374,13 @@ class LCTfoundModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self.logic.engine.selection_summary(self._parameterNode) if self._parameterNode else ""
 
     def _updateStatus(self, caller=None, event=None) -> None:
+        if self._parameterNode and self._connectedServer() is not self._shownServer:
+            self._onServerShown()  # may modify the parameter node, which calls this again
         self._syncSelectors()
         self.ui.statusLabel.text = self._startFailure or self.statusText()
+        onServer = bool(self._parameterNode) and self.logic.engine.on_server(self._parameterNode)
+        for widget in (self.ui.deviceLabel, self.ui.deviceSelector):
+            widget.visible = not onServer  # the server picks its device
 
 
 class LCTfoundVolumeModuleWidget(LCTfoundModuleWidget):

@@ -88,6 +88,8 @@ class LCTfoundTrainParameterNode:
     device - "auto", "cpu", "cuda", "cuda:N" or "mps".
     runFolder - empty: a new folder under the LCTfound cache; an existing run folder to Resume.
     newModelName - the name the trained model is registered under.
+    serverUrl, serverTokenFile - "Run on": empty for this computer, else an `lctfound serve` address and
+        the file holding its access token (empty: $LCTFOUND_SERVER_TOKEN).
     """
 
     dataSource: str = _DEFAULTS.data_source
@@ -112,6 +114,8 @@ class LCTfoundTrainParameterNode:
     device: str = _DEFAULTS.device
     runFolder: Path
     newModelName: str = ""
+    serverUrl: str = _DEFAULTS.server_url
+    serverTokenFile: str = _DEFAULTS.server_token_file
 
 
 #

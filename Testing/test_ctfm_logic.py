@@ -101,6 +101,28 @@ def test_backbones_capabilities_and_models(logic, encoder_folder):
         logic.model_path("nowhere")
 
 
+def test_run_on_a_server_says_what_the_panel_cannot_send(logic):
+    """Indexing and search map to the server tasks ctfm-embed and ctfm-search, which this panel does not
+    send yet; classification, segmentation and training are no server tasks. Each button says which, in
+    one sentence, before any connection is tried; on this computer nothing changes."""
+    from lctfound.logic.ctfm import SERVER_TASKS
+
+    local = CTFMParameters(model_name="encoder")
+    assert logic.server_problem(local) == "" and logic.first_problem(local) == ""
+    p = CTFMParameters(model_name="encoder", server_url="http://gpu-host:8765")
+    assert SERVER_TASKS == {"index": "ctfm-embed", "search": "ctfm-search"}
+    assert logic.server_tasks(p, "search") == ("ctfm-search",) and logic.server_tasks(p, "train") == ()
+    for action in ACTIONS:
+        state = logic.action_state(action, p)
+        reason = logic.server_problem(p, action)
+        assert not state.enabled and state.tooltip == reason and "\n" not in reason
+        if action in SERVER_TASKS:
+            assert reason.startswith(f"This panel cannot send {SERVER_TASKS[action]} to a server yet")
+        else:
+            assert reason.startswith("CT-FM classification, segmentation and training run on this computer only")
+    assert logic.first_problem(p).startswith("This panel cannot send ctfm-embed, ctfm-search to a server yet")
+
+
 # --------------------------------------------------------------------------- geometry
 
 @pytest.mark.parametrize("transformed", [False, True])

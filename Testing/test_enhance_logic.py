@@ -95,3 +95,66 @@ def test_parameter_problems(world):
     p = EnhanceParameters(task="synthetic", model_name="tiny")
     assert logic.first_problem(p) == "" and "input_volume" not in logic.visible_fields(p)
     assert not logic.start_button_state(EnhanceParameters(task="nonsense")).enabled
+
+
+# -- Run on a department server (issue 14) -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("httpx")
+    from server_helpers import Server
+
+    folder = tmp_path_factory.mktemp("enhance-server")
+    save_model(tiny_model(32, seed=2), folder / "tiny")
+    running = Server(folder / "data", folder / "server-cache", ["--models", f"tiny={folder / 'tiny'}"])
+    (folder / "token").write_text(running.token + "\n")
+    running.token_file = folder / "token"
+    yield running
+    running.stop()
+
+
+@pytest.mark.slow
+def test_low_dose_on_a_server_gives_the_local_result(world, server, monkeypatch):
+    from lctfound.logic.server import ServerConnection
+
+    monkeypatch.delenv("LCTFOUND_SERVER_TOKEN", raising=False)
+    monkeypatch.setenv("LCTFOUND_CLIENT_ID", "enhance-desk")
+    logic, node = world.logic, world.node
+    local = run(logic, EnhanceParameters(task="low-dose", denoiser="tv", input_volume=node, device="cpu"))
+
+    p = EnhanceParameters(task="low-dose", denoiser="tv", input_volume=node, server_url=server.url,
+                          server_token_file=str(server.token_file))
+    assert "device" not in logic.visible_fields(p)  # the server picks its device
+    assert logic.first_problem(p) == f"Press Test connection to use the server at {server.url}."
+    line = logic.test_connection(p)
+    assert line.startswith(f"connected to {server.url}") and "enhance-low-dose" in line.split("; tasks ")[1]
+    assert logic.server.runs("enhance-low-dose") and logic.first_problem(p) == ""
+    assert logic.selection_summary(p) == f"Low-dose enhancement with no model on the server {server.url}."
+    # The selectors list the server's backbones, not this computer's.
+    offered = logic.choices("model_name", parameters=p)
+    assert [c.value for c in offered] == logic.server.server_models and "tiny" in logic.server.server_models
+    assert all(c.label.endswith("(on the server)") for c in offered)
+    assert logic.choices("task_model", parameters=p) == []
+
+    remote = run(logic, p)
+    command = logic.job.command
+    assert "--server" in command and server.url in command and server.token not in " ".join(command)
+    assert remote is not local and remote is not node and remote.GetScene() is world.scene
+    remote_ct, local_ct = ctvolume_from_volume_node(remote), ctvolume_from_volume_node(local)
+    assert remote_ct.same_grid(local_ct) and np.array_equal(remote_ct.array, local_ct.array)
+    assert remote.GetName().startswith(local.GetName())  # the same name (made unique in the scene)
+    assert get_provenance(remote)["server"] == server.url
+
+    # Each panel task maps to a server task; one the server does not list is refused in one sentence.
+    logic.server = ServerConnection(server.url, str(server.token_file), tasks=["enhance-low-dose"])
+    sparse = EnhanceParameters(task="sparse-view", input_volume=node, server_url=server.url,
+                               server_token_file=str(server.token_file))
+    problem = logic.first_problem(sparse)
+    assert problem.startswith(f"The server at {server.url} does not run enhance-sparse-view;") and "\n" not in problem
+    assert not logic.start_button_state(sparse).enabled
+    logic.server.tasks.append("enhance-sparse-view")
+    assert logic.first_problem(sparse) == ""
+    cold = EnhanceParameters(task="low-dose", denoiser="cold-diffusion", input_volume=node, server_url=server.url,
+                             server_token_file=str(server.token_file))
+    assert "does not run enhance-cold-diffusion" in logic.first_problem(cold)

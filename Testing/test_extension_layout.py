@@ -34,13 +34,15 @@ MODULE_LOGICS = {"LCTfoundSegmentation": "SegmentationModuleLogic", "LCTfoundEnh
                  "LCTfoundTrain": "TrainModuleLogic", "LCTfoundCTFM": "CTFMLogic"}
 #: Widgets each panel must have. "A button either works or does not exist": the image modules have no
 #: Apply button until their task exists; the training panel starts, cancels and resumes real jobs.
-COMMON_WIDGETS = {"deviceSelector": "QComboBox", "statusLabel": "QLabel"}
+#: "Run on" (this computer or a server) is in every panel: the shared widget base wires these rows.
+COMMON_WIDGETS = {"deviceSelector": "QComboBox", "statusLabel": "QLabel", "serverUrlLineEdit": "QLineEdit",
+                  "serverTokenFileLineEdit": "QLineEdit", "testConnectionButton": "QPushButton",
+                  "connectionLabel": "QLabel"}
 MODULE_WIDGETS = {
     "LCTfoundSegmentation": {"inputVolumeSelector": "qMRMLNodeComboBox", "modelSelector": "QComboBox",
                              "trainButton": "QPushButton", "predictButton": "QPushButton", "cancelButton": "QPushButton",
                              "undoButton": "QPushButton", "markReviewedButton": "QPushButton",
-                             "unmarkReviewedButton": "QPushButton", "progressBar": "QProgressBar",
-                             "serverUrlLineEdit": "QLineEdit", "testConnectionButton": "QPushButton"},
+                             "unmarkReviewedButton": "QPushButton", "progressBar": "QProgressBar"},
     "LCTfoundEnhance": {"inputVolumeSelector": "qMRMLNodeComboBox", "modelSelector": "QComboBox",
                         "startButton": "QPushButton", "cancelButton": "QPushButton", "progressBar": "QProgressBar",
                         "comparisonSlider": "QSlider"},
@@ -691,7 +693,8 @@ def test_ui_is_a_qmrmlwidget_with_the_expected_widgets(module):
     if "progressBar" in widgets:
         assert widget_property(widgets["progressBar"], "visible") == "false", "the progress bar is hidden while idle"
     buttons = {name for name, widget in widgets.items() if widget.get("class") == "QPushButton"}
-    assert buttons <= set(MODULE_WIDGETS[module]), f"{module}.ui: buttons without an action {sorted(buttons - set(MODULE_WIDGETS[module]))}"
+    actions = set(MODULE_WIDGETS[module]) | set(COMMON_WIDGETS)
+    assert buttons <= actions, f"{module}.ui: buttons without an action {sorted(buttons - actions)}"
 
     declared = {custom.findtext("class") for custom in root.iter("customwidget")}
     used = {widget.get("class") for widget in widgets.values()}

@@ -120,5 +120,11 @@ def test_fewshot_train_and_predict_on_a_server(server, tmp_path, monkeypatch, em
     assert np.array_equal(predicted[[1, 2]], lesion[[1, 2]].astype(bool))  # the annotator's slices kept
     assert predicted.sum() > lesion[[1, 2]].sum()  # and the model predicted beyond them
 
+    # Train and predict each need their server task (from the server's GET /info).
+    p.task = FEWSHOT
+    logic.server.tasks.remove("segment-train")
+    assert "does not run segment-train" in logic.train_problems(p)[0] and logic.predict_problems(p) == []
+    logic.server.tasks.append("segment-train")
+
     p.task = DIAGNOSIS
     assert "runs few-shot segmentation" in logic.predict_problems(p)[0]

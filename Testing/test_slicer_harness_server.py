@@ -78,3 +78,80 @@ def test_fewshot_train_and_predict_on_a_server_from_the_panel(slicer_flow, serve
     ui.serverUrlLineEdit.type("")  # back on this computer
     assert ui.deviceSelector.visible
     assert ui.modelSelector.findData("tiny") < 0 and widget._parameterNode.modelName != "tiny"
+
+
+def test_enhance_low_dose_on_a_server_from_the_panel(slicer_flow, server, monkeypatch):
+    """Run on a server in the Enhance panel with torch hidden from the Slicer side: Test connection, the
+    device row goes, low-dose TV runs on the server into a new volume — the same volume as a run on this
+    computer after the address is cleared."""
+    import sys
+
+    import slicer
+    from import_blocker import hidden_packages
+    from slicer_harness.fixtures import volume_from_array
+    from test_slicer_harness_flows import tiny_ct, wait_for_job
+
+    from lctfound.mrml.volumes import get_provenance
+
+    monkeypatch.delenv("LCTFOUND_SERVER_TOKEN", raising=False)
+    monkeypatch.setenv("LCTFOUND_CLIENT_ID", f"enhance-{slicer_flow.tag}".replace(".", "-"))
+    volume = volume_from_array(tiny_ct()[0], name="low-dose chest")
+    widget = slicer_flow.selectModule("LCTfoundEnhance")
+    ui, engine = widget.ui, widget.logic.engine
+    with hidden_packages("torch"):
+        ui.taskSelector.select("low-dose")
+        ui.denoiserSelector.select("tv")
+        ui.inputVolumeSelector.select(volume)
+        ui.serverUrlLineEdit.type(server.url)
+        ui.serverTokenFileLineEdit.type(str(server.token_file))
+        assert not ui.deviceSelector.visible  # the server picks its device
+        assert not ui.startButton.enabled and "Test connection" in ui.startButton.toolTip
+        ui.testConnectionButton.click()
+        assert ui.connectionLabel.text.startswith(f"connected to {server.url}"), ui.connectionLabel.text
+        assert ui.startButton.enabled, ui.startButton.toolTip
+        assert "on the server" in ui.statusLabel.text
+        ui.startButton.click()
+        wait_for_job(slicer_flow, widget)
+        assert engine.state.value == "Finished", engine.status_summary()
+        assert "torch" not in sys.modules  # the Slicer side never imported it
+    remote = engine.result_volume
+    assert remote is not None and remote is not volume and get_provenance(remote)["server"] == server.url
+
+    ui.serverUrlLineEdit.type("")  # back on this computer: the same task here
+    assert ui.deviceSelector.visible
+    ui.inputVolumeSelector.select(volume)
+    assert ui.startButton.enabled, ui.startButton.toolTip
+    ui.startButton.click()
+    wait_for_job(slicer_flow, widget)
+    local = engine.result_volume
+    assert local is not remote and "server" not in get_provenance(local)
+    assert np.array_equal(slicer.util.arrayFromVolume(remote), slicer.util.arrayFromVolume(local))
+
+
+def test_train_and_ctfm_panels_say_why_not_on_a_server(slicer_flow):
+    """The same Run on rows in the Train and CT-FM panels (the shared widget base); their tasks are not
+    server tasks (or not sent by the panel yet), which each disabled button says in one sentence."""
+    address = "http://127.0.0.1:9"
+    widget = slicer_flow.selectModule("LCTfoundTrain")
+    ui = widget.ui
+    ui.serverUrlLineEdit.type(address)
+    reason = "Pretraining and fine-tuning run on this computer only (they are not server tasks)"
+    for button in (ui.startButton, ui.resumeButton):
+        assert not button.enabled and button.toolTip.startswith(reason), button.toolTip
+    assert ui.statusLabel.text.startswith(reason) and not ui.deviceSelector.visible
+    ui.serverUrlLineEdit.type("")
+    assert not ui.startButton.toolTip.startswith(reason) and ui.deviceSelector.visible
+
+    widget = slicer_flow.selectModule("LCTfoundCTFM")
+    ui = widget.ui
+    ui.serverUrlLineEdit.type(address)
+    assert not ui.searchButton.enabled and ui.searchButton.toolTip.startswith(
+        "This panel cannot send ctfm-search to a server yet"), ui.searchButton.toolTip
+    assert not ui.buildIndexButton.enabled and "ctfm-embed" in ui.buildIndexButton.toolTip
+    for button in (ui.classifyButton, ui.segmentButton, ui.trainButton):
+        assert not button.enabled and button.toolTip.startswith("CT-FM classification, segmentation and training "
+                                                                "run on this computer only"), button.toolTip
+    ui.testConnectionButton.click()  # nothing listens there: one line, no popup
+    assert ui.connectionLabel.text and "\n" not in ui.connectionLabel.text
+    ui.serverUrlLineEdit.type("")
+    assert ui.deviceSelector.visible

@@ -19,7 +19,8 @@ import data_factory
 from lctfound.errors import LCTfoundError
 from lctfound.io.volume import read_volume, write_volume
 from lctfound.logic import RunState, TrainModuleLogic, TrainParameters
-from lctfound.logic.train import (CLASSIFICATION, JOB_FILE, MODEL_NAME_PATTERN, PRESETS, SEGMENTATION,
+from lctfound.logic.base import ButtonState
+from lctfound.logic.train import (CLASSIFICATION, JOB_FILE, MODEL_NAME_PATTERN, PRESETS, PRETRAIN, SEGMENTATION,
                                   checkpoint_steps, chosen_path, effective_learning_rate, set_volume_class_name)
 
 
@@ -133,6 +134,24 @@ def test_parameter_problems(logic, tmp_path, cache):
     (busy / "pretrain").mkdir(parents=True)
     problems = logic.parameter_problems(TrainParameters(data_folder=tmp_path, run_folder=busy, new_model_name="ok"))
     assert problems == [f"Run folder {busy} is not empty; Resume it or choose a new folder."]
+
+
+def test_training_on_a_server_is_refused_in_one_sentence(logic, ct_folder):
+    """Pretraining and fine-tuning are no server tasks: with a server address every button says so
+    (before any connection is tried) and nothing starts."""
+    ready = TrainParameters(data_folder=ct_folder, new_model_name="ok", device="cpu", resolution=32, patch_size=0)
+    assert logic.first_problem(ready) == "" and logic.server_problem(ready) == ""
+    for task in (PRETRAIN, SEGMENTATION, CLASSIFICATION):
+        p = TrainParameters(data_folder=ct_folder, new_model_name="ok", task=task, server_url="http://gpu-host:8765",
+                            server_token_file="")
+        reason = logic.server_problem(p)
+        assert reason.startswith("Pretraining and fine-tuning run on this computer only") and "\n" not in reason
+        assert logic.first_problem(p) == reason and "device" not in logic.visible_fields(p)
+        assert logic.start_button_state(p) == ButtonState(False, reason)
+        assert logic.resume_button_state(p) == ButtonState(False, reason)
+        with pytest.raises(LCTfoundError, match="not server tasks"):
+            logic.start(p)
+    assert logic.job is None
 
 
 def test_parameters_from_a_camel_case_parameter_node(logic, tmp_path):

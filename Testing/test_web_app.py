@@ -389,3 +389,75 @@ def test_upload_errors_do_not_show_the_server_temporary_folder(web):
         assert "broken.nii.gz" in web.state.lct_error
 
     run_in_loop(body)
+
+
+@pytest.fixture(scope="module")
+def lctfound_server(tmp_path_factory):
+    pytest.importorskip("httpx")
+    from server_helpers import Server
+
+    folder = tmp_path_factory.mktemp("web-server")
+    running = Server(folder / "data", folder / "server-cache")
+    yield running
+    running.stop()
+
+
+def test_run_on_a_server_in_the_panels(web, data_root, tmp_path, lctfound_server, monkeypatch):
+    """Every panel has the same "Run on" rows (the shared panel base): the token file must lie in a data
+    folder (this web server's own token never goes to an address a browser chose); Enhance runs low-dose
+    TV on the server into a new volume; Train says training is no server task."""
+    from lctfound.logic import RunState
+    from lctfound.mrml.volumes import get_provenance
+
+    monkeypatch.setenv("LCTFOUND_SERVER_TOKEN", lctfound_server.token)  # never used by the web panels
+    monkeypatch.setenv("LCTFOUND_CLIENT_ID", "web-desk")
+    (data_root / "token").write_text(lctfound_server.token + "\n")
+    (tmp_path / "elsewhere" / "token").write_text(lctfound_server.token + "\n")
+
+    for name in ("lct-seg", "lct-enh", "lct-train"):  # the rows of the shared base, in each panel
+        assert f'id="{name}-run-on"' in web.ui.html and f'id="{name}-test-connection"' in web.ui.html
+
+    async def body():
+        web.open_server_path("chest.nrrd")
+        await finish_load(web)
+        panel = web.enhance_panel
+        panel.set("task", "low-dose")
+        panel.set("denoiser", "tv")
+        panel.set("server_url", lctfound_server.url)
+        panel.refresh()
+        assert "device" not in panel.get("visible")
+        assert not panel.get("start")["enabled"] and "Test connection" in panel.get("start")["tooltip"]
+        panel.test_connection()
+        assert panel.get("connection").startswith("Enter the token file") and panel.logic.server is None
+        panel.set("server_token_file", str(tmp_path / "elsewhere" / "token"))
+        panel.test_connection()
+        assert "data folder" in panel.get("connection") and panel.logic.server is None
+        panel.set("server_token_file", "token")
+        panel.test_connection()
+        assert panel.get("connection").startswith(f"connected to {lctfound_server.url}"), panel.get("connection")
+        assert all(item["title"].endswith("(on the server)") for item in panel.get("model_name_items"))
+        assert panel.get("start")["enabled"], panel.get("start")["tooltip"]
+        panel.start()
+        deadline = asyncio.get_event_loop().time() + 600  # a hang guard, not a speed requirement
+        while panel.busy or panel.logic.job is None:
+            assert asyncio.get_event_loop().time() < deadline, panel.logic.status_summary()
+            panel.tick()
+            await asyncio.sleep(0.2)
+        panel.tick()
+        assert panel.logic.state is RunState.FINISHED, panel.logic.status_summary()
+        assert "--server" in panel.logic.job.command
+        result = panel.logic.result_volume
+        assert result is not web.volume_node and get_provenance(result)["server"] == lctfound_server.url
+        assert panel.get("result_name") == result.GetName()
+
+        train = web.train_panel
+        train.set("server_url", lctfound_server.url)
+        train.refresh()
+        for button in ("start", "resume"):
+            assert not train.get(button)["enabled"]
+            assert train.get(button)["tooltip"].startswith("Pretraining and fine-tuning run on this computer only")
+        train.set("server_url", "")
+        train.refresh()
+        assert not train.get("start")["tooltip"].startswith("Pretraining")
+
+    run_in_loop(body)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
 from ..errors import LCTfoundError
+from .server import ServerConnection, connect, normalized_url
 
 if TYPE_CHECKING:
     from ..jobs import Job
@@ -196,6 +197,10 @@ class ModuleParameters:
     input_volume: Any = None
     model_name: str = ""
     device: str = AUTO_DEVICE
+    #: "Run on": empty = this computer, else an `lctfound serve` address (see `lctfound.logic.server`).
+    server_url: str = ""
+    #: File holding the server's access token; empty = ``$LCTFOUND_SERVER_TOKEN``.
+    server_token_file: str = ""
 
 
 def _camel_case(name: str) -> str:
@@ -254,8 +259,10 @@ class ModuleLogicBase:
 
     #: Shown in messages ("training is already running").
     task_name = "processing"
-    #: The dataclass that holds this module's parameters.
+    #: The dataclass that holds this module's parameters (with ``server_url`` and ``server_token_file``).
     parameters_class: type = ModuleParameters
+    #: Server tasks (`server_tasks` names) this logic can send to a server as jobs.
+    server_jobs: frozenset = frozenset()
 
     def __init__(
         self,
@@ -301,6 +308,8 @@ class ModuleLogicBase:
         self.models_error = ""
         #: Why devices could not be listed, e.g. PyTorch missing (empty when listing worked).
         self.devices_error = ""
+        #: The server reached by the last "Test connection" (None: not tested, or it failed).
+        self.server: Optional[ServerConnection] = None
 
     # -- devices ----------------------------------------------------------------------------
 
@@ -557,6 +566,61 @@ class ModuleLogicBase:
         source = _MODEL_SOURCE_LABELS.get(entry.source, entry.source)
         preset = f", preset {entry.preset}" if entry.preset else ""
         return f"Model {entry.name} ({source}{preset}) on {self.device_label(parameters.device)}."
+
+    # -- run on a server ("Run on") ------------------------------------------------------------
+
+    @staticmethod
+    def on_server(parameters: Any) -> bool:
+        """Whether "Run on" names a server instead of this computer."""
+        value = _read_attribute(parameters, "server_url")
+        return bool(normalized_url(value if isinstance(value, str) else ""))
+
+    def connected_server(self, parameters: Any) -> Optional[ServerConnection]:
+        """The tested connection to the server ``parameters`` name; None on this computer or untested."""
+        p = self.parameters_from(parameters)
+        if not self.on_server(p) or self.server is None or not self.server.matches(p.server_url, p.server_token_file):
+            return None
+        return self.server
+
+    def test_connection(self, parameters: Any) -> str:
+        """Reach the server named in ``parameters`` (the "Test connection" button): one line saying what
+        it offers; an `LCTfoundError` sentence when it cannot be used. Selectors then list its models."""
+        p = self.parameters_from(parameters)
+        self.server = None
+        self.server = connect(p.server_url, p.server_token_file)
+        return self.server.summary
+
+    def server_tasks(self, parameters: Any, action: str = "") -> tuple[str, ...]:
+        """The server tasks (names in the server's ``GET /info``) the panel's chosen task needs (for
+        ``action``, in panels with several buttons); () when it is no server task. The mapping table of
+        each module; a server that adds a task is then used without touching the panels."""
+        return ()
+
+    def no_server_task(self, parameters: Any, action: str = "") -> str:
+        """The sentence `server_problem` says when `server_tasks` is empty."""
+        return (f"{self.task_name[:1].upper()}{self.task_name[1:]} runs on this computer only (it is not a server "
+                "task); clear the server address.")
+
+    def server_problem(self, parameters: Any, action: str = "") -> str:
+        """Why the chosen server cannot run this panel's job, in one sentence, or '' (also on this computer)."""
+        p = self.parameters_from(parameters)
+        if not self.on_server(p):
+            return ""
+        tasks = self.server_tasks(p, action)
+        if not tasks:
+            return self.no_server_task(p, action)
+        unsent = [task for task in tasks if task not in self.server_jobs]
+        if unsent:
+            return (f"This panel cannot send {', '.join(unsent)} to a server yet; run it on this computer (clear "
+                    "the server address).")
+        server = self.connected_server(p)
+        if server is None:
+            return f"Press Test connection to use the server at {normalized_url(p.server_url)}."
+        missing = [task for task in tasks if not server.runs(task)]
+        if missing:
+            return (f"The server at {server.url} does not run {', '.join(missing)}; run this on this computer "
+                    "(clear the server address) or ask its administrator.")
+        return ""
 
     # -- run state ---------------------------------------------------------------------------
 

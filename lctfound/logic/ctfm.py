@@ -91,6 +91,8 @@ ACTIONS = {
     "segment": "Segment the input volume with the decoder (a new segmentation)",
     "train": "Train the task model in the background and register it under the new name",
 }
+#: Panel actions → the server task that runs them (`CTFMLogic.server_tasks`); the others are not server tasks.
+SERVER_TASKS = {"index": "ctfm-embed", "search": "ctfm-search"}
 #: Task-model parameters → the task their models do.
 TASK_MODEL_PARAMETERS = {"probe_model": "ctfm-probe", "decoder_model": "ctfm-segmentation"}
 #: Window of indexes built from the panel: CT-FM's published window (multiples of 16).
@@ -131,6 +133,9 @@ class CTFMParameters:
     decoder_mode: str = "frozen"
     max_steps: int = 0  # 0: the command's default length
     new_model_name: str = ""
+    #: "Run on" (see `lctfound.logic.server`).
+    server_url: str = ""
+    server_token_file: str = ""
 
 
 @dataclass
@@ -712,19 +717,32 @@ class CTFMLogic(ModuleLogicBase):
                     "project-lighter/ct_fm_feature_extractor as encoder folder (LCTfound never downloads weights).")
         return super().check_model(name)
 
+    def server_tasks(self, parameters: Any, action: str = "") -> tuple[str, ...]:
+        """Indexing embeds every volume (``ctfm-embed``), search ranks them (``ctfm-search``); without an
+        action, the panel's server tasks. No job path sends them yet: `server_problem` says so."""
+        if not action:
+            return tuple(SERVER_TASKS.values())
+        return (SERVER_TASKS[action],) if action in SERVER_TASKS else ()
+
+    def no_server_task(self, parameters: Any, action: str = "") -> str:
+        return ("CT-FM classification, segmentation and training run on this computer only (they are not server "
+                "tasks); clear the server address.")
+
     def parameter_problems(self, parameters: Any) -> list[str]:
         """Problems every action shares (the encoder and the device); `action_problems` adds the rest."""
         p = self.parameters_from(parameters)
-        problems = [self.check_encoder_folder(p.encoder_folder), self.check_model(p.model_name),
-                    self.check_device(p.device)]
+        problems = [self.server_problem(p)] + self._local_problems(p)
         return [problem for problem in problems if problem]
+
+    def _local_problems(self, p: CTFMParameters) -> list[str]:
+        return [self.check_encoder_folder(p.encoder_folder), self.check_model(p.model_name), self.check_device(p.device)]
 
     def action_problems(self, action: str, parameters: Any) -> list[str]:
         """Every reason why ``action`` (one of `ACTIONS`) cannot run with these parameters."""
         if action not in ACTIONS:
             raise LCTfoundError(f"unknown CT-FM action {action!r}; choose one of: {', '.join(ACTIONS)}")
         p = self.parameters_from(parameters)
-        problems = self.parameter_problems(p)
+        problems = [self.server_problem(p, action)] + self._local_problems(p)  # this action's server reason
         if action in ("search", "classify", "segment"):
             problems.append(self.check_input_volume(p.input_volume))
         if action == "index":

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from ..atomic import write_text_file
 from ..errors import LCTfoundError
 from .base import ButtonState, Choice, ModuleLogicBase, ModuleParameters, _snake_case
+from .server import server_arguments
 
 if TYPE_CHECKING:
     from ..jobs import Job
@@ -136,11 +137,27 @@ JOB_FILE = "job.json"
 PROVENANCE_PREFIX = "LCTfound."
 
 
+def server_task(p: EnhanceParameters) -> str:
+    """The server task (a name in the server's ``GET /info``) that runs the panel's task with these
+    parameters: each is the same command with ``--server``."""
+    if p.task == LOW_DOSE:
+        # The server's low-dose task runs the classical methods; cold diffusion needs a trained model there.
+        return "enhance-cold-diffusion" if p.denoiser == "cold-diffusion" else "enhance-low-dose"
+    return {LOW_DOSE_SIMULATION: "enhance-simulate-low-dose", SPARSE_VIEW: "enhance-sparse-view",
+            SUPER_RESOLUTION: "enhance-super-resolution", VCTA: "enhance-vcta", SYNTHETIC: "generate"}.get(p.task, "")
+
+
+#: Every server task the panel can send (the same `lctfound enhance …`/`generate` command with ``--server``).
+SERVER_TASKS = frozenset({"enhance-low-dose", "enhance-cold-diffusion", "enhance-simulate-low-dose",
+                          "enhance-sparse-view", "enhance-super-resolution", "enhance-vcta", "generate"})
+
+
 class EnhanceModuleLogic(ModuleLogicBase):
     """Runs the enhancement tasks as jobs and loads each result into a new volume node."""
 
     task_name = "enhancement"
     parameters_class = EnhanceParameters
+    server_jobs = SERVER_TASKS
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -162,8 +179,17 @@ class EnhanceModuleLogic(ModuleLogicBase):
     def find_task_model(self, name: str, kind: str) -> Optional[Any]:
         return next((e for e in self.task_models() if e.name == name and e.task == kind), None)
 
+    def server_tasks(self, parameters: Any, action: str = "") -> tuple[str, ...]:
+        task = server_task(self.parameters_from(parameters))
+        return (task,) if task else ()
+
     def choices(self, parameter_name: str, refresh: bool = False, parameters: Any = None) -> list[Choice]:
         name = _snake_case(parameter_name)
+        server = self.connected_server(parameters) if parameters is not None else None
+        if server is not None and name in ("model_name", "task_model"):
+            # The server's backbones, or the task models this client trained there (it resolves the name).
+            models = server.server_models if name == "model_name" else server.your_models
+            return [Choice(model, f"{model} (on the server)", server.url) for model in models]
         if name == "task_model":
             p = self.parameters_from(parameters) if parameters is not None else EnhanceParameters()
             kind = TASKS[p.task].needs(p) if p.task in TASKS else ""
@@ -181,11 +207,20 @@ class EnhanceModuleLogic(ModuleLogicBase):
             shown.add("input_volume")
         if task is not None and "task_model" in shown and not task.needs(p):
             shown.discard("task_model")  # e.g. low-dose TV or NLM: no trained model involved
+        if self.on_server(p):
+            shown.discard("device")  # the server picks its device
         return shown
 
     def default_values(self, parameters: Any) -> dict[str, Any]:
-        defaults = super().default_values(parameters)
         p = self.parameters_from(parameters)
+        server = self.connected_server(p)
+        if server is not None:  # the server's models, not this computer's
+            defaults: dict[str, Any] = {}
+            for name, models in (("model_name", server.server_models), ("task_model", server.your_models)):
+                if getattr(p, name) not in models and models:
+                    defaults[name] = models[0] if name == "model_name" else models[-1]
+            return defaults
+        defaults = super().default_values(parameters)
         if not p.task_model:
             choices = self.choices("task_model", parameters=p)
             if choices:
@@ -202,14 +237,17 @@ class EnhanceModuleLogic(ModuleLogicBase):
             return [str(error)]
         problems = [self.check_input_volume(p.input_volume)] if task.needs_input else []
         needs = task.needs(p)
-        if needs == "backbone":
+        if self.on_server(p):
+            problems += self._server_problems(p, needs)
+        elif needs == "backbone":
             problems.append(self.check_model(p.model_name))
         elif needs:
             if not p.task_model:
                 problems.append(f"Select a {needs} model (train one with `lctfound enhance train-{p.task}`).")
             elif self.find_task_model(p.task_model, needs) is None:
                 problems.append(f"Model '{p.task_model}' is not an installed {needs} model.")
-        problems.append(self.check_device(p.device))
+        if not self.on_server(p):
+            problems.append(self.check_device(p.device))
         checks = {
             "dose": (lambda: 0 < float(p.dose) < 1, "The dose fraction must lie between 0 and 1 (e.g. 0.1 for 10%)."),
             "views": (lambda: int(p.views) >= 1, "Sparse-view reconstruction needs at least one view."),
@@ -222,6 +260,16 @@ class EnhanceModuleLogic(ModuleLogicBase):
                 problems.append(message)
         return [problem for problem in problems if problem]
 
+    def _server_problems(self, p: EnhanceParameters, needs: str) -> list[str]:
+        """The task on the chosen server: one it runs (`server_problem`), with a model it has."""
+        problems = [self.server_problem(p)]
+        server = self.connected_server(p)
+        if server is not None and needs == "backbone" and p.model_name not in server.server_models:
+            problems.append("Select a backbone the server offers (Test connection lists them).")
+        elif server is not None and needs and p.task_model not in server.your_models:
+            problems.append(f"Select one of your {needs} models on the server.")
+        return problems
+
     def selection_summary(self, parameters: Any) -> str:
         p = self.parameters_from(parameters)
         problem = self.first_problem(p)
@@ -230,7 +278,9 @@ class EnhanceModuleLogic(ModuleLogicBase):
         task = self._task(p)
         needs = task.needs(p)
         what = {"backbone": f"model {p.model_name}", "": "no model"}.get(needs, f"model {p.task_model}")
-        return f"{task.label} with {what} on {self.device_label(p.device)}."
+        server = self.connected_server(p)
+        where = f"the server {server.url}" if server is not None else self.device_label(p.device)
+        return f"{task.label} with {what} on {where}."
 
     def start_button_state(self, parameters: Any) -> ButtonState:
         if self.state.busy:
@@ -253,15 +303,20 @@ class EnhanceModuleLogic(ModuleLogicBase):
         return Path(entry.path).resolve()
 
     def command(self, p: EnhanceParameters, volume_path: Optional[Path], output: Path) -> list[str]:
-        """The ``lctfound`` arguments of the task (``volume_path`` None for generation)."""
+        """The ``lctfound`` arguments of the task (``volume_path`` None for generation); on a server the
+        same command with ``--server`` (models named as the server lists them)."""
         task = self._task(p)
         args = list(task.command)
         if volume_path is not None:
             args.append(str(volume_path))
         needs = task.needs(p)
+        server = self.connected_server(p)
         if needs:
-            args += ["--model", str(self._model_path(p, needs))]
-        return args + task.options(p) + ["--output", str(output), "--events"]
+            model = (p.model_name if needs == "backbone" else p.task_model) if server is not None else \
+                str(self._model_path(p, needs))
+            args += ["--model", model]
+        args += task.options(p) + ["--output", str(output), "--events"]
+        return args + server_arguments(server) if server is not None else args
 
     def start(self, parameters: Any) -> "Job":
         """Export the input volume and start the task's command; raises `LCTfoundError` with the first problem."""
@@ -284,9 +339,13 @@ class EnhanceModuleLogic(ModuleLogicBase):
                 write_volume(ctvolume_from_volume_node(p.input_volume), volume_path, compress=False)
             output = run / "result.nii.gz" if p.task == SYNTHETIC else run / "result.nrrd"
             args = self.command(p, volume_path, output)
-            info = {"task": p.task, "args": args, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            server = self.connected_server(p)
+            info = {"task": p.task, "args": args, "output": str(output), "server": server.url if server else "",
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
             write_text_file(run / JOB_FILE, json.dumps(info, indent=2))
-            job = self.start_job(args, device=p.device, message=f"{task.label}: starting", cwd=run)
+            where = f" on {server.url}" if server is not None else ""
+            job = self.start_job(args, device=p.device if server is None else "auto",
+                                 message=f"{task.label}: starting{where}", cwd=run)
         except BaseException:
             shutil.rmtree(run, ignore_errors=True)
             raise
@@ -306,13 +365,17 @@ class EnhanceModuleLogic(ModuleLogicBase):
         from ..mrml.segmentations import place_next_to
         from ..mrml.volumes import set_provenance
 
-        output = self._result_event.get("output")
+        # A server job's events are the server's (its result event names the server's file): the result
+        # is the output this computer's command wrote.
+        on_server = bool(self._job_info.get("server"))
+        output = self._job_info["output"] if on_server else self._result_event.get("output")
         if not output or not Path(output).is_file():
             raise LCTfoundError(f"the {self._job_info.get('task')} job reported no result volume")
         p = self._target
         result = read_volume(output, validate=False)
         provenance = read_provenance(output)
-        name = str(self._result_event.get("name") or provenance.get("name") or Path(output).stem)
+        event_name = "" if on_server else self._result_event.get("name")
+        name = str(event_name or provenance.get("name") or Path(output).stem)
         scene = p.input_volume.GetScene() if p.input_volume is not None else self._scene
         if scene is None:
             raise LCTfoundError("no scene to put the result in")

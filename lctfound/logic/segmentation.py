@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from ..atomic import write_text_file
 from ..errors import LCTfoundError
 from .base import ButtonState, Choice, ModuleLogicBase, ModuleParameters, _snake_case
-from .server import ServerConnection, check_server_model_name, connect, normalized_url, server_arguments
+from .server import ServerConnection, check_server_model_name, connect, server_arguments
 
 if TYPE_CHECKING:
     import numpy as np
@@ -115,10 +115,6 @@ class SegmentationParameters(ModuleParameters):
     smooth: bool = False
     surfaces: bool = True
     saliency: bool = True
-    #: "Run on": empty = this computer, else an `lctfound serve` address (few-shot train and predict).
-    server_url: str = ""
-    #: File holding the server's access token; empty = ``$LCTFOUND_SERVER_TOKEN``.
-    server_token_file: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,8 +247,6 @@ class SegmentationModuleLogic(ModuleLogicBase):
         self.registered_model: Optional[Path] = None
         self._undo_stacks: dict[str, Any] = {}
         self._result_target: Optional[SegmentationParameters] = None
-        #: The server reached by the last "Test connection" (None: not tested, or it failed).
-        self.server: Optional[ServerConnection] = None
 
     # -- task models ----------------------------------------------------------------------
 
@@ -345,41 +339,22 @@ class SegmentationModuleLogic(ModuleLogicBase):
 
     # -- run on a server ------------------------------------------------------------------
 
-    @staticmethod
-    def on_server(parameters: Any) -> bool:
-        """Whether "Run on" names a server (few-shot training and prediction then run there)."""
-        return bool(normalized_url(getattr(parameters, "server_url", "") or ""))
+    #: Few-shot training and prediction run on a server (as ``segment train/predict --server`` jobs).
+    server_jobs = frozenset({"segment-train", "segment-predict"})
 
-    def connected_server(self, parameters: Any) -> Optional[ServerConnection]:
-        """The tested connection to the server ``parameters`` name; None on this computer or untested."""
-        p = self.parameters_from(parameters)
-        if not self.on_server(p) or self.server is None or not self.server.matches(p.server_url, p.server_token_file):
-            return None
-        return self.server
+    def server_tasks(self, parameters: Any, action: str = "") -> tuple[str, ...]:
+        """Few-shot "train" → segment-train, "predict" → segment-predict; the panel (no action) needs both."""
+        if self.parameters_from(parameters).task != FEWSHOT:
+            return ()
+        return {"train": ("segment-train",), "predict": ("segment-predict",)}.get(action, ("segment-train", "segment-predict"))
 
-    def server_problem(self, parameters: Any) -> str:
-        """Why the chosen server cannot run this panel's job yet, or ''."""
-        p = self.parameters_from(parameters)
-        if not self.on_server(p):
-            return ""
-        if p.task != FEWSHOT:
-            return ("The server runs few-shot segmentation; run lung structures and diagnosis on this computer "
-                    "(clear the server address).")
-        if self.connected_server(p) is None:
-            return f"Press Test connection to use the server at {normalized_url(p.server_url)}."
-        return ""
-
-    def test_connection(self, parameters: Any) -> str:
-        """Reach the server named in ``parameters`` (the "Test connection" button): one line saying what
-        it offers; an `LCTfoundError` sentence when it cannot be used. Selectors then list its models."""
-        p = self.parameters_from(parameters)
-        self.server = None
-        self.server = connect(p.server_url, p.server_token_file)
-        return self.server.summary
+    def no_server_task(self, parameters: Any, action: str = "") -> str:
+        return ("The server runs few-shot segmentation; run lung structures and diagnosis on this computer "
+                "(clear the server address).")
 
     def _server_train_problems(self, p: SegmentationParameters) -> list[str]:
         server = self.connected_server(p)
-        problems = [self.server_problem(p)]
+        problems = [self.server_problem(p, "train")]
         if server is not None:
             if p.model_name not in server.server_models:
                 problems.append("Select a backbone the server offers (Test connection lists them).")
@@ -388,7 +363,7 @@ class SegmentationModuleLogic(ModuleLogicBase):
 
     def _server_predict_problems(self, p: SegmentationParameters) -> list[str]:
         server = self.connected_server(p)
-        problems = [self.server_problem(p)]
+        problems = [self.server_problem(p, "predict")]
         if server is not None and p.task_model not in server.your_models:
             problems.append("Select one of your few-shot models on the server (train one first)."
                             if not p.task_model else f"Model '{p.task_model}' is not one of yours on the server.")

@@ -1,10 +1,13 @@
 """Qt-free "Run on" support for the module logics: a department server (`lctfound serve`) instead
 of this computer.
 
-A module keeps the server's address (and optionally a token file) in its parameters; "Test connection"
-reaches the server once (`connect`) and keeps what it offers (backbones, and the models this client
-trained there), so that button states and selectors never wait on the network. Jobs still run as local
-child processes: the same `lctfound` command with ``--server URL`` (`server_arguments`), which reads
+A module keeps the server's address (and optionally a token file) in its parameters (``server_url``,
+``server_token_file``); "Test connection" reaches the server once (`connect`) and keeps what it offers
+(its tasks, backbones, and the models this client trained there), so that button states and selectors
+never wait on the network. Each module logic maps its panel's task to the server task that runs it
+(`ModuleLogicBase.server_tasks`) and asks the connection whether this server runs it
+(`ServerConnection.runs`): a server that gains a task needs no change in the panels. Jobs still run as
+local child processes: the same `lctfound` command with ``--server URL`` (`server_arguments`), which reads
 and uploads the exported files, streams the server job's events and writes the result here — so
 progress, Cancel and the result nodes work exactly as for a local job, and this computer needs only the
 thin client (numpy, httpx, zstandard; no torch).
@@ -35,6 +38,12 @@ class ServerConnection:
     your_models: list[str] = field(default_factory=list)
     #: ``{model: {value: label name}}`` of your models.
     labels: dict = field(default_factory=dict)
+    #: Names of the tasks the server runs (``GET /info``), e.g. ``segment-train``, ``enhance-low-dose``.
+    tasks: list[str] = field(default_factory=list)
+
+    def runs(self, task: str) -> bool:
+        """Whether the server runs the server task ``task``."""
+        return task in self.tasks
 
     def matches(self, url: str, token_file: str = "") -> bool:
         return self.url == normalized_url(url) and self.token_file == (token_file or "").strip()
@@ -57,12 +66,14 @@ def connect(url: str, token_file: str = "") -> ServerConnection:
     try:
         summary = client.test_connection()
         models = client.models()
+        tasks = [str(task.get("name")) for task in client.info().get("tasks", []) if isinstance(task, dict)]
     finally:
         client.close()
     labels = {str(name): {int(value): str(text) for value, text in (names or {}).items()}
               for name, names in (models.get("labels") or {}).items()}
+    summary += f"; tasks {', '.join(sorted(tasks))}" if tasks else "; it runs no tasks"
     return ServerConnection(address, (token_file or "").strip(), summary, sorted(models.get("server", [])),
-                            sorted(models.get("yours", [])), labels)
+                            sorted(models.get("yours", [])), labels, sorted(tasks))
 
 
 def server_arguments(connection: ServerConnection) -> list[str]:

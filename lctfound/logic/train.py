@@ -186,6 +186,9 @@ class TrainParameters:
     #: Not on the panel: sample images per window at each checkpoint, and steps between metric events.
     num_samples: int = 4
     log_every: int = 10
+    #: "Run on" (see `lctfound.logic.server`); training is no server task, so a server address only explains that.
+    server_url: str = ""
+    server_token_file: str = ""
 
 
 def chosen_path(value: Any) -> Optional[Path]:
@@ -386,6 +389,8 @@ class TrainModuleLogic(ModuleLogicBase):
         else:
             shown |= {"preset", "resolution", "patch_size"}
             shown |= {"training_volumes"} if source == "volumes" else {"data_folder"}
+        if self.on_server(p):
+            shown.discard("device")  # nothing runs here while a server is chosen
         return shown
 
     # -- folders and names -------------------------------------------------------------------
@@ -788,9 +793,14 @@ class TrainModuleLogic(ModuleLogicBase):
             return "Select the backbone model to fine-tune."
         return self.check_model(name)
 
+    def no_server_task(self, parameters: Any, action: str = "") -> str:
+        # server_tasks stays (): pretraining and fine-tuning need the data and the run folder here.
+        return ("Pretraining and fine-tuning run on this computer only (they are not server tasks); clear the "
+                "server address to train here.")
+
     def parameter_problems(self, parameters: Any) -> list[str]:
         p = self.parameters_from(parameters)
-        problems = []
+        problems = [self.server_problem(p)]
         if p.task not in TASK_VALUES:
             problems.append(f"Task '{p.task}' is not available; choose one of: {', '.join(TASK_VALUES)}.")
         problems.append(self.check_data(p))
@@ -842,7 +852,7 @@ class TrainModuleLogic(ModuleLogicBase):
 
     def resume_button_state(self, parameters: Any = None) -> ButtonState:
         target = self.resume_target(parameters)
-        problem = self.resume_problem(target)
+        problem = (self.server_problem(parameters) if parameters is not None else "") or self.resume_problem(target)
         return ButtonState(not problem, problem or f"Continue {target} from its newest checkpoint")
 
     # -- commands ----------------------------------------------------------------------------

@@ -159,6 +159,11 @@ class RemoteClient:
     def models(self) -> dict:
         return self._request("GET", "/models")
 
+    def info(self) -> dict:
+        """The server's description: its tasks (``[{"name", "description", "inputs", "options", ...}]``),
+        queue and this client's limits."""
+        return self._request("GET", "/info")
+
     # -- volumes ----------------------------------------------------------------------------
 
     def upload_volume(self, array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None,

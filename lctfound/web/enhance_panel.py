@@ -161,6 +161,7 @@ class EnhancePanel(LogicPanel):
         shown = lambda field: f"{k('visible')}.includes('{field}')"  # noqa: E731 - a JS expression builder
         with html.Div(classes="pa-3 lct-small", id="lct-enhance-panel"):
             html.Div("LCTfound enhancement", classes="text-subtitle-1 mb-2")
+            self.build_run_on()
             v3.VSelect(label="Task", v_model=(k("task"),), items=(k("task_items"),), density="compact",
                        hide_details=True, classes="mb-2", id="lct-enh-task")
             for name, label in (("model_name", "Backbone model"), ("denoiser", "Method"),
@@ -177,8 +178,8 @@ class EnhancePanel(LogicPanel):
                     v3.VTextField(v_if=(shown(name),), label=label, v_model=(k(name),), type="number",
                                   density="compact", hide_details=True, style="max-width: 105px;",
                                   id=f"lct-enh-{name.replace('_', '-')}")
-            v3.VSelect(label="Device", v_model=(k("device"),), items=(k("device_items"),), density="compact",
-                       hide_details=True, classes="mb-2")
+            v3.VSelect(v_if=(shown("device"),), label="Device", v_model=(k("device"),), items=(k("device_items"),),
+                       density="compact", hide_details=True, classes="mb-2")
             html.Div(f"{{{{ {k('summary')} }}}}", classes="text-caption text-grey mb-2")
             with html.Div(classes="d-flex ga-2"):
                 with html.Div(title=(f"{k('start')}.tooltip",), style="flex: 1;"):

@@ -1,11 +1,16 @@
-"""What the LCTfound web panels share: parameters in trame state, choices, button states and
-the run state of one `lctfound.logic` module logic, polled by the app's async loop."""
+"""What the LCTfound web panels share: parameters in trame state, choices, button states, "Run on"
+(this computer or a department server, with Test connection) and the run state of one
+`lctfound.logic` module logic, polled by the app's async loop."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Iterable
 
+from trame.widgets import html
+from trame.widgets import vuetify3 as v3
+
+from ..errors import LCTfoundError
 from ..logic.base import ButtonState, Choice, ModuleLogicBase
 
 if TYPE_CHECKING:
@@ -19,6 +24,10 @@ def choice_items(choices: Iterable[Choice]) -> list[dict[str, str]]:
 
 def button_dict(state: ButtonState) -> dict[str, Any]:
     return {"enabled": bool(state.enabled), "tooltip": state.tooltip}
+
+
+#: The "Run on" parameters every panel has (`lctfound.logic.server`).
+RUN_ON_FIELDS = ("server_url", "server_token_file")
 
 
 class LogicPanel:
@@ -36,6 +45,9 @@ class LogicPanel:
         self.action = ""
         #: Runs started so far (in state as ``<prefix>_runs``: scripts wait for a run by its number).
         self.runs = 0
+        for name in RUN_ON_FIELDS:
+            self.set(name, "")
+        self.set("connection", "")  # the line Test connection wrote
 
     # -- state helpers -------------------------------------------------------------------------
 
@@ -53,11 +65,56 @@ class LogicPanel:
         self.state[self.key(name)] = value
 
     def watch_fields(self, callback) -> None:
-        self.state.change(*[self.key(name) for name in self.fields])(lambda **_: callback())
+        self.state.change(*[self.key(name) for name in self.fields + RUN_ON_FIELDS])(lambda **_: callback())
 
     def values(self) -> dict[str, Any]:
-        """The panel's parameters as a dict (the logic's ``parameters_from`` reads it)."""
-        return {name: self.get(name) for name in self.fields}
+        """The panel's parameters as a dict (the logic's ``parameters_from`` reads it), "Run on" included."""
+        values = {name: self.get(name) for name in self.fields}
+        values["server_url"] = str(self.get("server_url") or "")
+        values["server_token_file"] = self._token_file()[0]
+        return values
+
+    # -- run on a server -----------------------------------------------------------------------
+
+    def _token_file(self) -> tuple[str, str]:
+        """(the token file resolved inside the data roots or "", why it cannot be used or "").
+        The token file is a path the browser names, so it is read only inside the data roots; and this
+        web server's own ``$LCTFOUND_SERVER_TOKEN`` is never sent to an address a browser chose, so the
+        file is required (`test_connection`)."""
+        text = str(self.get("server_token_file") or "").strip()
+        if not text:
+            return "", ("Enter the token file: a file in a data folder holding the server's access token "
+                        "(from its administrator).")
+        try:
+            return str(self.app.config.data_roots.resolve_input(text)), ""
+        except LCTfoundError as error:
+            return "", str(error)
+
+    def test_connection(self) -> None:
+        """The Test connection button: reach the server in "Run on"; one line says what it offers or why
+        not. The panel's selectors then list the server's models."""
+        try:
+            _, problem = self._token_file()
+            if problem and str(self.get("server_url") or "").strip():
+                raise LCTfoundError(problem)
+            message = self.logic.test_connection(self.values())
+        except LCTfoundError as error:
+            message = str(error)
+        self.set("connection", message)
+        self.refresh()
+
+    def build_run_on(self) -> None:
+        """The "Run on" rows: server address, token file, Test connection and its line."""
+        k, name = self.key, self.prefix.replace("_", "-")
+        with html.Div(classes="mb-2", id=f"{name}-run-on"):
+            v3.VTextField(label="Run on: a server address (empty: this computer)", v_model=(k("server_url"),),
+                          placeholder="http://gpu-host:8765", density="compact", hide_details=True, classes="mb-1",
+                          id=f"{name}-server-url")
+            v3.VTextField(label="Token file (in a data folder)", v_model=(k("server_token_file"),),
+                          density="compact", hide_details=True, classes="mb-1", id=f"{name}-server-token-file")
+            v3.VBtn("Test connection", size="small", variant="tonal", click=self.test_connection,
+                    disabled=(f"!{k('server_url')}",), id=f"{name}-test-connection")
+            html.Div(f"{{{{ {k('connection')} }}}}", classes="text-caption", id=f"{name}-connection")
 
     # -- run state -----------------------------------------------------------------------------
 

@@ -84,7 +84,7 @@ class SegmentationPanel(LogicPanel):
         logic = self.logic
         values = self.parameters()
         self.set("task_items", choice_items(logic.choices("task")))
-        self.set("model_name_items", choice_items(logic.choices("model_name")))
+        self.set("model_name_items", choice_items(logic.choices("model_name", parameters=values)))
         self.set("task_model_items", choice_items(logic.choices("task_model", parameters=values)))
         self.set("output_mode_items", choice_items(logic.choices("output_mode")))
         self.set("window_items", choice_items(logic.choices("window")))
@@ -231,6 +231,7 @@ class SegmentationPanel(LogicPanel):
         shown = lambda field: f"{k('visible')}.includes('{field}')"  # noqa: E731 - a JS expression builder
         with html.Div(classes="pa-3 lct-small", id="lct-segmentation-panel"):
             html.Div("LCTfound segmentation", classes="text-subtitle-1 mb-2")
+            self.build_run_on()
             v3.VSelect(label="Task", v_model=(k("task"),), items=(k("task_items"),), density="compact",
                        id="lct-seg-task", hide_details=True, classes="mb-2")
             with html.Div(v_if=(shown("model_name"),)):
@@ -268,8 +269,8 @@ class SegmentationPanel(LogicPanel):
                     v3.VCheckbox(v_model=(k(name),), label=label, density="compact", hide_details=True)
             v3.VCheckbox(v_if=(shown("saliency"),), v_model=(k("saliency"),), label="Saliency map",
                          density="compact", hide_details=True)
-            v3.VSelect(label="Device", v_model=(k("device"),), items=(k("device_items"),), density="compact",
-                       hide_details=True, classes="my-2")
+            v3.VSelect(v_if=(shown("device"),), label="Device", v_model=(k("device"),), items=(k("device_items"),),
+                       density="compact", hide_details=True, classes="my-2")
             with html.Div(title=(f"{k('predict')}.tooltip",)):
                 v3.VBtn("Predict", block=True, color="primary", prepend_icon="mdi-play",
                         disabled=(f"!{k('predict')}.enabled",), click=self.predict, id="lct-seg-predict")

@@ -134,7 +134,7 @@ class TrainPanel(LogicPanel):
             chosen = ""
             self.set("resume_run", "")
         target = logic.runs_root() / chosen if chosen else logic.run_folder
-        problem = logic.resume_problem(target)
+        problem = logic.server_problem(values) or logic.resume_problem(target)
         self.set("resume", button_dict(ButtonState(not problem, problem or f"Continue {Path(target).name} from its "
                                                    "newest checkpoint")))
         if self.app.volume_node is not None:
@@ -163,6 +163,9 @@ class TrainPanel(LogicPanel):
             if chosen and chosen not in {item["value"] for item in self.resumable_runs()}:
                 raise LCTfoundError(f"{chosen}: not a resumable run of this server")
             target = self.logic.runs_root() / chosen if chosen else self.logic.run_folder
+            problem = self.logic.server_problem(self.parameters()[0])
+            if problem:
+                raise LCTfoundError(problem)
             self.logic.resume(target)
             self.started("resume")
 
@@ -198,6 +201,7 @@ class TrainPanel(LogicPanel):
         shown = lambda field: f"{k('visible')}.includes('{field}')"  # noqa: E731 - a JS expression builder
         with html.Div(classes="pa-3 lct-small", id="lct-train-panel"):
             html.Div("LCTfound training", classes="text-subtitle-1 mb-2")
+            self.build_run_on()
             v3.VSelect(label="Task", v_model=(k("task"),), items=(k("task_items"),), density="compact",
                        hide_details=True, classes="mb-2", id="lct-train-task")
             v3.VSelect(label="Training data", v_model=(k("data_source"),), items=(k("data_source_items"),),
@@ -225,8 +229,8 @@ class TrainPanel(LogicPanel):
                                   id=f"lct-train-{name.replace('_', '-')}")
             v3.VTextField(label="New model name", v_model=(k("new_model_name"),), density="compact",
                           hide_details=True, classes="mb-2", id="lct-train-new-model")
-            v3.VSelect(label="Device", v_model=(k("device"),), items=(k("device_items"),), density="compact",
-                       hide_details=True, classes="mb-2")
+            v3.VSelect(v_if=(shown("device"),), label="Device", v_model=(k("device"),), items=(k("device_items"),),
+                       density="compact", hide_details=True, classes="mb-2")
             html.Div(f"{{{{ {k('data_summary')} }}}}", classes="text-caption text-grey mb-2")
             with html.Div(classes="d-flex ga-2"):
                 with html.Div(title=(f"{k('start')}.tooltip",), style="flex: 1;"):
