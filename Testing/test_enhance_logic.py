@@ -134,6 +134,7 @@ def test_low_dose_on_a_server_gives_the_local_result(world, server, monkeypatch)
     # The selectors list the server's backbones, not this computer's.
     offered = logic.choices("model_name", parameters=p)
     assert [c.value for c in offered] == logic.server.server_models and "tiny" in logic.server.server_models
+    assert logic.server.kinds["tiny"] == "backbone"
     assert all(c.label.endswith("(on the server)") for c in offered)
     assert logic.choices("task_model", parameters=p) == []
 
@@ -157,4 +158,18 @@ def test_low_dose_on_a_server_gives_the_local_result(world, server, monkeypatch)
     assert logic.first_problem(sparse) == ""
     cold = EnhanceParameters(task="low-dose", denoiser="cold-diffusion", input_volume=node, server_url=server.url,
                              server_token_file=str(server.token_file))
-    assert "does not run enhance-cold-diffusion" in logic.first_problem(cold)
+    # Cold diffusion is the server's low-dose task with a task model it has (none here).
+    assert logic.first_problem(cold) == "Select a low-dose-enhancement model the server has (Test connection lists them)."
+
+    # A task whose result has another grid (super-resolution x2 in-plane): the new node has the server's grid.
+    logic.test_connection(p)
+    for task in ("enhance-simulate-low-dose", "enhance-sparse-view", "enhance-super-resolution", "enhance-vcta",
+                 "generate"):
+        assert logic.server.runs(task), task
+    options = dict(task="super-resolution", factor=2, axis="in-plane", interpolation="bicubic", input_volume=node)
+    local_sr = ctvolume_from_volume_node(run(logic, EnhanceParameters(**options, device="cpu")))
+    remote_sr = ctvolume_from_volume_node(run(logic, EnhanceParameters(**options, server_url=server.url,
+                                                                       server_token_file=str(server.token_file))))
+    source = ctvolume_from_volume_node(node)
+    assert remote_sr.array.shape == (source.array.shape[0], 2 * source.array.shape[1], 2 * source.array.shape[2])
+    assert remote_sr.same_grid(local_sr) and np.array_equal(remote_sr.array, local_sr.array)

@@ -193,3 +193,24 @@ def test_what_cannot_run_remotely_is_refused_before_anything_is_uploaded(server,
         assert code == 2 and message in err and err.count("\n") == 1, (args, err)
     assert not (server.data / "clients" / "careful").exists()  # nothing reached the server
     assert not (files / "x.nrrd").exists() and not (files / "grid.png").exists()
+
+
+def test_a_panel_offers_the_server_models_its_task_can_use(server, token_env):
+    """Test connection learns each model's kind (GET /models): the Enhance panel's backbone selector
+    lists backbones, its vcta and cold-diffusion selectors the task models of that kind."""
+    from lctfound.logic.enhance import EnhanceModuleLogic, EnhanceParameters
+
+    logic = EnhanceModuleLogic()
+    on_server = dict(server_url=server.url)
+    logic.test_connection(EnhanceParameters(task="vcta", **on_server))
+    assert {name: logic.server.kinds[name] for name in ("tiny", "ldct", "vcta")} == {
+        "tiny": "backbone", "ldct": "low-dose-enhancement", "vcta": "vcta"}
+    for p, field, offered in ((EnhanceParameters(task="vcta", **on_server), "task_model", ["vcta"]),
+                              (EnhanceParameters(task="low-dose", denoiser="cold-diffusion", **on_server),
+                               "task_model", ["ldct"]),
+                              (EnhanceParameters(task="super-resolution", interpolation="ddnm", **on_server),
+                               "model_name", ["default", "tiny"])):
+        assert [choice.value for choice in logic.choices(field, parameters=p)] == offered, p.task
+        chosen = EnhanceParameters(**{**p.__dict__, **logic.default_values(p)})
+        assert getattr(chosen, field) == offered[0] if field == "task_model" else getattr(chosen, field) in offered
+        assert logic.server_problem(chosen) == ""

@@ -141,14 +141,13 @@ def server_task(p: EnhanceParameters) -> str:
     """The server task (a name in the server's ``GET /info``) that runs the panel's task with these
     parameters: each is the same command with ``--server``."""
     if p.task == LOW_DOSE:
-        # The server's low-dose task runs the classical methods; cold diffusion needs a trained model there.
-        return "enhance-cold-diffusion" if p.denoiser == "cold-diffusion" else "enhance-low-dose"
+        return "enhance-low-dose"  # TV, NLM or cold diffusion with a task model the server has
     return {LOW_DOSE_SIMULATION: "enhance-simulate-low-dose", SPARSE_VIEW: "enhance-sparse-view",
             SUPER_RESOLUTION: "enhance-super-resolution", VCTA: "enhance-vcta", SYNTHETIC: "generate"}.get(p.task, "")
 
 
 #: Every server task the panel can send (the same `lctfound enhance …`/`generate` command with ``--server``).
-SERVER_TASKS = frozenset({"enhance-low-dose", "enhance-cold-diffusion", "enhance-simulate-low-dose",
+SERVER_TASKS = frozenset({"enhance-low-dose", "enhance-simulate-low-dose",
                           "enhance-sparse-view", "enhance-super-resolution", "enhance-vcta", "generate"})
 
 
@@ -176,6 +175,11 @@ class EnhanceModuleLogic(ModuleLogicBase):
             raise LCTfoundError(f"unknown enhancement task {p.task!r}; choose one of: {', '.join(TASKS)}")
         return task
 
+    @staticmethod
+    def _needs(p: EnhanceParameters) -> str:
+        """The model kind the task needs with these parameters ('' none, 'backbone', or a task model kind)."""
+        return TASKS[p.task].needs(p) if p.task in TASKS else ""
+
     def find_task_model(self, name: str, kind: str) -> Optional[Any]:
         return next((e for e in self.task_models() if e.name == name and e.task == kind), None)
 
@@ -187,14 +191,13 @@ class EnhanceModuleLogic(ModuleLogicBase):
         name = _snake_case(parameter_name)
         server = self.connected_server(parameters) if parameters is not None else None
         if server is not None and name in ("model_name", "task_model"):
-            # The server's backbones, or the task models this client trained there (it resolves the name).
-            models = server.server_models if name == "model_name" else server.your_models
+            p = self.parameters_from(parameters)
+            models = server.backbones() if name == "model_name" else server.task_models(self._needs(p))
             return [Choice(model, f"{model} (on the server)", server.url) for model in models]
         if name == "task_model":
             p = self.parameters_from(parameters) if parameters is not None else EnhanceParameters()
-            kind = TASKS[p.task].needs(p) if p.task in TASKS else ""
             return [Choice(e.name, f"{e.name} (on {e.backbone})", str(e.path))
-                    for e in self.task_models(refresh) if e.task == kind]
+                    for e in self.task_models(refresh) if e.task == self._needs(p)]
         if name in FIXED_CHOICES:
             return list(FIXED_CHOICES[name])
         return super().choices(parameter_name, refresh)
@@ -216,7 +219,7 @@ class EnhanceModuleLogic(ModuleLogicBase):
         server = self.connected_server(p)
         if server is not None:  # the server's models, not this computer's
             defaults: dict[str, Any] = {}
-            for name, models in (("model_name", server.server_models), ("task_model", server.your_models)):
+            for name, models in (("model_name", server.backbones()), ("task_model", server.task_models(self._needs(p)))):
                 if getattr(p, name) not in models and models:
                     defaults[name] = models[0] if name == "model_name" else models[-1]
             return defaults
@@ -264,10 +267,10 @@ class EnhanceModuleLogic(ModuleLogicBase):
         """The task on the chosen server: one it runs (`server_problem`), with a model it has."""
         problems = [self.server_problem(p)]
         server = self.connected_server(p)
-        if server is not None and needs == "backbone" and p.model_name not in server.server_models:
+        if server is not None and needs == "backbone" and p.model_name not in server.backbones():
             problems.append("Select a backbone the server offers (Test connection lists them).")
-        elif server is not None and needs and p.task_model not in server.your_models:
-            problems.append(f"Select one of your {needs} models on the server.")
+        elif server is not None and needs and p.task_model not in server.task_models(needs):
+            problems.append(f"Select a {needs} model the server has (Test connection lists them).")
         return problems
 
     def selection_summary(self, parameters: Any) -> str:

@@ -40,6 +40,18 @@ class ServerConnection:
     labels: dict = field(default_factory=dict)
     #: Names of the tasks the server runs (``GET /info``), e.g. ``segment-train``, ``enhance-low-dose``.
     tasks: list[str] = field(default_factory=list)
+    #: ``{model: kind}`` of the models it reads (a task model's kind such as ``vcta``, or ``backbone``;
+    #: models offered by a registered name are not listed).
+    kinds: dict = field(default_factory=dict)
+
+    def backbones(self) -> list[str]:
+        """The server's models a backbone selector offers (those not known to be task models)."""
+        return [name for name in self.server_models if self.kinds.get(name, "backbone") == "backbone"]
+
+    def task_models(self, kind: str) -> list[str]:
+        """The task models of ``kind`` a job may name: offered by the server or trained there by this client."""
+        return sorted(name for name in set(self.server_models) | set(self.your_models)
+                      if kind and self.kinds.get(name) == kind)
 
     def runs(self, task: str) -> bool:
         """Whether the server runs the server task ``task``."""
@@ -73,7 +85,8 @@ def connect(url: str, token_file: str = "") -> ServerConnection:
               for name, names in (models.get("labels") or {}).items()}
     summary += f"; tasks {', '.join(sorted(tasks))}" if tasks else "; it runs no tasks"
     return ServerConnection(address, (token_file or "").strip(), summary, sorted(models.get("server", [])),
-                            sorted(models.get("yours", [])), labels, sorted(tasks))
+                            sorted(models.get("yours", [])), labels, sorted(tasks),
+                            {str(name): str(kind) for name, kind in (models.get("kinds") or {}).items()})
 
 
 def server_arguments(connection: ServerConnection) -> list[str]:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import threading
-from typing import Optional
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -129,12 +128,18 @@ def create_app(store: Store, queue: JobQueue, token: str, sweep_seconds: float =
 
     @api.get("/models")
     def models(client: str = Depends(authorised_client)) -> dict:
-        from .tasks import model_label_names
+        from pathlib import Path
+
+        from .tasks import model_kind, model_label_names
 
         yours = store.list_models(client)
-        # The label names let a client name the segments of a prediction made with its model.
+        folders = {name: Path(folder) for name, folder in queue.server_models.items() if os.path.isabs(folder)}
+        folders.update({name: store.models(client) / name for name in yours})
+        # The label names let a client name the segments of a prediction made with its model; the kinds
+        # let a panel offer only the models its task can use.
         return {"yours": yours, "server": sorted(queue.server_models),
-                "labels": {name: model_label_names(store.models(client) / name) for name in yours}}
+                "labels": {name: model_label_names(store.models(client) / name) for name in yours},
+                "kinds": {name: model_kind(folder) for name, folder in folders.items()}}
 
     @api.post("/uploads", status_code=201)
     async def create_upload(request: Request, client: str = Depends(authorised_client)) -> dict:

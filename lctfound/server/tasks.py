@@ -345,3 +345,19 @@ def model_label_names(folder: Optional[Path]) -> dict:
         return {str(int(k)): str(v) for k, v in (document.get("labels") or {}).items() if int(k) > 0}
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
+
+
+def model_kind(folder: Optional[Path]) -> str:
+    """What a model folder holds: its task model kind (``task`` of its task.json, e.g. ``vcta``,
+    ``low-dose-enhancement``, ``fewshot``) or ``backbone`` (a diffusion backbone folder)."""
+    import json
+
+    if folder is None:
+        return ""
+    task_file = Path(folder) / "task.json"
+    if not task_file.is_file():
+        return "backbone"
+    try:
+        return str(json.loads(task_file.read_text(encoding="utf-8")).get("task") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
