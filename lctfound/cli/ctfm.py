@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import LCTfoundError
 from ..compat import strict_zip
 from ..validation import batch_int, float_type, int_type
+from .remote import add_server_options
 
 MODEL_HELP = ("CT-FM model: a folder in the published Hugging Face layout (config.json + model.safetensors, "
               "e.g. a local copy of project-lighter/ct_fm_feature_extractor), a .safetensors file, or a repo id "
@@ -49,6 +50,8 @@ def register(subparsers) -> None:
     _common(embed)
     embed.add_argument("--output", "-o", required=True, help="output file: .json or .safetensors")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    embed.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
+    add_server_options(embed)
     embed.set_defaults(func=run_embed)
 
     index = groups.add_parser("index", help="index a folder of volumes for similarity search",
@@ -425,19 +428,46 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_embed(args: argparse.Namespace) -> int:
+def check_embedding_output(output: Path) -> None:
+    if output.suffix.lower() not in (".json", ".safetensors"):
+        raise LCTfoundError(f"{output}: use a .json or .safetensors output file")
+
+
+def write_embedding(output: Path, info: dict, tensors: dict) -> None:
+    """The file `ctfm embed` writes (here or with ``--server``), atomically: ``.json`` holds ``info``
+    and the vector; ``.safetensors`` holds ``tensors`` (name -> numpy array: ``embedding``, and
+    ``window_embeddings`` / ``window_centres_ras`` when there are windows) with ``info`` as metadata."""
     import numpy as np
 
     from ..atomic import atomic_file
+
+    vector = tensors["embedding"]
+    if output.suffix.lower() == ".json":
+        with atomic_file(output) as tmp:
+            tmp.write_text(json.dumps({**info, "embedding_dim": int(vector.shape[0]),
+                                       "embedding": [float(v) for v in vector]}, indent=1))
+    else:
+        from safetensors.numpy import save_file
+
+        with atomic_file(output) as tmp:
+            save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()}, str(tmp),
+                      metadata={"lctfound": json.dumps(info)})
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    if args.server:
+        from .remote_tasks import run_ctfm_embed
+
+        return run_ctfm_embed(args)
+    import numpy as np
+
     from ..ctfm.features import embed_volume
     from ..ctfm.preprocess import DEFAULT_PREPROCESSING, prepare_volume
     from ..io.volume import read_volume
-    from ..progress import TqdmProgress
+    from ..progress import command_progress
 
     output = Path(args.output)
-    suffix = output.suffix.lower()
-    if suffix not in (".json", ".safetensors"):
-        raise LCTfoundError(f"{output}: use a .json or .safetensors output file")
+    check_embedding_output(output)
     from ..atomic import check_outputs
     from . import argument_inputs
 
@@ -446,27 +476,19 @@ def run_embed(args: argparse.Namespace) -> int:
     volume = read_volume(args.volume, validate=not args.no_validate)
     model = _load(args.model, args.device)
     prepared = prepare_volume(volume)
-    with TqdmProgress("embed", unit="window") as progress:
+    with command_progress(args.events, "embed", unit="window") as progress:
         vector, windows = embed_volume(model, prepared, args.aggregation, settings, progress=progress)
     info = {"volume": str(args.volume), "model": str(model.path), "weights_sha256": model.weights_sha256,
             "aggregation": args.aggregation, "windows": settings.as_dict(),
             "preprocessing": DEFAULT_PREPROCESSING.as_dict(), "prepared_shape": list(prepared.shape),
             "window_count": 0 if windows is None else len(windows.embeddings)}
-    if suffix == ".json":
-        with atomic_file(output) as tmp:
-            tmp.write_text(json.dumps({**info, "embedding_dim": int(vector.shape[0]),
-                                       "embedding": [float(v) for v in vector]}, indent=1))
-    else:
-        import torch
-        from safetensors.torch import save_file
-
-        tensors = {"embedding": torch.from_numpy(np.asarray(vector, np.float32))}
-        if windows is not None:
-            tensors["window_embeddings"] = torch.from_numpy(windows.embeddings)
-            tensors["window_centres_ras"] = torch.from_numpy(np.ascontiguousarray(windows.centres_ras))
-        with atomic_file(output) as tmp:
-            save_file(tensors, str(tmp), metadata={"lctfound": json.dumps(info)})
-    print(f"wrote {output} ({vector.shape[0]}-d embedding, {info['window_count']} windows)")
+    tensors = {"embedding": np.asarray(vector, np.float32)}
+    if windows is not None:
+        tensors["window_embeddings"] = windows.embeddings
+        tensors["window_centres_ras"] = windows.centres_ras
+    write_embedding(output, info, tensors)
+    print(f"wrote {output} ({vector.shape[0]}-d embedding, {info['window_count']} windows)",
+          file=sys.stderr if args.events else sys.stdout)  # with --events, stdout holds only JSON lines
     return 0
 
 

@@ -252,7 +252,7 @@ class JobQueue:
 
     def _run(self, job: ServerJob, device: str) -> tuple:
         inputs = self._write_inputs(job)
-        output = job.folder / "output" / "result.nrrd"
+        output = job.folder / "output" / job.task.result_file
         paths = JobPaths(options=job.options, inputs=inputs, output=output,
                          model_folder=lambda name: self.resolve_model(job.client, name),
                          new_model_folder=lambda name: self.store.models(job.client) / name)
@@ -296,7 +296,8 @@ class JobQueue:
         return json.loads(text)
 
     def _result(self, job: ServerJob, output: Path) -> dict:
-        """What the client downloads: the output volume (encoded once, here) or the new model's name."""
+        """What the client downloads: the output volume (encoded once, here), the new model's name or
+        the task's JSON result (``data``)."""
         from ..io.provenance import read_provenance
         from ..io.volume import read_volume
         from ..remote.wire import encode_volume
@@ -305,6 +306,8 @@ class JobQueue:
             name = job.options["model"]
             folder = self.store.model_folder(job.client, name)
             return {"kind": "model", "model": name, "labels": model_label_names(folder)}
+        if job.task.output == "json":  # a table or record, sent as JSON (no server folder in it)
+            return {"kind": "json", **self._without_server_paths(job, {"data": job.task.read_result(output)})}
         volume = read_volume(output, labels=job.task.output == "labels")
         header, body = encode_volume(volume.array, volume.spacing, volume.origin, volume.direction)
         (job.folder / "result.zst").write_bytes(body)
