@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from data_factory import fewshot_phantom
-from server_helpers import Server, base_env
+from server_helpers import ROOT, Server, base_env
 
 SPACING = (0.8, 0.8, 2.5)
 
@@ -124,16 +124,23 @@ def test_classification_on_the_server_writes_the_local_table(server, files, toke
     local = run_local(["classify", "predict", files / "ct.nrrd", "--model", files / "run" / "model",
                        "-o", files / "local.csv"], files / "local-cache")
     assert local.returncode == 0, local.stderr
-    code, out, err = run_cli(["classify", "predict", files / "ct.nrrd", "--model", "classifier",
-                              "-o", files / "remote.csv", "--server", server.url])
-    assert code == 0, err
-    assert (files / "remote.csv").read_text() == (files / "local.csv").read_text()
-    assert "p(clear)" in out and f"classified on {server.url}" in out and str(server.data) not in out
-    # Again into the same table: its row is replaced (no second row); a table of other classes is refused.
-    code, _, err = run_cli(["classify", "predict", files / "ct.nrrd", "--model", "classifier",
-                            "-o", files / "remote.csv", "--server", server.url])
-    assert code == 0, err
-    assert (files / "remote.csv").read_text() == (files / "local.csv").read_text()
+    # Into a table of the same model that already holds this scan (altered): its row is replaced. The
+    # command line's --server path runs where torch and the other heavy packages are missing.
+    table = (files / "local.csv").read_text()
+    (files / "remote.csv").write_text(table.replace(",ok,", ",error: stale,"))
+    assert (files / "remote.csv").read_text() != table
+    script = ("import sys\nsys.path.insert(0, %r)\nfrom import_blocker import hidden_packages\n"
+              "with hidden_packages('torch', 'diffusers', 'monai', 'transformers', 'scikit-image'):\n"
+              "    from lctfound.cli import main\n    code = main(sys.argv[1:])\nsys.exit(code)" % str(ROOT / "Testing"))
+    light = subprocess.run([sys.executable, "-c", script, "classify", "predict", str(files / "ct.nrrd"), "--model",
+                            "classifier", "-o", str(files / "remote.csv"), "--server", server.url],
+                           env=dict(base_env(files / "cli-cache"), LCTFOUND_SERVER_TOKEN=server.token,
+                                    LCTFOUND_CLIENT_ID="cli"), capture_output=True, text=True)
+    assert light.returncode == 0, light.stderr
+    assert (files / "remote.csv").read_text() == table
+    assert "p(clear)" in light.stdout and f"classified on {server.url}" in light.stdout
+    assert str(server.data) not in light.stdout
+    # A table of other classes is refused before anything is uploaded; --saliency is refused with --server.
     (files / "other.csv").write_text("not,a,results,table\n")
     code, _, err = run_cli(["classify", "predict", files / "ct.nrrd", "--model", "classifier",
                             "-o", files / "other.csv", "--server", server.url])
@@ -145,25 +152,28 @@ def test_classification_on_the_server_writes_the_local_table(server, files, toke
 
 
 def test_ctfm_embedding_on_the_server_equals_the_local_one(server, files, token_env, run_cli):
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     settings = ["--window", "32,32,32", "--batch-size", "2", "--no-validate"]
+    local = run_local(["ctfm", "embed", files / "ct.nrrd", "--model", files / "ctfm", *settings,
+                       "-o", files / "local.safetensors"], files / "local-cache")
+    assert local.returncode == 0, local.stderr
     for suffix in ("json", "safetensors"):
-        local = run_local(["ctfm", "embed", files / "ct.nrrd", "--model", files / "ctfm", *settings,
-                           "-o", files / f"local.{suffix}"], files / "local-cache")
-        assert local.returncode == 0, local.stderr
         code, out, err = run_cli(["ctfm", "embed", files / "ct.nrrd", "--model", "ctfm", *settings,
                                   "-o", files / f"remote.{suffix}", "--server", server.url])
         assert code == 0, err
         assert f"on {server.url}" in out
-    here, there = (json.loads((files / f"{name}.json").read_text()) for name in ("local", "remote"))
-    assert there["embedding"] == here["embedding"] and len(here["embedding"]) == here["embedding_dim"]
-    assert there["model"] == "ctfm" and there["server"] == server.url and there["volume"] == here["volume"]
-    same = ("weights_sha256", "aggregation", "windows", "preprocessing", "prepared_shape", "window_count")
-    assert {key: there[key] for key in same} == {key: here[key] for key in same}
     here, there = load_file(files / "local.safetensors"), load_file(files / "remote.safetensors")
     assert sorted(there) == sorted(here) == ["embedding", "window_centres_ras", "window_embeddings"]
     assert all(np.array_equal(there[key], here[key]) and there[key].dtype == here[key].dtype for key in here)
+    with safe_open(str(files / "local.safetensors"), framework="numpy") as handle:
+        record = json.loads(handle.metadata()["lctfound"])
+    written = json.loads((files / "remote.json").read_text())  # the .json a local run writes, from the server
+    assert written["embedding"] == [float(v) for v in here["embedding"]] and written["embedding_dim"] == 64
+    assert written["model"] == "ctfm" and written["server"] == server.url and written["volume"] == record["volume"]
+    same = ("weights_sha256", "aggregation", "windows", "preprocessing", "prepared_shape", "window_count")
+    assert {key: written[key] for key in same} == {key: record[key] for key in same}
 
 
 def test_bad_options_and_outputs_are_refused_before_anything_runs(server, files, run_cli, monkeypatch):
