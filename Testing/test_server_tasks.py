@@ -20,6 +20,7 @@ from data_factory import fewshot_phantom
 from server_helpers import ROOT, Server, base_env
 
 SPACING = (0.8, 0.8, 2.5)
+CTFM_SETTINGS = ["--window", "32,32,32", "--batch-size", "2", "--no-validate"]
 
 
 def run_local(args, cache: Path) -> subprocess.CompletedProcess:
@@ -30,7 +31,8 @@ def run_local(args, cache: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A 8x64x64 phantom CT with its lesion painted on 2 slices, a tiny backbone, a few-shot teacher,
-    a classifier trained for a few steps by `classify train`, and a small CT-FM encoder."""
+    a classifier trained for a few steps by `classify train`, a small CT-FM encoder and its index of a
+    cohort of two volumes (the CT and another)."""
     from lctfound.cli import main
     from lctfound.io.volume import CTVolume, write_volume
     from lctfound.models import load_model, save_model
@@ -65,14 +67,21 @@ def files(tmp_path_factory):
                      "--batch-size", "2", "--warmup-steps", "0", "--checkpoint-every", "2", "--seed", "1",
                      "--name", "dense-test"])
         assert code == 0
-    save_small_ctfm_encoder(folder / "ctfm")
+        save_small_ctfm_encoder(folder / "ctfm")
+        second, _, _ = fewshot_phantom(seed=3)
+        write_volume(ct, folder / "cohort" / "case0.nrrd")
+        write_volume(CTVolume(second[::-1].copy(), SPACING), folder / "cohort" / "case1.nrrd")
+        code = main(["ctfm", "index", str(folder / "cohort"), "--model", str(folder / "ctfm"), *CTFM_SETTINGS,
+                     "-o", str(folder / "cohort_index")])
+        assert code == 0
     return folder
 
 
 @pytest.fixture(scope="module")
 def server(files):
     models = [f"{name}={files / folder}" for name, folder in
-              (("tiny", "tiny"), ("teacher", "teacher"), ("classifier", "run/model"), ("ctfm", "ctfm"))]
+              (("tiny", "tiny"), ("teacher", "teacher"), ("classifier", "run/model"), ("ctfm", "ctfm"),
+               ("cohort", "cohort_index"))]
     running = Server(files / "data", files / "server-cache", ["--models", *models])
     yield running
     running.stop()
@@ -151,11 +160,11 @@ def test_classification_on_the_server_writes_the_local_table(server, files, toke
     assert not (files / "saliency.csv").exists()
 
 
-def test_ctfm_embedding_on_the_server_equals_the_local_one(server, files, token_env, run_cli):
+def test_ctfm_embedding_and_search_on_the_server_equal_the_local_ones(server, files, token_env, run_cli):
     from safetensors import safe_open
     from safetensors.numpy import load_file
 
-    settings = ["--window", "32,32,32", "--batch-size", "2", "--no-validate"]
+    settings = CTFM_SETTINGS
     local = run_local(["ctfm", "embed", files / "ct.nrrd", "--model", files / "ctfm", *settings,
                        "-o", files / "local.safetensors"], files / "local-cache")
     assert local.returncode == 0, local.stderr
@@ -174,6 +183,21 @@ def test_ctfm_embedding_on_the_server_equals_the_local_one(server, files, token_
     assert written["model"] == "ctfm" and written["server"] == server.url and written["volume"] == record["volume"]
     same = ("weights_sha256", "aggregation", "windows", "preprocessing", "prepared_shape", "window_count")
     assert {key: written[key] for key in same} == {key: record[key] for key in same}
+
+    # Search an index the server offers (named on its command line) with a query volume sent up.
+    query = ["--query", files / "ct.nrrd", "--top", "2", "--no-validate", "--json"]
+    local = run_local(["ctfm", "search", files / "cohort_index", "--model", files / "ctfm", *query],
+                      files / "local-cache")
+    assert local.returncode == 0, local.stderr
+    code, out, err = run_cli(["ctfm", "search", "cohort", "--model", "ctfm", *query, "--server", server.url])
+    assert code == 0, err
+    here, there = json.loads(local.stdout), json.loads(out)
+    for match in here["matches"]:
+        assert str(files) in match.pop("path")  # the indexed volumes' paths stay on the server
+    assert there == here and [match["name"] for match in there["matches"]] == ["case0", "case1"]
+    code, _, err = run_cli(["ctfm", "search", "cohort", "--model", "ctfm", *query, "--heatmap", files / "h.nrrd",
+                            "--server", server.url])
+    assert code == 2 and err == "error: --heatmap is not available with --server yet; run without --server\n"
 
 
 def test_bad_options_and_outputs_are_refused_before_anything_runs(server, files, run_cli, monkeypatch):

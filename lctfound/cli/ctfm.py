@@ -74,7 +74,8 @@ def register(subparsers) -> None:
                                            "similarity with the query vector as a volume on the query's own grid "
                                            "(or --heatmap-volume's), ready to overlay in Slicer. The window settings "
                                            "come from the index. " + WEIGHTS_NOTE)
-    search.add_argument("index", help="index folder from `lctfound ctfm index`")
+    search.add_argument("index", help="index folder from `lctfound ctfm index` (with --server: the name of an index "
+                                      "the server offers)")
     search.add_argument("--query", required=True, help="query CT volume")
     search.add_argument("--model", required=True, help=MODEL_HELP + " Must be the model the index was built with.")
     where = search.add_mutually_exclusive_group()
@@ -91,6 +92,7 @@ def register(subparsers) -> None:
     search.add_argument("--events", action="store_true",
                         help="print JSON event lines on stdout (for front ends): progress, then one 'result' event "
                              "holding what --json prints")
+    add_server_options(search)
     search.set_defaults(func=run_search)
 
     listing = groups.add_parser(
@@ -514,6 +516,10 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    if args.server:
+        from .remote_tasks import run_ctfm_search
+
+        return run_ctfm_search(args)
     from ..ctfm.features import embed_point, embed_region, embed_volume, similarity_volume
     from ..ctfm.preprocess import prepare_volume
     from ..ctfm.retrieval import load_index, parse_region, parse_triplet
@@ -556,17 +562,23 @@ def run_search(args: argparse.Namespace) -> int:
     if args.events:  # stdout holds only JSON event lines
         print_event({"event": "result", **result})
         return 0
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    if centre is not None:
-        print(f"query window centred at RAS ({', '.join(f'{v:.1f}' for v in centre)})")
-    for match in matches:
-        where = f"  at RAS ({', '.join(f'{v:.1f}' for v in match.centre_ras)})" if match.centre_ras else ""
-        print(f"{match.rank:3d}  {match.score:+.4f}  {match.name}{where}")
-    if heatmap_path:
-        print(f"wrote {heatmap_path}")
+    print_search_result(result, args.json)
     return 0
+
+
+def print_search_result(result: dict, as_json: bool) -> None:
+    """What `ctfm search` prints (here or with ``--server``): JSON, else one line per match."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    if result["query_centre_ras"] is not None:
+        print(f"query window centred at RAS ({', '.join(f'{v:.1f}' for v in result['query_centre_ras'])})")
+    for match in result["matches"]:
+        centre = match.get("centre_ras")
+        where = f"  at RAS ({', '.join(f'{v:.1f}' for v in centre)})" if centre else ""
+        print(f"{match['rank']:3d}  {match['score']:+.4f}  {match['name']}{where}")
+    if result.get("heatmap"):
+        print(f"wrote {result['heatmap']}")
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
-"""``--server URL`` for `segment distill`, `classify predict` and `ctfm embed` (`lctfound.cli.remote`
-has the shared pieces and the few-shot/enhancement commands).
+"""``--server URL`` for `segment distill`, `classify predict`, `ctfm embed` and `ctfm search`
+(`lctfound.cli.remote` has the shared pieces and the few-shot/enhancement commands).
 
 Each command checks its local inputs and output first (an output that is an input, or exists
 without ``--overwrite``, is refused before anything is uploaded), runs the server's task of the same
@@ -15,11 +15,15 @@ name and writes what comes back the way the local command writes it:
 * ``ctfm embed``: the embedding and its record come back (JSON, exact float32 values) and are written
   as the same ``.json`` or ``.safetensors`` file; the record names the server's model and the server.
 
-CT-FM search is not offered through the server yet. What it needs without any client-chosen server
-path is an index that lives on the server: either one given on the server's command line (as
-``--models``), or one built from uploaded volumes into a named index in the client's area (a
-`ctfm index` task over many uploads) and queried by name. The query embedding alone is not enough
-(the ranking needs the index's vectors), and an index built here cannot be searched there.
+* ``ctfm search INDEX --server``: INDEX names an index the server's administrator offers, given on
+  the server's command line like a model (``--models cohort=INDEX_FOLDER``); the query volume goes up
+  and the ranking comes back (names and scores; the indexed volumes' paths stay on the server).
+  Why this design: a search needs the index's vectors where the query is embedded, and no
+  client-chosen server path may be opened, so the index must be one the server names. An index the
+  administrator builds once over a department's cohort is the real use (search "cases like this");
+  building per-client indexes from uploads would mean uploading a whole cohort per client, for no
+  more than a local `ctfm index` gives. ``--heatmap`` (a second result volume) is refused with
+  ``--server``.
 """
 
 from __future__ import annotations
@@ -144,4 +148,23 @@ def run_ctfm_embed(args: argparse.Namespace) -> int:
     write_embedding(output, info, tensors)
     print(f"wrote {output} ({tensors['embedding'].shape[0]}-d embedding, {info.get('window_count', 0)} windows) "
           f"on {client.url}", file=sys.stderr if args.events else sys.stdout)
+    return 0
+
+
+def run_ctfm_search(args: argparse.Namespace) -> int:
+    from ..io.volume import read_volume
+    from .ctfm import print_search_result
+
+    _refuse(args, "heatmap", "heatmap_volume", "device")
+    index = _server_name(args.index, "INDEX")
+    model = _server_name(args.model, "--model")
+    client = _client(args)
+    volume = read_volume(args.query, validate=not args.no_validate)
+    options = {"index": index, "model": model, "top": args.top, "no_validate": bool(args.no_validate),
+               "point": args.point.replace(" ", "") if args.point else None,
+               "region": args.region.replace(" ", "") if args.region else None}
+    result, _ = _run(args, client, "ctfm-search", {"volume": _geometry(volume)}, options, "query", "window",
+                     show_log=False)
+    if not args.events:  # with --events the server's own result event has been printed
+        print_search_result({**result["data"], "heatmap": None}, args.json)
     return 0

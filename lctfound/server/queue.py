@@ -307,7 +307,8 @@ class JobQueue:
             folder = self.store.model_folder(job.client, name)
             return {"kind": "model", "model": name, "labels": model_label_names(folder)}
         if job.task.output == "json":  # a table or record, sent as JSON (no server folder in it)
-            return {"kind": "json", **self._without_server_paths(job, {"data": job.task.read_result(output)})}
+            data = job.task.read_result(output, job.events)
+            return {"kind": "json", **self._without_server_paths(job, {"data": data})}
         volume = read_volume(output, labels=job.task.output == "labels")
         header, body = encode_volume(volume.array, volume.spacing, volume.origin, volume.direction)
         (job.folder / "result.zst").write_bytes(body)

@@ -98,7 +98,8 @@ class Task:
     model_options: tuple = ()  # options that name a model: resolved on the server
     check_inputs: Optional[Callable[[Mapping], None]] = None  # how the given inputs go together
     result_file: str = "result.nrrd"  # the output file's name in the job folder
-    read_result: Optional[Callable[[Path], dict]] = None  # output "json": the result, read from `result_file`
+    read_result: Optional[Callable[[Path, list], dict]] = None  # output "json": the result from `result_file`
+    # and the job's events
 
 
 def _value_options(paths: JobPaths, names: Mapping[str, str]) -> list:
@@ -262,7 +263,7 @@ def _classify_predict(paths: JobPaths) -> list:
     return words + _value_options(paths, {"slices": "--slices", "batch_size": "--batch-size"})
 
 
-def _read_results_table(path: Path) -> dict:
+def _read_results_table(path: Path, events: list) -> dict:
     """The rows of the job's results table (values as the table holds them) and its class names."""
     from ..pipelines.results_table import read_results_csv, table_class_names
 
@@ -277,7 +278,7 @@ def _ctfm_embed(paths: JobPaths) -> list:
                 "batch_size": "--batch-size", "no_validate": "--no-validate"})
 
 
-def _read_embedding(path: Path) -> dict:
+def _read_embedding(path: Path, events: list) -> dict:
     """The embedding file's settings record and tensors (exact: float32 values survive JSON)."""
     import json
 
@@ -292,6 +293,25 @@ def _read_embedding(path: Path) -> dict:
     return {"info": info, "tensors": tensors}
 
 
+COORDINATES = r"-?[0-9]{1,6}(\.[0-9]{1,6})?"
+
+
+def _ctfm_search(paths: JobPaths) -> list:
+    return [paths.model_folder(paths.options["index"]), f"--query={paths.inputs['volume']}",
+            f"--model={paths.model_folder(paths.options['model'])}"] + _value_options(
+        paths, {"point": "--point", "region": "--region", "top": "--top", "no_validate": "--no-validate"})
+
+
+def _search_result(path: Path, events: list) -> dict:
+    """The search's ``result`` event (what ``--json`` prints) without the indexed volumes' server paths."""
+    found = next((event for event in reversed(events) if event.get("event") == "result"), None)
+    if found is None:
+        raise TaskError("the search ended without a result")
+    return {"level": found.get("level"), "query_centre_ras": found.get("query_centre_ras"),
+            "matches": [{key: value for key, value in match.items() if key != "path"}
+                        for match in found.get("matches", [])]}
+
+
 TASKS.update((task.name, task) for task in (
     Task("segment-distill", "distil one of your segmentation models into a small, fast student (stays on the "
          "server)", ("segment", "distill"), ("volume",), _segment_distill,
@@ -302,7 +322,8 @@ TASKS.update((task.name, task) for task in (
          check_inputs=_check_distill_inputs),
     Task("classify-predict", "classify one scan (research use); its results-table row comes back",
          ("classify", "predict"), ("volume",), _classify_predict,
-         options={"model": _name, "backbone": _name, "slices": _pattern(r"all|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", "all or 10,12-14"),
+         options={"model": _name, "backbone": _name,
+                  "slices": _pattern(r"all|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", "all or 10,12-14"),
                   "batch_size": _integer(1, 256)},
          required_options=("model",), output="json", model_options=("model", "backbone"),
          result_file="results.csv", read_result=_read_results_table),
@@ -313,4 +334,11 @@ TASKS.update((task.name, task) for task in (
                   "overlap": _number(0.0, 0.99), "batch_size": _integer(1, 64), "no_validate": _flag},
          required_options=("model",), output="json", model_options=("model",),
          result_file="embedding.safetensors", read_result=_read_embedding),
+    Task("ctfm-search", "rank the volumes of a CT-FM index the server offers (--models NAME=INDEX_FOLDER) by "
+         "similarity with a query volume; the ranking comes back", ("ctfm", "search"), ("volume",), _ctfm_search,
+         options={"index": _name, "model": _name, "point": _pattern(",".join([COORDINATES] * 3), "-20.5,10,-140"),
+                  "region": _pattern(",".join([COORDINATES] * 6), "0,0,0,10,10,10"), "top": _integer(1, 100_000),
+                  "no_validate": _flag},
+         required_options=("index", "model"), output="json", model_options=("index", "model"),
+         read_result=_search_result),
 ))
