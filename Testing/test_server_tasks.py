@@ -149,6 +149,11 @@ def test_classification_on_the_server_writes_the_local_table(server, files, toke
     assert (files / "remote.csv").read_text() == table
     assert "p(clear)" in light.stdout and f"classified on {server.url}" in light.stdout
     assert str(server.data) not in light.stdout
+    # A scan the server cannot classify (slices it does not have): one line that says why, nothing written.
+    code, _, err = run_cli(["classify", "predict", files / "ct.nrrd", "--model", "classifier", "--slices", "50-60",
+                            "-o", files / "failed.csv", "--server", server.url])
+    assert code == 2 and err.count("\n") == 1 and "not classified" in err and "50" in err, err
+    assert not (files / "failed.csv").exists()
     # A table of other classes is refused before anything is uploaded; --saliency is refused with --server.
     (files / "other.csv").write_text("not,a,results,table\n")
     code, _, err = run_cli(["classify", "predict", files / "ct.nrrd", "--model", "classifier",

@@ -203,6 +203,8 @@ def run_predict(args: argparse.Namespace) -> int:
                 except LCTfoundError as error:
                     failures += 1
                     row = error_row(str(path), str(error), names, provenance)
+                    # Also said on stderr: a job's last stderr line is its error (e.g. on a server).
+                    print(f"{case}: not classified: {error}", file=sys.stderr)
                 run.record(keys[index], row)
                 bar.update(number + 1, len(mine), case)
         totals = run.finish(failed=failures, done=len(mine) - failures)
