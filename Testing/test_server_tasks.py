@@ -96,6 +96,7 @@ def token_env(server, monkeypatch):
 def test_distilled_student_stays_on_the_server_and_predicts_as_the_local_one(server, files, token_env, run_cli):
     from lctfound.cli.segment import STUDENT_MISSED_DICE
     from lctfound.io.volume import read_volume
+    from lctfound.remote import RemoteError
 
     cache = files / "local-cache"
     distill = ["--epochs", "2", "--resolution", "32", "--time-budget", "0"]
@@ -123,7 +124,11 @@ def test_distilled_student_stays_on_the_server_and_predicts_as_the_local_one(ser
     remote, here = (read_volume(files / name, labels=True) for name in ("remote_student.nrrd", "local_student.nrrd"))
     assert np.array_equal(remote.array, here.array) and remote.spacing == here.spacing
     assert f"Lesion {int((remote.array == 1).sum())} voxels" in out
-    # Another client cannot predict with it, nor distil into a name this server offers to everyone.
+    # Another client cannot predict with it; no one distils into a name this server offers to everyone.
+    other = server.client("someone-else")
+    upload = other.upload_volume(remote.array.astype(np.int16), remote.spacing, remote.origin, remote.direction)
+    with pytest.raises(RemoteError, match=r"\(404\): no model 'student'"):
+        other.submit("segment-predict", {"volume": upload}, {"model": "student"})
     code, _, err = run_cli(["segment", "distill", files / "ct.nrrd", "--teacher", "teacher", *distill,
                             "-o", "tiny", "--server", server.url])
     assert code == 2 and "(409)" in err and err.count("\n") == 1
@@ -247,3 +252,22 @@ def test_bad_options_and_outputs_are_refused_before_anything_runs(server, files,
                             "-o", "s", "--server", server.url])
     assert code == 2 and "--teacher" in err and "names a model on the server" in err
     assert sorted(uploads.iterdir()) == before
+
+
+def test_a_distillation_of_several_volumes_builds_the_local_command(tmp_path):
+    """Label maps go with their volumes, '-' for a volume without one (as `segment distill --labels`)."""
+    from lctfound.server.tasks import JobPaths, check_request
+
+    ids = {name: f"{number:032x}" for number, name in enumerate(("volume", "volume2", "volume3", "labels2"))}
+    task, inputs, options = check_request("segment-distill", ids, {"model": "s", "teacher": "t", "epochs": 3})
+    paths = JobPaths(options=options, inputs={name: tmp_path / f"{name}.nrrd" for name in inputs},
+                     output=tmp_path / "out", model_folder=lambda name: f"/models/{name}",
+                     new_model_folder=lambda name: tmp_path / "mine" / name)
+    assert task.build(paths) == [
+        str(tmp_path / "volume.nrrd"), str(tmp_path / "volume2.nrrd"), str(tmp_path / "volume3.nrrd"),
+        "--teacher=/models/t", f"--output={tmp_path / 'mine' / 's'}",
+        "--labels=-", f"--labels={tmp_path / 'labels2.nrrd'}", "--labels=-", "--epochs=3"]
+    from lctfound.cli import build_parser
+
+    parsed = build_parser().parse_args(["segment", "distill", *task.build(paths)])
+    assert parsed.labels == ["-", str(tmp_path / "labels2.nrrd"), "-"] and len(parsed.volumes) == 3
