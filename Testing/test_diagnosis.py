@@ -22,11 +22,10 @@ from lctfound.pipelines.diagnosis import (
     RESEARCH_USE_NOTE,
     ScanClassifier,
     format_slices,
-    result_columns,
     results_rows,
     saliency_volume,
-    write_results_csv,
 )
+from lctfound.pipelines.results_table import result_columns, write_results_csv
 
 ROWS = COLUMNS = 48
 SLICES = 6

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import LCTfoundError
 from ..validation import batch_int
+from .remote import add_server_options
 from .train import FINETUNE_LOOP_DEFAULTS, add_classification_arguments, add_loop_arguments, run_finetune
 from ..compat import strict_zip
 
@@ -56,6 +57,7 @@ def register(subparsers) -> None:
     predict.add_argument("--batch-size", type=batch_int, default=4, help="slices per forward pass (default 4)")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     predict.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
+    add_server_options(predict)
     predict.set_defaults(func=run_predict)
 
 
@@ -87,7 +89,7 @@ def _saliency_target(option: Optional[str], single: bool) -> Optional[Callable[[
 
 def _previous_rows(output: Path, class_names: list[str], provenance: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows of an existing results table of the same model, else a clear error."""
-    from ..pipelines.diagnosis import read_results_csv
+    from ..pipelines.results_table import read_results_csv
 
     rows = read_results_csv(output, class_names)
     for row in rows:
@@ -114,7 +116,16 @@ def _print_table(rows: list[dict[str, Any]], class_names: list[str]) -> None:
         print("  ".join(value.ljust(width) for value, width in strict_zip(line, widths)).rstrip())
 
 
+def check_results_output(output: Path) -> None:
+    if output.suffix.lower() != ".csv" or output.is_dir():
+        raise LCTfoundError(f"{output}: the results table must be a .csv file")
+
+
 def run_predict(args: argparse.Namespace) -> int:
+    if args.server:
+        from .remote_tasks import run_classify_predict
+
+        return run_classify_predict(args)
     from ..features import parse_slices
     from ..io.volume import read_volume, volume_stem, write_volume
     from ..pipelines.diagnosis import (
@@ -123,13 +134,12 @@ def run_predict(args: argparse.Namespace) -> int:
         error_row,
         results_rows,
         saliency_volume,
-        write_results_csv,
     )
+    from ..pipelines.results_table import write_results_csv
     from ..progress import Progress, command_progress
 
     output = Path(args.output).expanduser()
-    if output.suffix.lower() != ".csv" or output.is_dir():
-        raise LCTfoundError(f"{output}: the results table must be a .csv file")
+    check_results_output(output)
     if args.batch_size < 1:
         raise LCTfoundError("--batch-size must be at least 1")
     if args.slices and args.slices.strip().lower() != "all":
@@ -193,6 +203,8 @@ def run_predict(args: argparse.Namespace) -> int:
                 except LCTfoundError as error:
                     failures += 1
                     row = error_row(str(path), str(error), names, provenance)
+                    # Also said on stderr: a job's last stderr line is its error (e.g. on a server).
+                    print(f"{case}: not classified: {error}", file=sys.stderr)
                 run.record(keys[index], row)
                 bar.update(number + 1, len(mine), case)
         totals = run.finish(failed=failures, done=len(mine) - failures)

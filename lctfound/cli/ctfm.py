@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import LCTfoundError
 from ..compat import strict_zip
 from ..validation import batch_int, float_type, int_type
+from .remote import add_server_options
 
 MODEL_HELP = ("CT-FM model: a folder in the published Hugging Face layout (config.json + model.safetensors, "
               "e.g. a local copy of project-lighter/ct_fm_feature_extractor), a .safetensors file, or a repo id "
@@ -49,6 +50,8 @@ def register(subparsers) -> None:
     _common(embed)
     embed.add_argument("--output", "-o", required=True, help="output file: .json or .safetensors")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    embed.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
+    add_server_options(embed)
     embed.set_defaults(func=run_embed)
 
     index = groups.add_parser("index", help="index a folder of volumes for similarity search",
@@ -71,7 +74,8 @@ def register(subparsers) -> None:
                                            "similarity with the query vector as a volume on the query's own grid "
                                            "(or --heatmap-volume's), ready to overlay in Slicer. The window settings "
                                            "come from the index. " + WEIGHTS_NOTE)
-    search.add_argument("index", help="index folder from `lctfound ctfm index`")
+    search.add_argument("index", help="index folder from `lctfound ctfm index` (with --server: the name of an index "
+                                      "the server offers)")
     search.add_argument("--query", required=True, help="query CT volume")
     search.add_argument("--model", required=True, help=MODEL_HELP + " Must be the model the index was built with.")
     where = search.add_mutually_exclusive_group()
@@ -88,6 +92,7 @@ def register(subparsers) -> None:
     search.add_argument("--events", action="store_true",
                         help="print JSON event lines on stdout (for front ends): progress, then one 'result' event "
                              "holding what --json prints")
+    add_server_options(search)
     search.set_defaults(func=run_search)
 
     listing = groups.add_parser(
@@ -425,19 +430,46 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_embed(args: argparse.Namespace) -> int:
+def check_embedding_output(output: Path) -> None:
+    if output.suffix.lower() not in (".json", ".safetensors"):
+        raise LCTfoundError(f"{output}: use a .json or .safetensors output file")
+
+
+def write_embedding(output: Path, info: dict, tensors: dict) -> None:
+    """The file `ctfm embed` writes (here or with ``--server``), atomically: ``.json`` holds ``info``
+    and the vector; ``.safetensors`` holds ``tensors`` (name -> numpy array: ``embedding``, and
+    ``window_embeddings`` / ``window_centres_ras`` when there are windows) with ``info`` as metadata."""
     import numpy as np
 
     from ..atomic import atomic_file
+
+    vector = tensors["embedding"]
+    if output.suffix.lower() == ".json":
+        with atomic_file(output) as tmp:
+            tmp.write_text(json.dumps({**info, "embedding_dim": int(vector.shape[0]),
+                                       "embedding": [float(v) for v in vector]}, indent=1))
+    else:
+        from safetensors.numpy import save_file
+
+        with atomic_file(output) as tmp:
+            save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()}, str(tmp),
+                      metadata={"lctfound": json.dumps(info)})
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    if args.server:
+        from .remote_tasks import run_ctfm_embed
+
+        return run_ctfm_embed(args)
+    import numpy as np
+
     from ..ctfm.features import embed_volume
     from ..ctfm.preprocess import DEFAULT_PREPROCESSING, prepare_volume
     from ..io.volume import read_volume
-    from ..progress import TqdmProgress
+    from ..progress import command_progress
 
     output = Path(args.output)
-    suffix = output.suffix.lower()
-    if suffix not in (".json", ".safetensors"):
-        raise LCTfoundError(f"{output}: use a .json or .safetensors output file")
+    check_embedding_output(output)
     from ..atomic import check_outputs
     from . import argument_inputs
 
@@ -446,27 +478,19 @@ def run_embed(args: argparse.Namespace) -> int:
     volume = read_volume(args.volume, validate=not args.no_validate)
     model = _load(args.model, args.device)
     prepared = prepare_volume(volume)
-    with TqdmProgress("embed", unit="window") as progress:
+    with command_progress(args.events, "embed", unit="window") as progress:
         vector, windows = embed_volume(model, prepared, args.aggregation, settings, progress=progress)
     info = {"volume": str(args.volume), "model": str(model.path), "weights_sha256": model.weights_sha256,
             "aggregation": args.aggregation, "windows": settings.as_dict(),
             "preprocessing": DEFAULT_PREPROCESSING.as_dict(), "prepared_shape": list(prepared.shape),
             "window_count": 0 if windows is None else len(windows.embeddings)}
-    if suffix == ".json":
-        with atomic_file(output) as tmp:
-            tmp.write_text(json.dumps({**info, "embedding_dim": int(vector.shape[0]),
-                                       "embedding": [float(v) for v in vector]}, indent=1))
-    else:
-        import torch
-        from safetensors.torch import save_file
-
-        tensors = {"embedding": torch.from_numpy(np.asarray(vector, np.float32))}
-        if windows is not None:
-            tensors["window_embeddings"] = torch.from_numpy(windows.embeddings)
-            tensors["window_centres_ras"] = torch.from_numpy(np.ascontiguousarray(windows.centres_ras))
-        with atomic_file(output) as tmp:
-            save_file(tensors, str(tmp), metadata={"lctfound": json.dumps(info)})
-    print(f"wrote {output} ({vector.shape[0]}-d embedding, {info['window_count']} windows)")
+    tensors = {"embedding": np.asarray(vector, np.float32)}
+    if windows is not None:
+        tensors["window_embeddings"] = windows.embeddings
+        tensors["window_centres_ras"] = windows.centres_ras
+    write_embedding(output, info, tensors)
+    print(f"wrote {output} ({vector.shape[0]}-d embedding, {info['window_count']} windows)",
+          file=sys.stderr if args.events else sys.stdout)  # with --events, stdout holds only JSON lines
     return 0
 
 
@@ -492,6 +516,10 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    if args.server:
+        from .remote_tasks import run_ctfm_search
+
+        return run_ctfm_search(args)
     from ..ctfm.features import embed_point, embed_region, embed_volume, similarity_volume
     from ..ctfm.preprocess import prepare_volume
     from ..ctfm.retrieval import load_index, parse_region, parse_triplet
@@ -534,17 +562,23 @@ def run_search(args: argparse.Namespace) -> int:
     if args.events:  # stdout holds only JSON event lines
         print_event({"event": "result", **result})
         return 0
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    if centre is not None:
-        print(f"query window centred at RAS ({', '.join(f'{v:.1f}' for v in centre)})")
-    for match in matches:
-        where = f"  at RAS ({', '.join(f'{v:.1f}' for v in match.centre_ras)})" if match.centre_ras else ""
-        print(f"{match.rank:3d}  {match.score:+.4f}  {match.name}{where}")
-    if heatmap_path:
-        print(f"wrote {heatmap_path}")
+    print_search_result(result, args.json)
     return 0
+
+
+def print_search_result(result: dict, as_json: bool) -> None:
+    """What `ctfm search` prints (here or with ``--server``): JSON, else one line per match."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    if result["query_centre_ras"] is not None:
+        print(f"query window centred at RAS ({', '.join(f'{v:.1f}' for v in result['query_centre_ras'])})")
+    for match in result["matches"]:
+        centre = match.get("centre_ras")
+        where = f"  at RAS ({', '.join(f'{v:.1f}' for v in centre)})" if centre else ""
+        print(f"{match['rank']:3d}  {match['score']:+.4f}  {match['name']}{where}")
+    if result.get("heatmap"):
+        print(f"wrote {result['heatmap']}")
 
 
 def run_list(args: argparse.Namespace) -> int:

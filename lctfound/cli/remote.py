@@ -37,26 +37,33 @@ def _client(args: argparse.Namespace):
     return client
 
 
-def _follow_printer(args: argparse.Namespace, description: str, unit: str):
-    """An ``on_event`` callback: JSON events passed through under ``--events`` (but the job's ``result``
-    line, whose paths are the server's: the command says what it wrote here), else a progress bar
-    and the job's own text lines."""
+def _follow_printer(args: argparse.Namespace, description: str, unit: str, show_log: bool = True):
+    """An ``on_event`` callback: JSON events passed through under ``--events`` (the server keeps the job's
+    ``result`` line, which names its files: the command prints its own), else a progress bar and
+    the job's own text lines (``warning:`` lines on stderr, as a local run prints them; the other lines
+    only with ``show_log``, for a command that prints its own account of the result)."""
+    import sys
+
     from ..progress import TqdmProgress, print_event
 
     if args.events:
-        return (lambda event: None if event.get("event") == "result" else print_event(event)), None
+        return print_event, None
     bar = TqdmProgress(description, unit=unit)
 
     def show(event: dict) -> None:
+        text = str(event.get("text", ""))
         if event.get("event") == "progress":
             bar.update(int(event.get("done", 0)), int(event.get("total", 0)), str(event.get("message", "")))
-        elif event.get("event") == "log":
-            print(event.get("text", ""))
+        elif event.get("event") == "log" and text.startswith("warning:"):
+            print(text, file=sys.stderr)
+        elif event.get("event") == "log" and show_log:
+            print(text)
     return show, bar
 
 
-def _run(args: argparse.Namespace, client, task: str, volumes: dict, options: dict, description: str, unit: str):
-    on_event, bar = _follow_printer(args, description, unit)
+def _run(args: argparse.Namespace, client, task: str, volumes: dict, options: dict, description: str, unit: str,
+         show_log: bool = True):
+    on_event, bar = _follow_printer(args, description, unit, show_log)
     try:
         return client.run(task, volumes, options, on_event=on_event)
     finally:

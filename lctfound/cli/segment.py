@@ -105,6 +105,7 @@ def register(subparsers) -> None:
     distill.add_argument("--register", metavar="NAME", help="also register it under NAME for every front end")
     distill.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     distill.add_argument("--events", action="store_true", help="print JSON event lines on stdout (for front ends)")
+    add_server_options(distill)
     distill.set_defaults(func=run_distill)
 
 
@@ -319,7 +320,23 @@ def run_predict(args: argparse.Namespace) -> int:
     return run.exit_code(totals["failed"])
 
 
+def distill_label_paths(args: argparse.Namespace) -> list:
+    """The --labels of `segment distill`, one per volume ('-' for none), every named file present."""
+    label_paths = list(args.labels or [])
+    if label_paths and len(label_paths) != len(args.volumes):
+        raise LCTfoundError(f"{len(label_paths)} label map(s) for {len(args.volumes)} volume(s); give one per volume "
+                            "('-' for a volume without labels)")
+    missing = [p for p in [*args.volumes, *(p for p in label_paths if p != "-")] if not Path(p).exists()]
+    if missing:
+        raise LCTfoundError(f"{missing[0]}: no such file or folder")
+    return label_paths
+
+
 def run_distill(args: argparse.Namespace) -> int:
+    if args.server:
+        from .remote_tasks import run_segment_distill
+
+        return run_segment_distill(args)
     import numpy as np
 
     from ..io.volume import read_label_volume, read_volume
@@ -335,13 +352,7 @@ def run_distill(args: argparse.Namespace) -> int:
                             args.overwrite)
     if args.register:
         check_new_model_name(args.register)
-    label_paths = list(args.labels or [])
-    if label_paths and len(label_paths) != len(args.volumes):
-        raise LCTfoundError(f"{len(label_paths)} label map(s) for {len(args.volumes)} volume(s); give one per volume "
-                            "('-' for a volume without labels)")
-    missing = [p for p in [*args.volumes, *(p for p in label_paths if p != "-")] if not Path(p).exists()]
-    if missing:
-        raise LCTfoundError(f"{missing[0]}: no such file or folder")
+    label_paths = distill_label_paths(args)
     config = StudentConfig(epochs=args.epochs, resolution=args.resolution,
                            time_budget=args.time_budget * 60 if args.time_budget else None)
     config.check()
@@ -383,7 +394,8 @@ def run_distill(args: argparse.Namespace) -> int:
     if missed:
         print(f"warning: the student has not learnt {', '.join(missed)} (Dice with the teacher below "
               f"{STUDENT_MISSED_DICE} on the distillation slices); distil again with more --epochs and a larger "
-              "--time-budget, or predict with the teacher", file=sys.stderr)
+              "--time-budget, or predict with the teacher",
+              file=sys.stdout if args.events else sys.stderr)  # --events: a log event, e.g. for a server's client
     if args.register:
         print(f"registered as {args.register!r} in {register_model(output, args.register)}")
     return 0

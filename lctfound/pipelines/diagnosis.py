@@ -5,8 +5,8 @@
 volume classifies the chosen slices (by default the central slices the model was trained on)
 and returns a `ScanPrediction`: per-slice class probabilities, the scan's probabilities (their
 mean), the predicted class and where the model came from. `saliency_volume` explains a
-prediction with Grad-CAM as a volume on the input grid; `results_rows` / `write_results_csv`
-make the table every front end shows, with `RESEARCH_USE_NOTE` on every row.
+prediction with Grad-CAM as a volume on the input grid; `results_rows` makes the rows of the table
+every front end shows (`lctfound.pipelines.results_table`), with `RESEARCH_USE_NOTE` on every row.
 
 Each slice's diffusion noise is drawn from its slice index, so a result does not depend on the
 batch size or on which other slices are analysed.
@@ -14,7 +14,6 @@ batch size or on which other slices are analysed.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -24,13 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..atomic import atomic_file
 from ..errors import CheckpointError, InputError, LCTfoundError
 from ..models.bundle import WEIGHTS_NAME, LCTfoundModel, locate_unet_folder
 from ..models.task_models import TaskModel, load_task_model
 from ..preprocessing import prepare_slices, slice_batches
 from ..progress import Progress, ensure_progress
 from ..training.finetune import SliceClassifier, central_slices, classify_slices, slice_noise
+from .results_table import result_columns
 from ..compat import strict_zip
 
 TASK = "classification"
@@ -308,12 +307,6 @@ def format_slices(indices: Iterable[int]) -> str:
     return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
-def result_columns(class_names: Sequence[str]) -> list[str]:
-    """The columns of a results table (``case``, ``predicted`` and ``probability_<class>`` are read by evaluation)."""
-    return (["case", "input", "predicted"] + [f"probability_{name}" for name in class_names]
-            + ["slices", "model", "model_sha256", "backbone", "backbone_sha256", "status", "note"])
-
-
 def results_rows(predictions: Iterable[ScanPrediction]) -> list[dict[str, Any]]:
     """One table row per prediction (probabilities as floats; ``status`` "ok"; the research-use note)."""
     from ..io.volume import volume_stem
@@ -343,32 +336,3 @@ def error_row(source: str, message: str, class_names: Sequence[str], provenance:
                 "backbone_sha256": provenance.get("backbone_sha256", ""), "status": f"error: {message}",
                 "note": RESEARCH_USE_NOTE})
     return row
-
-
-def write_results_csv(rows: Sequence[dict[str, Any]], path: Union[str, Path], class_names: Sequence[str]) -> Path:
-    """Write a results table atomically (probabilities with 6 decimals)."""
-    path = Path(path)
-    columns = result_columns(class_names)
-    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: f"{value:.6f}" if isinstance(value, float) else value for key, value in row.items()})
-    return path
-
-
-def read_results_csv(path: Union[str, Path], class_names: Sequence[str]) -> list[dict[str, str]]:
-    """The rows of an existing results table of a model with these classes, or a clear error."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            header = list(reader.fieldnames or [])
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise InputError(f"{path}: cannot be read ({error})") from None
-    if header != result_columns(class_names):
-        raise InputError(f"{path}: is not a results table of this model's classes "
-                         f"({', '.join(class_names)}); choose a new output file")
-    return rows
-

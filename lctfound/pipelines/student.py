@@ -152,8 +152,13 @@ class StudentSegmenter:
         self.label_names, self.config, self.window = names, config, window
         self.class_values = [0] + sorted(names)
         self.device = torch.device(device)
-        self.network = (network or build_student_network(config.architecture, config.features,
-                                                         len(self.class_values))).to(self.device)
+        if network is None:
+            # The start depends on ``config.seed`` only, not on what the process drew before (the teacher's
+            # work): the same distillation gives the same student, here or on a server.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                network = build_student_network(config.architecture, config.features, len(self.class_values))
+        self.network = network.to(self.device)
         #: Provenance of the teacher this student was distilled from (model, backbone).
         self.teacher = dict(teacher or {})
         self.report: Optional[DistillReport] = None

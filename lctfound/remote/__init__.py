@@ -187,8 +187,9 @@ class RemoteClient:
         return status
 
     def download_result(self, job_id: str) -> tuple[dict, Optional[np.ndarray]]:
-        """``(result, array)``: the result record (provenance, label names, or the new model's name)
-        and the result volume (None for a model)."""
+        """``(result, array)``: the result record (provenance, label names, the new model's name, or a
+        ``"kind": "json"`` task's ``data``: a table's rows, an embedding) and the result volume (None
+        unless the task's result is a volume)."""
         result = self._request("GET", f"/jobs/{job_id}/result")
         if "header" not in result:
             return result, None

@@ -41,7 +41,10 @@ class ServerJob:
         self.folder = folder
         self.sequence = sequence
         self.state = QUEUED
-        self.events: list = []
+        self.events: list = []  # what the client follows
+        #: The command's own ``result`` events: they name the server's files (and an index's volumes),
+        #: so they stay here; the client gets the result from `JobQueue._result`.
+        self.result_events: list = []
         self.error = ""
         self.device: Optional[str] = None
         self.result: dict = {}
@@ -252,7 +255,7 @@ class JobQueue:
 
     def _run(self, job: ServerJob, device: str) -> tuple:
         inputs = self._write_inputs(job)
-        output = job.folder / "output" / "result.nrrd"
+        output = job.folder / "output" / job.task.result_file
         paths = JobPaths(options=job.options, inputs=inputs, output=output,
                          model_folder=lambda name: self.resolve_model(job.client, name),
                          new_model_folder=lambda name: self.store.models(job.client) / name)
@@ -269,7 +272,9 @@ class JobQueue:
                 with self._condition:
                     for event in events:
                         event.pop("received_at", None)
-                        if event.get("event") != "exit":
+                        if event.get("event") == "result":
+                            job.result_events.append(event)
+                        elif event.get("event") != "exit":
                             job.events.append(self._without_server_paths(job, event))
                     self._condition.notify_all()
                 end = next((event for event in events if event.get("event") == "exit"), None)
@@ -297,7 +302,8 @@ class JobQueue:
         return json.loads(text)
 
     def _result(self, job: ServerJob, output: Path) -> dict:
-        """What the client downloads: the output volume (encoded once, here) or the new model's name."""
+        """What the client downloads: the output volume (encoded once, here), the new model's name or
+        the task's JSON result (``data``)."""
         from ..io.provenance import read_provenance
         from ..io.volume import read_volume
         from ..remote.wire import encode_volume
@@ -306,6 +312,9 @@ class JobQueue:
             name = job.options["model"]
             folder = self.store.model_folder(job.client, name)
             return {"kind": "model", "model": name, "labels": model_label_names(folder)}
+        if job.task.output == "json":  # a table or record, sent as JSON (no server folder in it)
+            data = job.task.read_result(output, job.result_events)
+            return {"kind": "json", **self._without_server_paths(job, {"data": data})}
         # The command wrote (and checked) this volume: not validated as CT again (--no-validate inputs).
         volume = read_volume(output, labels=job.task.output == "labels", validate=False)
         header, body = encode_volume(volume.array, volume.spacing, volume.origin, volume.direction)

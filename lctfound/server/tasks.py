@@ -104,9 +104,13 @@ class Task:
     required_options: tuple = ()
     optional_inputs: tuple = ()
     labels_inputs: tuple = ()  # inputs that are label maps (written as integer volumes)
-    output: str = "volume"  # "volume", "labels" or "model"
+    output: str = "volume"  # "volume", "labels", "model" or "json" (`read_result` of `result_file`)
     model_options: tuple = ()  # options that name a model: resolved on the server
     takes_device: bool = True  # the command has --device (the worker's device is passed)
+    check_inputs: Optional[Callable[[Mapping], None]] = None  # how the given inputs go together
+    result_file: str = "result.nrrd"  # the output file's name in the job folder
+    #: Output "json": the result from `result_file` and the command's ``result`` events.
+    read_result: Optional[Callable[[Path, list], dict]] = None
 
 
 def _value_options(paths: JobPaths, names: Mapping[str, str]) -> list:
@@ -322,6 +326,8 @@ def check_request(task_name: Any, inputs: Any, options: Any) -> tuple[Task, dict
     for key in task.required_options:
         if key not in checked:
             raise TaskError(f"task {task.name} needs the option {key!r}")
+    if task.check_inputs is not None:
+        task.check_inputs(inputs)
     for key, value in inputs.items():
         if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{32}", value):
             raise TaskError(f"input {key!r} must be an upload id this server returned")
@@ -361,3 +367,134 @@ def model_kind(folder: Optional[Path]) -> str:
         return str(json.loads(task_file.read_text(encoding="utf-8")).get("task") or "")
     except (OSError, ValueError, AttributeError):
         return ""
+
+
+# -- distilled students, diagnosis and CT-FM embeddings ---------------------------------------------
+# (one block, added to `TASKS` below; each builds the same command a local run uses)
+
+#: Volumes one distillation job takes: ``volume``, ``volume2`` … (each with an optional ``labels``,
+#: ``labels2`` … on its grid).
+MAX_DISTILL_VOLUMES = 4
+DISTILL_VOLUMES = ("volume",) + tuple(f"volume{n}" for n in range(2, MAX_DISTILL_VOLUMES + 1))
+DISTILL_LABELS = ("labels",) + tuple(f"labels{n}" for n in range(2, MAX_DISTILL_VOLUMES + 1))
+
+
+def _resolution(value: Any) -> int:
+    from ..validation import MAX_IMAGE_SIZE
+
+    number = _integer(16, MAX_IMAGE_SIZE)(value)
+    if number % 16:
+        raise TaskError("must be a multiple of 16")
+    return number
+
+
+def _check_distill_inputs(inputs: Mapping) -> None:
+    """Volumes come in order (``volume2`` needs ``volume``), and each label map belongs to a volume."""
+    for number, (volume, labels) in enumerate(zip(DISTILL_VOLUMES, DISTILL_LABELS)):
+        if volume in inputs and number and DISTILL_VOLUMES[number - 1] not in inputs:
+            raise TaskError(f"input {volume!r} of segment-distill needs {DISTILL_VOLUMES[number - 1]!r} first")
+        if labels in inputs and volume not in inputs:
+            raise TaskError(f"input {labels!r} of segment-distill is the label map of {volume!r}, which is missing")
+
+
+def _segment_distill(paths: JobPaths) -> list:
+    volumes = [name for name in DISTILL_VOLUMES if name in paths.inputs]
+    words = [str(paths.inputs[name]) for name in volumes]
+    words += [f"--teacher={paths.model_folder(paths.options['teacher'])}",
+              f"--output={paths.new_model_folder(paths.options['model'])}"]
+    if any(name in paths.inputs for name in DISTILL_LABELS):  # one per volume, '-' for none (as the command)
+        words += [f"--labels={paths.inputs.get(DISTILL_LABELS[DISTILL_VOLUMES.index(name)], '-')}"
+                  for name in volumes]
+    if paths.options.get("backbone"):
+        words.append(f"--backbone={paths.model_folder(paths.options['backbone'])}")
+    return words + _value_options(paths, {"epochs": "--epochs", "time_budget": "--time-budget",
+                                          "resolution": "--resolution", "overwrite": "--overwrite"})
+
+
+def _classify_predict(paths: JobPaths) -> list:
+    words = [str(paths.inputs["volume"]), f"--model={paths.model_folder(paths.options['model'])}",
+             f"--output={paths.output}"]
+    if paths.options.get("backbone"):
+        words.append(f"--backbone={paths.model_folder(paths.options['backbone'])}")
+    return words + _value_options(paths, {"slices": "--slices", "batch_size": "--batch-size"})
+
+
+def _read_results_table(path: Path, events: list) -> dict:
+    """The rows of the job's results table (values as the table holds them) and its class names."""
+    from ..pipelines.results_table import read_results_csv, table_class_names
+
+    classes = table_class_names(path)
+    return {"classes": classes, "rows": read_results_csv(path, classes)}
+
+
+def _ctfm_embed(paths: JobPaths) -> list:
+    return [str(paths.inputs["volume"]), f"--model={paths.model_folder(paths.options['model'])}",
+            f"--output={paths.output}"] + _value_options(
+        paths, {"aggregation": "--aggregation", "window": "--window", "overlap": "--overlap",
+                "batch_size": "--batch-size", "no_validate": "--no-validate"})
+
+
+def _read_embedding(path: Path, events: list) -> dict:
+    """The embedding file's settings record and tensors (exact: float32 values survive JSON)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        info = json.loads((handle.metadata() or {})["lctfound"])
+        tensors = {}
+        for key in handle.keys():
+            array = handle.get_tensor(key)
+            tensors[key] = {"dtype": array.dtype.name, "shape": list(array.shape), "values": array.ravel().tolist()}
+    return {"info": info, "tensors": tensors}
+
+
+COORDINATES = r"-?[0-9]{1,6}(\.[0-9]{1,6})?"
+
+
+def _ctfm_search(paths: JobPaths) -> list:
+    return [paths.model_folder(paths.options["index"]), f"--query={paths.inputs['volume']}",
+            f"--model={paths.model_folder(paths.options['model'])}"] + _value_options(
+        paths, {"point": "--point", "region": "--region", "top": "--top", "no_validate": "--no-validate"})
+
+
+def _search_result(path: Path, events: list) -> dict:
+    """The search's ``result`` event (what ``--json`` prints) without the indexed volumes' server paths."""
+    found = next((event for event in reversed(events) if event.get("event") == "result"), None)
+    if found is None:
+        raise TaskError("the search ended without a result")
+    return {"level": found.get("level"), "query_centre_ras": found.get("query_centre_ras"),
+            "matches": [{key: value for key, value in match.items() if key != "path"}
+                        for match in found.get("matches", [])]}
+
+
+TASKS.update((task.name, task) for task in (
+    Task("segment-distill", "distil one of your segmentation models into a small, fast student (stays on the "
+         "server)", ("segment", "distill"), ("volume",), _segment_distill,
+         options={"model": _name, "teacher": _name, "backbone": _name, "epochs": _integer(1, 10000),
+                  "time_budget": _number(0.0, 24 * 60.0), "resolution": _resolution, "overwrite": _flag},
+         required_options=("model", "teacher"), optional_inputs=DISTILL_VOLUMES[1:] + DISTILL_LABELS,
+         labels_inputs=DISTILL_LABELS, output="model", model_options=("teacher", "backbone"),
+         check_inputs=_check_distill_inputs),
+    Task("classify-predict", "classify one scan (research use); its results-table row comes back",
+         ("classify", "predict"), ("volume",), _classify_predict,
+         options={"model": _name, "backbone": _name,
+                  "slices": _pattern(r"all|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", "all or 10,12-14"),
+                  "batch_size": _integer(1, 256)},
+         required_options=("model",), output="json", model_options=("model", "backbone"),
+         result_file="results.csv", read_result=_read_results_table),
+    Task("ctfm-embed", "embed one volume with a CT-FM encoder the server offers; the embedding comes back",
+         ("ctfm", "embed"), ("volume",), _ctfm_embed,
+         options={"model": _name, "aggregation": _choice("mean", "min", "whole"),
+                  "window": _pattern(r"[0-9]{1,4},[0-9]{1,4},[0-9]{1,4}", "32,128,128"),
+                  "overlap": _number(0.0, 0.99), "batch_size": _integer(1, 64), "no_validate": _flag},
+         required_options=("model",), output="json", model_options=("model",),
+         result_file="embedding.safetensors", read_result=_read_embedding),
+    Task("ctfm-search", "rank the volumes of a CT-FM index the server offers (--models NAME=INDEX_FOLDER) by "
+         "similarity with a query volume; the ranking comes back", ("ctfm", "search"), ("volume",), _ctfm_search,
+         options={"index": _name, "model": _name, "point": _pattern(",".join([COORDINATES] * 3), "-20.5,10,-140"),
+                  "region": _pattern(",".join([COORDINATES] * 6), "0,0,0,10,10,10"), "top": _integer(1, 100_000),
+                  "no_validate": _flag},
+         required_options=("index", "model"), output="json", model_options=("index", "model"),
+         read_result=_search_result),
+))
