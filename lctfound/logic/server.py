@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from ..errors import LCTfoundError
 
 
+#: Seconds "Test connection" waits for each answer of the server.
+CONNECT_TIMEOUT_S = 10.0
+
+
 def normalized_url(url: str) -> str:
     """The address as the client uses it: stripped, no trailing slash."""
     return (url or "").strip().rstrip("/")
@@ -74,7 +78,8 @@ def connect(url: str, token_file: str = "") -> ServerConnection:
     except ImportError as error:
         raise LCTfoundError(f"The server client needs {error.name}: install the dependencies for server mode "
                             "(pip install 'lctfound[remote]').") from None
-    client = RemoteClient(address, read_token(token_file.strip() or None))
+    # A short timeout: the button waits in the panel's thread (Slicer's or the browser server's loop).
+    client = RemoteClient(address, read_token(token_file.strip() or None), timeout=CONNECT_TIMEOUT_S)
     try:
         summary = client.test_connection()
         models = client.models()
