@@ -158,3 +158,11 @@ def pytest_unconfigure(config):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_exit_status[0])
+
+
+@pytest.fixture
+def token_env(server, monkeypatch):
+    """A command-line client of the test module's ``server`` fixture (a `server_helpers.Server`): its
+    token in the environment, under the client id ``cli``."""
+    monkeypatch.setenv("LCTFOUND_SERVER_TOKEN", server.token)
+    monkeypatch.setenv("LCTFOUND_CLIENT_ID", "cli")

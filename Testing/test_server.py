@@ -55,12 +55,6 @@ def server(files):
     running.stop()
 
 
-@pytest.fixture
-def token_env(server, monkeypatch):
-    monkeypatch.setenv("LCTFOUND_SERVER_TOKEN", server.token)
-    monkeypatch.setenv("LCTFOUND_CLIENT_ID", "cli")
-
-
 def run_local(args, cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lctfound", *map(str, args)], env=base_env(cache),
                           capture_output=True, text=True)
@@ -127,8 +121,6 @@ def test_serve_refuses_other_binds_without_tls_and_a_readable_token(tmp_path, ru
 
 
 def test_unreachable_server_or_missing_token_is_one_line(files, run_cli, monkeypatch):
-    from lctfound.io.sample_data import load_sample  # noqa: F401 - files made; no server runs on this port
-
     monkeypatch.delenv("LCTFOUND_SERVER_TOKEN", raising=False)
     nowhere = f"http://127.0.0.1:{free_port()}"
     command = ["enhance", "low-dose", files / "ct.nrrd", "-o", files / "nowhere.nrrd", "--server", nowhere]

@@ -94,12 +94,6 @@ def local(files):
     return {case: Path(args[-1]) for case, args in commands.items()}
 
 
-@pytest.fixture
-def token_env(server, monkeypatch):
-    monkeypatch.setenv("LCTFOUND_SERVER_TOKEN", server.token)
-    monkeypatch.setenv("LCTFOUND_CLIENT_ID", "cli")
-
-
 def _light_cli(args, server, files) -> subprocess.CompletedProcess:
     """The command line where torch, diffusers, MONAI and scikit-image are missing (a CPU-only desk)."""
     script = ("import sys\nsys.path.insert(0, %r)\nfrom import_blocker import hidden_packages\n"

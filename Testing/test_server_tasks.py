@@ -87,12 +87,6 @@ def server(files):
     running.stop()
 
 
-@pytest.fixture
-def token_env(server, monkeypatch):
-    monkeypatch.setenv("LCTFOUND_SERVER_TOKEN", server.token)
-    monkeypatch.setenv("LCTFOUND_CLIENT_ID", "cli")
-
-
 def test_distilled_student_stays_on_the_server_and_predicts_as_the_local_one(server, files, token_env, run_cli):
     from lctfound.cli.segment import STUDENT_MISSED_DICE
     from lctfound.io.volume import read_volume
