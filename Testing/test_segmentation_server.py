@@ -4,6 +4,10 @@
 Test connection (a wrong token is one sentence) → the selectors list the server's backbones → Train
 (the model stays on the server, nothing is registered here) → Predict into a new segmentation node
 named after the model's labels, the annotator's slices kept.
+
+Then the panel's other tasks on a server that offers a few-shot teacher, a structures model and a
+classifier: each selector lists only the server's models of its kind (a student distilled there joins
+the few-shot list), and the structures prediction and the diagnosis equal the local jobs' results.
 """
 
 from __future__ import annotations
@@ -23,12 +27,20 @@ from lctfound.logic import RunState  # noqa: E402
 from lctfound.logic.segmentation import (  # noqa: E402
     DIAGNOSIS,
     FEWSHOT,
+    SERVER_SALIENCY_NOTE,
+    STRUCTURES,
     SegmentationModuleLogic,
     SegmentationParameters,
     reviewed_slices,
 )
 from lctfound.models import save_model  # noqa: E402
-from lctfound.mrml import mask_from_segment, new_headless_scene, segmentation_node_from_labels, volume_node_from_ctvolume  # noqa: E402
+from lctfound.mrml import (  # noqa: E402
+    labels_from_segmentation,
+    mask_from_segment,
+    new_headless_scene,
+    segmentation_node_from_labels,
+    volume_node_from_ctvolume,
+)
 
 from data_factory import fewshot_phantom  # noqa: E402
 from model_factory import tiny_model  # noqa: E402
@@ -126,5 +138,152 @@ def test_fewshot_train_and_predict_on_a_server(server, tmp_path, monkeypatch, em
     assert "does not run segment-train" in logic.train_problems(p)[0] and logic.predict_problems(p) == []
     logic.server.tasks.append("segment-train")
 
-    p.task = DIAGNOSIS
-    assert "runs few-shot segmentation" in logic.predict_problems(p)[0]
+    p.task = DIAGNOSIS  # a classifier the server offers (it offers none)
+    assert logic.predict_problems(p)[0] == ("The server has no classification model named 'lesion-remote' (Test "
+                                            "connection lists them).")
+    p.task_model = ""
+    assert logic.predict_problems(p)[0] == "Select a classification model on the server (Test connection lists them)."
+    assert logic.train_problems(p)[0].startswith("Training is part of few-shot segmentation")
+    assert logic.server_problem(p, "train") == logic.no_server_task(p, "train")
+
+
+SPACING = (0.8, 0.8, 2.5)
+
+
+@pytest.fixture(scope="module")
+def task_models(tmp_path_factory):
+    """A tiny backbone; on it a few-shot teacher (2 painted slices), a structures model (Lesion, Vessel; a
+    frozen backbone and an untrained output layer, saved as `train finetune` saves one) and a classifier
+    trained for 2 steps by `classify train`; the phantom CT they see."""
+    import torch
+
+    from lctfound.cli import main
+    from lctfound.io.volume import write_volume
+    from lctfound.models import load_model
+    from lctfound.pipelines.segmentation import UNLABELLED, FewShotConfig, FewShotSegmenter
+    from lctfound.training.finetune import DenseBackbone, DenseLossModule, DenseSegmentationTask
+
+    folder = tmp_path_factory.mktemp("task-models")
+    volume, lesion, _ = fewshot_phantom()
+    ct = CTVolume(np.round(volume).astype(np.int16), SPACING, (0.0, 0.0, 0.0), np.eye(3))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LCTFOUND_CACHE_DIR", str(folder / "fixture-cache"))
+        save_model(tiny_model(64, seed=1), folder / "tiny", extra_metadata={"name": "tiny"})
+        backbone = load_model(folder / "tiny")
+        labels = np.full(lesion.shape, UNLABELLED, dtype=np.int16)
+        labels[[2, 5]] = lesion[[2, 5]]
+        teacher = FewShotSegmenter(backbone, {1: "Lesion"}, FewShotConfig(timesteps=(0, 100), epochs=5))
+        teacher.fit(ct.array, labels)
+        teacher.save(folder / "teacher", extra={"name": "teacher"})
+        task = DenseSegmentationTask(backbone, list(ct.array[:2]), [np.zeros(lesion.shape[1:], np.uint8)] * 2,
+                                     {1: "Lesion", 2: "Vessel"}, mode="frozen", name="structures")
+        torch.manual_seed(0)
+        dense = DenseBackbone(backbone, 3, "frozen", class_values=[0, 1, 2])
+        task.save_model(DenseLossModule(dense), folder / "structures", task.metadata())
+        rows = ["image,label"]
+        for index in range(4):
+            scan, _, _ = fewshot_phantom(seed=10 + index)
+            scan[:, 40:, 40:] += 300.0 * (index % 2)  # class "dense": a bright corner
+            write_volume(CTVolume(scan, SPACING), folder / "train" / f"scan{index}.nrrd")
+            rows.append(f"train/scan{index}.nrrd,{'dense' if index % 2 else 'clear'}")
+        (folder / "cases.csv").write_text("\n".join(rows) + "\n")
+        assert main(["classify", "train", "--backbone", str(folder / "tiny"), "--table", str(folder / "cases.csv"),
+                     "--slices-per-scan", "2", "--timesteps", "0,50", "-o", str(folder / "run"), "--max-steps", "2",
+                     "--batch-size", "2", "--warmup-steps", "0", "--checkpoint-every", "2", "--seed", "1",
+                     "--name", "classifier"]) == 0
+    write_volume(ct, folder / "ct.nrrd")
+    return SimpleNamespace(folder=folder, ct=ct)
+
+
+@pytest.fixture(scope="module")
+def task_server(task_models):
+    folder = task_models.folder
+    models = [f"{name}={folder / path}" for name, path in (("tiny", "tiny"), ("teacher", "teacher"),
+                                                           ("structures", "structures"), ("classifier", "run/model"))]
+    running = Server(folder / "data", folder / "server-cache", ["--models", *models])
+    yield running
+    running.stop()
+
+
+def test_structures_students_and_diagnosis_on_a_server(task_server, task_models, tmp_path, monkeypatch,
+                                                       empty_cache, run_cli):
+    monkeypatch.setenv("LCTFOUND_CLIENT_ID", "slicer-structures")
+    monkeypatch.setenv("LCTFOUND_SERVER_TOKEN", task_server.token)
+    folder = task_models.folder
+    # This computer has the structures model and the classifier too, for the local runs to compare with.
+    logic = SegmentationModuleLogic(list_models=lambda extra_folders=(): [], available_devices=lambda: ["cpu"],
+                                    runs_root=tmp_path / "runs",
+                                    extra_model_folders=[folder / "structures", folder / "run" / "model"])
+    scene = new_headless_scene()
+    node = volume_node_from_ctvolume(scene, task_models.ct, name="phantom")
+    p = SegmentationParameters(task=STRUCTURES, input_volume=node, server_url=task_server.url)
+    logic.test_connection(p)
+
+    def offered(task: str, name: str = "taskModel") -> list[str]:
+        return [choice.value for choice in logic.choices(name, parameters=SegmentationParameters(
+            task=task, server_url=task_server.url))]
+
+    # Each selector lists the server's models of its kind only.
+    backbones = offered(FEWSHOT, "modelName")  # with the server's built-in default
+    assert "tiny" in backbones and not {"teacher", "structures", "classifier"} & set(backbones)
+    assert (offered(FEWSHOT), offered(STRUCTURES), offered(DIAGNOSIS)) == (["teacher"], ["structures"], ["classifier"])
+    p.task_model = "classifier"
+    assert logic.predict_problems(p) == ["The server has no structures model named 'classifier' (Test connection "
+                                         "lists them)."]
+
+    # Lung structures on the server: a new node named after the model's labels, equal to the local job's.
+    p.task_model = ""
+    logic.fill_defaults(p)
+    assert p.task_model == "structures" and logic.predict_button_state(p).enabled, logic.predict_problems(p)
+    assert logic.selection_summary(p) == f"Runs on the server {task_server.url}. Predicts with 'structures'."
+    logic.start_predict(p)
+    assert "--server" in logic.job.command
+    run_job(logic)
+    remote = logic.result_segmentation
+    remote_labels, remote_names = labels_from_segmentation(remote, node)
+    assert sorted(remote_names.values()) == ["Lesion", "Vessel"] and remote_labels.any()
+    p.server_url = ""
+    assert logic.predict_button_state(p).enabled, logic.predict_problems(p)
+    logic.start_predict(p)
+    assert "--server" not in logic.job.command
+    run_job(logic)
+    local_labels, local_names = labels_from_segmentation(logic.result_segmentation, node)
+    assert local_names == remote_names and np.array_equal(local_labels, remote_labels)
+
+    # Diagnosis on the server: the local job's results row, without the saliency overlay (the panel says so).
+    p.task, p.task_model, p.server_url = DIAGNOSIS, "", task_server.url
+    assert "saliency" not in logic.visible_fields(p)
+    logic.fill_defaults(p)
+    assert p.task_model == "classifier"
+    assert logic.selection_summary(p).endswith(SERVER_SALIENCY_NOTE)
+    logic.start_predict(p)
+    run_job(logic)
+    assert logic.status_summary().endswith(SERVER_SALIENCY_NOTE) and logic.saliency_volume is None
+    remote_row = logic.diagnosis_rows[0]
+    p.server_url = ""
+    assert "saliency" in logic.visible_fields(p)
+    logic.start_predict(p)
+    run_job(logic)
+    local_row = logic.diagnosis_rows[0]
+    assert logic.saliency_volume is not None and SERVER_SALIENCY_NOTE not in logic.status_summary()
+    same = [key for key in local_row if key.startswith("probability_")] + ["predicted", "model_sha256", "note"]
+    assert len(same) > 4 and {key: remote_row[key] for key in same} == {key: local_row[key] for key in same}
+    p.server_url = task_server.url
+    logic.server.tasks.remove("classify-predict")
+    assert logic.predict_problems(p)[0].startswith(f"The server at {task_server.url} does not run classify-predict")
+    logic.server.tasks.append("classify-predict")
+
+    # A student distilled on the server (`segment distill --server`) is listed with the few-shot models and
+    # predicts there into a node named after its labels.
+    code, _, err = run_cli(["segment", "distill", folder / "ct.nrrd", "--teacher", "teacher", "--epochs", "1",
+                            "--resolution", "32", "--time-budget", "0", "-o", "student", "--server", task_server.url])
+    assert code == 0, err
+    logic.test_connection(p)
+    assert offered(FEWSHOT) == ["student", "teacher"] and offered(STRUCTURES) == ["structures"]
+    assert "(yours, on the server)" in logic.choices("taskModel", parameters=SegmentationParameters(
+        task=FEWSHOT, server_url=task_server.url))[0].label
+    p.task, p.task_model, p.annotation_segmentation = FEWSHOT, "student", None
+    assert logic.predict_button_state(p).enabled, logic.predict_problems(p)
+    logic.start_predict(p)
+    run_job(logic)
+    assert [name for name in labels_from_segmentation(logic.result_segmentation, node)[1].values()] == ["Lesion"]

@@ -22,6 +22,11 @@ Structures (many-structure models from the Train module) and students (distilled
 models) predict the same way; diagnosis runs `lctfound classify predict` and shows a results
 table (with provenance and the research-use note) and a saliency overlay volume.
 
+"Run on" a server (`lctfound serve`): the same commands with ``--server``. Few-shot training keeps the
+model on the server; few-shot models and students (yours there, or offered by the server), structures
+models and classifiers the server offers predict there, and the result comes back into new nodes named
+as a local run names them. A server computes no saliency overlay: the panel says so.
+
 MRML is imported lazily (`lctfound.mrml`): this module loads when Slicer starts.
 """
 
@@ -90,6 +95,8 @@ MODEL_ATTRIBUTE = "LCTfound.Model"
 
 JOB_FILE = "job.json"
 SALIENCY_FILE = "saliency.nii.gz"
+#: What the panel says about diagnosis on a server (`classify predict --server` has no --saliency).
+SERVER_SALIENCY_NOTE = "The server sends back no saliency overlay; classify on this computer for one."
 
 
 @dataclass
@@ -267,11 +274,11 @@ class SegmentationModuleLogic(ModuleLogicBase):
         name = _snake_case(parameter_name)
         server = self.connected_server(parameters) if parameters is not None else None
         if server is not None and name == "model_name":
-            return [Choice(model, f"{model} (on the server)", server.url) for model in server.server_models]
+            return [Choice(model, f"{model} (on the server)", server.url) for model in server.backbones()]
         if server is not None and name == "task_model":
-            task = self.parameters_from(parameters).task
-            return [Choice(model, f"{model} (on the server)", ", ".join(server.labels.get(model, {}).values()))
-                    for model in server.your_models] if task == FEWSHOT else []
+            return [Choice(model, f"{model} ({'yours, ' if model in server.your_models else ''}on the server)",
+                           ", ".join(server.labels.get(model, {}).values()) or server.url)
+                    for model in self.server_task_models(server, self.parameters_from(parameters).task)]
         if name == "task_model":
             task = self.parameters_from(parameters).task if parameters is not None else FEWSHOT
             return self.task_model_choices(task, refresh)
@@ -288,7 +295,7 @@ class SegmentationModuleLogic(ModuleLogicBase):
                       "keep_connected", "extent_margin_mm", "whole_volume", "keep_largest", "fill_holes", "smooth", "surfaces"}
         elif p.task == STRUCTURES:
             shown |= {"keep_largest", "fill_holes", "smooth", "surfaces"}
-        else:
+        elif not self.on_server(p):  # a server computes no saliency (`SERVER_SALIENCY_NOTE`)
             shown |= {"saliency"}
         if self.on_server(p):
             shown.discard("device")  # the server picks its device
@@ -297,12 +304,13 @@ class SegmentationModuleLogic(ModuleLogicBase):
     def default_values(self, parameters: Any) -> dict[str, Any]:
         p = self.parameters_from(parameters)
         server = self.connected_server(p)
-        if server is not None:  # the server's backbones and your models there, not this computer's
+        if server is not None:  # the server's backbones and task models, not this computer's
             defaults: dict[str, Any] = {}
-            if p.model_name not in server.server_models and server.server_models:
-                defaults["model_name"] = server.server_models[0]
-            if p.task == FEWSHOT and p.task_model not in server.your_models and server.your_models:
-                defaults["task_model"] = server.your_models[-1]
+            backbones, models = server.backbones(), self.server_task_models(server, p.task)
+            if p.model_name not in backbones and backbones:
+                defaults["model_name"] = backbones[0]
+            if p.task_model not in models and models:
+                defaults["task_model"] = models[-1]
             return defaults
         defaults = super().default_values(parameters)
         if not p.task_model:
@@ -339,24 +347,33 @@ class SegmentationModuleLogic(ModuleLogicBase):
 
     # -- run on a server ------------------------------------------------------------------
 
-    #: Few-shot training and prediction run on a server (as ``segment train/predict --server`` jobs).
-    server_jobs = frozenset({"segment-train", "segment-predict"})
+    #: Few-shot training, segmentation (few-shot, student and structures models) and diagnosis run on a
+    #: server (as ``segment train/predict --server`` and ``classify predict --server`` jobs).
+    server_jobs = frozenset({"segment-train", "segment-predict", "classify-predict"})
 
     def server_tasks(self, parameters: Any, action: str = "") -> tuple[str, ...]:
-        """Few-shot "train" → segment-train, "predict" → segment-predict; the panel (no action) needs both."""
-        if self.parameters_from(parameters).task != FEWSHOT:
-            return ()
-        return {"train": ("segment-train",), "predict": ("segment-predict",)}.get(action, ("segment-train", "segment-predict"))
+        """Few-shot "train" → segment-train; "predict" → segment-predict (classify-predict for diagnosis);
+        the panel (no action) needs what its buttons send. Only few-shot models train here."""
+        task = self.parameters_from(parameters).task
+        predict = ("classify-predict",) if task == DIAGNOSIS else ("segment-predict",)
+        if task != FEWSHOT:
+            return () if action == "train" else predict
+        return {"train": ("segment-train",), "predict": predict}.get(action, ("segment-train", *predict))
 
     def no_server_task(self, parameters: Any, action: str = "") -> str:
-        return ("The server runs few-shot segmentation; run lung structures and diagnosis on this computer "
-                "(clear the server address).")
+        return ("Only few-shot models train in this panel; train structures and diagnosis models in the LCTfound "
+                "Train module.")
+
+    @staticmethod
+    def server_task_models(server: ServerConnection, task: str) -> list[str]:
+        """The server's models (offered by it, or yours there) that ``task``'s panel predicts with."""
+        return server.task_models(*TASK_MODEL_KINDS.get(task, ()))
 
     def _server_train_problems(self, p: SegmentationParameters) -> list[str]:
         server = self.connected_server(p)
         problems = [self.server_problem(p, "train")]
         if server is not None:
-            if p.model_name not in server.server_models:
+            if p.model_name not in server.backbones():
                 problems.append("Select a backbone the server offers (Test connection lists them).")
             problems.append(check_server_model_name(p.new_model_name, server))
         return problems
@@ -364,9 +381,14 @@ class SegmentationModuleLogic(ModuleLogicBase):
     def _server_predict_problems(self, p: SegmentationParameters) -> list[str]:
         server = self.connected_server(p)
         problems = [self.server_problem(p, "predict")]
-        if server is not None and p.task_model not in server.your_models:
-            problems.append("Select one of your few-shot models on the server (train one first)."
-                            if not p.task_model else f"Model '{p.task_model}' is not one of yours on the server.")
+        if server is not None and p.task_model not in self.server_task_models(server, p.task):
+            what = {FEWSHOT: "few-shot model or student", STRUCTURES: "structures model",
+                    DIAGNOSIS: "classification model"}[p.task]
+            if not p.task_model:
+                problems.append(f"Select a {what} on the server" + (" (train one first)." if p.task == FEWSHOT
+                                                                      else " (Test connection lists them)."))
+            else:
+                problems.append(f"The server has no {what} named '{p.task_model}' (Test connection lists them).")
         return problems
 
     def train_problems(self, parameters: Any) -> list[str]:
@@ -426,8 +448,12 @@ class SegmentationModuleLogic(ModuleLogicBase):
             return problem
         if self.on_server(p):
             server = self.connected_server(p)
-            text = (f"Runs on the server {server.url} with backbone '{p.model_name or '?'}' (the server picks the "
-                    "recipe: official for the official backbone, fast otherwise).")
+            if p.task == DIAGNOSIS:
+                chosen = f" Classifies with '{p.task_model}'." if p.task_model else ""
+                return f"Runs on the server {server.url}.{chosen} {SERVER_SALIENCY_NOTE}"
+            text = f"Runs on the server {server.url}"
+            text += (f" with backbone '{p.model_name or '?'}' (the server picks the recipe: official for the "
+                     "official backbone, fast otherwise)." if p.task == FEWSHOT else ".")
             return f"{text} Predicts with '{p.task_model}'." if p.task_model else text
         text = super().selection_summary(p) if p.task == FEWSHOT else f"Runs on {self.device_label(p.device)}."
         if p.task == FEWSHOT:
@@ -575,10 +601,11 @@ class SegmentationModuleLogic(ModuleLogicBase):
                                     "task_model_path": str(entry.path) if entry is not None else "",
                                     "server": server.url if server is not None else "",
                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            model = p.task_model if server is not None else str(entry.path)  # a server resolves its names
             if p.task == DIAGNOSIS:
-                args = ["classify", "predict", str(volume_path), "--model", str(entry.path),
+                args = ["classify", "predict", str(volume_path), "--model", model,
                         "--output", str(run / "results.csv"), "--events"]
-                if p.saliency:
+                if p.saliency and server is None:  # a server computes none (`SERVER_SALIENCY_NOTE`)
                     args += ["--saliency", str(run / SALIENCY_FILE)]
                 message = f"classifying with {p.task_model}"
             else:
@@ -586,16 +613,15 @@ class SegmentationModuleLogic(ModuleLogicBase):
                 steps = [step for step, on in (("connected", fewshot and p.keep_connected),
                                                ("largest", p.keep_largest), ("fill", p.fill_holes),
                                                ("smooth", p.smooth)) if on]
-                model = p.task_model if server is not None else str(entry.path)
                 args = ["segment", "predict", str(volume_path), "--model", model,
                         "--output", str(run / "prediction.nrrd"), "--events",
                         "--postprocess", ",".join(steps) or "none"]
                 if fewshot:
                     args += self._extent_args(p, run)
                 message = f"segmenting with {p.task_model}"
-                if server is not None:
-                    args += server_arguments(server)
-                    message += f" on {server.url}"
+            if server is not None:
+                args += server_arguments(server)
+                message += f" on {server.url}"
         except BaseException:
             shutil.rmtree(run, ignore_errors=True)
             raise
@@ -792,7 +818,8 @@ class SegmentationModuleLogic(ModuleLogicBase):
         row = rows[0]
         probabilities = ", ".join(f"{key[len('probability_'):]} {float(value):.3f}"
                                   for key, value in row.items() if key.startswith("probability_"))
-        return f"predicted '{row.get('predicted', '?')}' ({probabilities}). {row.get('note', '')}".strip()
+        text = f"predicted '{row.get('predicted', '?')}' ({probabilities}). {row.get('note', '')}".strip()
+        return f"{text} {SERVER_SALIENCY_NOTE}" if self._job_info.get("server") else text
 
     @staticmethod
     def _table_node(scene: Any, rows: list[dict[str, str]], name: str) -> Any:

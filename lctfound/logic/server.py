@@ -40,7 +40,7 @@ class ServerConnection:
     server_models: list[str] = field(default_factory=list)
     #: Task models this client trained on the server.
     your_models: list[str] = field(default_factory=list)
-    #: ``{model: {value: label name}}`` of your models.
+    #: ``{model: {value: label name}}`` of the segmentation models (yours and those the server offers).
     labels: dict = field(default_factory=dict)
     #: Names of the tasks the server runs (``GET /info``), e.g. ``segment-train``, ``enhance-low-dose``.
     tasks: list[str] = field(default_factory=list)
@@ -52,10 +52,12 @@ class ServerConnection:
         """The server's models a backbone selector offers (those not known to be task models)."""
         return [name for name in self.server_models if self.kinds.get(name, "backbone") == "backbone"]
 
-    def task_models(self, kind: str) -> list[str]:
-        """The task models of ``kind`` a job may name: offered by the server or trained there by this client."""
+    def task_models(self, *kinds: str) -> list[str]:
+        """The task models of ``kinds`` (task.json ``task`` values) a job may name: offered by the server or
+        trained there by this client."""
+        wanted = {kind for kind in kinds if kind}
         return sorted(name for name in set(self.server_models) | set(self.your_models)
-                      if kind and self.kinds.get(name) == kind)
+                      if self.kinds.get(name) in wanted)
 
     def runs(self, task: str) -> bool:
         """Whether the server runs the server task ``task``."""

@@ -135,10 +135,10 @@ def create_app(store: Store, queue: JobQueue, token: str, sweep_seconds: float =
         yours = store.list_models(client)
         folders = {name: Path(folder) for name, folder in queue.server_models.items() if os.path.isabs(folder)}
         folders.update({name: store.models(client) / name for name in yours})
-        # The label names let a client name the segments of a prediction made with its model; the kinds
-        # let a panel offer only the models its task can use.
+        # The label names let a client name the segments of a prediction made with a model (its own or one
+        # the server offers); the kinds let a panel offer only the models its task can use.
         return {"yours": yours, "server": sorted(queue.server_models),
-                "labels": {name: model_label_names(store.models(client) / name) for name in yours},
+                "labels": {name: model_label_names(folder) for name, folder in folders.items()},
                 "kinds": {name: model_kind(folder) for name, folder in folders.items()}}
 
     @api.post("/uploads", status_code=201)
