@@ -64,3 +64,26 @@ def save_small_ctfm_encoder(folder: Path, seed: int = 0) -> Path:
 
     save_model(new_model(SMALL_CTFM, seed=seed), folder)
     return folder
+
+
+def train_tiny_classifier(folder: Path, backbone: Path, name: str, spacing=(0.8, 0.8, 2.5)) -> Path:
+    """A two-class scan classifier ('clear', 'dense': a bright corner) trained 2 steps on ``backbone``
+    from four phantom scans; returns its model folder (``folder/run/model``)."""
+    from data_factory import fewshot_phantom
+
+    from lctfound.cli import main
+    from lctfound.io.volume import CTVolume, write_volume
+
+    rows = ["image,label"]
+    for index in range(4):
+        scan, _, _ = fewshot_phantom(seed=10 + index)
+        scan[:, 40:, 40:] += 300.0 * (index % 2)
+        write_volume(CTVolume(scan, spacing), folder / "train" / f"scan{index}.nrrd")
+        rows.append(f"train/scan{index}.nrrd,{'dense' if index % 2 else 'clear'}")
+    (folder / "cases.csv").write_text("\n".join(rows) + "\n")
+    code = main(["classify", "train", "--backbone", str(backbone), "--table", str(folder / "cases.csv"),
+                 "--slices-per-scan", "2", "--timesteps", "0,50", "-o", str(folder / "run"), "--max-steps", "2",
+                 "--batch-size", "2", "--warmup-steps", "0", "--checkpoint-every", "2", "--seed", "1",
+                 "--name", name])
+    assert code == 0
+    return folder / "run" / "model"

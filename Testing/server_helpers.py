@@ -47,6 +47,9 @@ class Server:
         else:
             raise AssertionError("the server did not start")
         self.token = (data / "token").read_text().strip()
+        #: A copy of the token for clients that read it from a file (the panels' Token file).
+        self.token_file = data.parent / f"{data.name}-token"
+        self.token_file.write_text(self.token + "\n")
 
     def client(self, client_id: str = "tester"):
         from lctfound.remote import RemoteClient
@@ -67,6 +70,16 @@ class Server:
                 self.process.kill()
                 self.process.wait(30)
         self.log.close()
+
+
+def backbone_server(folder: Path, sample_size: int = 32, seed: int = 1) -> Server:
+    """A server offering one tiny backbone, ``tiny`` (saved in ``folder``)."""
+    from model_factory import tiny_model
+
+    from lctfound.models import save_model
+
+    save_model(tiny_model(sample_size, seed=seed), folder / "tiny")
+    return Server(folder / "data", folder / "server-cache", ["--models", f"tiny={folder / 'tiny'}"])
 
 
 def wait_for(condition, polls: int = 2400, every: float = 0.25):

@@ -103,13 +103,9 @@ def test_parameter_problems(world):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("httpx")
-    from server_helpers import Server
+    from server_helpers import backbone_server
 
-    folder = tmp_path_factory.mktemp("enhance-server")
-    save_model(tiny_model(32, seed=2), folder / "tiny")
-    running = Server(folder / "data", folder / "server-cache", ["--models", f"tiny={folder / 'tiny'}"])
-    (folder / "token").write_text(running.token + "\n")
-    running.token_file = folder / "token"
+    running = backbone_server(tmp_path_factory.mktemp("enhance-server"), 32, seed=2)
     yield running
     running.stop()
 

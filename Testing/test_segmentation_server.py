@@ -43,17 +43,15 @@ from lctfound.mrml import (  # noqa: E402
 )
 
 from data_factory import fewshot_phantom  # noqa: E402
-from model_factory import tiny_model  # noqa: E402
-from server_helpers import Server  # noqa: E402
+from model_factory import tiny_model, train_tiny_classifier  # noqa: E402
+from server_helpers import Server, backbone_server  # noqa: E402
 
 pytestmark = [pytest.mark.mrml, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("logic-server")
-    save_model(tiny_model(64, seed=1), folder / "tiny")
-    running = Server(folder / "data", folder / "server-cache", ["--models", f"tiny={folder / 'tiny'}"])
+    running = backbone_server(tmp_path_factory.mktemp("logic-server"), 64, seed=1)
     yield running
     running.stop()
 
@@ -157,7 +155,6 @@ def task_models(tmp_path_factory):
     trained for 2 steps by `classify train`; the phantom CT they see."""
     import torch
 
-    from lctfound.cli import main
     from lctfound.io.volume import write_volume
     from lctfound.models import load_model
     from lctfound.pipelines.segmentation import UNLABELLED, FewShotConfig, FewShotSegmenter
@@ -180,17 +177,7 @@ def task_models(tmp_path_factory):
         torch.manual_seed(0)
         dense = DenseBackbone(backbone, 3, "frozen", class_values=[0, 1, 2])
         task.save_model(DenseLossModule(dense), folder / "structures", task.metadata())
-        rows = ["image,label"]
-        for index in range(4):
-            scan, _, _ = fewshot_phantom(seed=10 + index)
-            scan[:, 40:, 40:] += 300.0 * (index % 2)  # class "dense": a bright corner
-            write_volume(CTVolume(scan, SPACING), folder / "train" / f"scan{index}.nrrd")
-            rows.append(f"train/scan{index}.nrrd,{'dense' if index % 2 else 'clear'}")
-        (folder / "cases.csv").write_text("\n".join(rows) + "\n")
-        assert main(["classify", "train", "--backbone", str(folder / "tiny"), "--table", str(folder / "cases.csv"),
-                     "--slices-per-scan", "2", "--timesteps", "0,50", "-o", str(folder / "run"), "--max-steps", "2",
-                     "--batch-size", "2", "--warmup-steps", "0", "--checkpoint-every", "2", "--seed", "1",
-                     "--name", "classifier"]) == 0
+        train_tiny_classifier(folder, folder / "tiny", "classifier")
     write_volume(ct, folder / "ct.nrrd")
     return SimpleNamespace(folder=folder, ct=ct)
 

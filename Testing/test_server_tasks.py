@@ -37,7 +37,7 @@ def files(tmp_path_factory):
     from lctfound.io.volume import CTVolume, write_volume
     from lctfound.models import load_model, save_model
     from lctfound.pipelines.segmentation import UNLABELLED, FewShotConfig, FewShotSegmenter
-    from model_factory import save_small_ctfm_encoder, tiny_model
+    from model_factory import save_small_ctfm_encoder, tiny_model, train_tiny_classifier
 
     folder = tmp_path_factory.mktemp("serve-tasks")
     volume, lesion, _ = fewshot_phantom()
@@ -55,18 +55,7 @@ def files(tmp_path_factory):
                                    FewShotConfig(timesteps=(0, 100), epochs=5))
         teacher.fit(ct.array, labels)
         teacher.save(folder / "teacher", extra={"name": "teacher"})
-        rows = ["image,label"]
-        for index in range(4):
-            scan, _, _ = fewshot_phantom(seed=10 + index)
-            scan[:, 40:, 40:] += 300.0 * (index % 2)  # class "dense": a bright corner
-            write_volume(CTVolume(scan, SPACING), folder / "train" / f"scan{index}.nrrd")
-            rows.append(f"train/scan{index}.nrrd,{'dense' if index % 2 else 'clear'}")
-        (folder / "cases.csv").write_text("\n".join(rows) + "\n")
-        code = main(["classify", "train", "--backbone", str(folder / "tiny"), "--table", str(folder / "cases.csv"),
-                     "--slices-per-scan", "2", "--timesteps", "0,50", "-o", str(folder / "run"), "--max-steps", "2",
-                     "--batch-size", "2", "--warmup-steps", "0", "--checkpoint-every", "2", "--seed", "1",
-                     "--name", "dense-test"])
-        assert code == 0
+        train_tiny_classifier(folder, folder / "tiny", "dense-test")
         save_small_ctfm_encoder(folder / "ctfm")
         second, _, _ = fewshot_phantom(seed=3)
         write_volume(ct, folder / "cohort" / "case0.nrrd")

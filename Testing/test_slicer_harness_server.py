@@ -21,16 +21,9 @@ pytestmark = [pytest.mark.mrml, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from model_factory import tiny_model
-    from server_helpers import Server
+    from server_helpers import backbone_server
 
-    from lctfound.models import save_model
-
-    folder = tmp_path_factory.mktemp("panel-server")
-    save_model(tiny_model(32, seed=1), folder / "tiny")
-    running = Server(folder / "data", folder / "server-cache", ["--models", f"tiny={folder / 'tiny'}"])
-    (folder / "token").write_text(running.token + "\n")
-    running.token_file = folder / "token"
+    running = backbone_server(tmp_path_factory.mktemp("panel-server"), 32, seed=1)
     yield running
     running.stop()
 
