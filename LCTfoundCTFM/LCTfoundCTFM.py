@@ -83,6 +83,7 @@ class LCTfoundCTFMParameterNode:
     modelName - the CT-FM encoder.
     device - "auto", "cpu", "cuda", "cuda:N" or "mps".
     cohortFolder - the folder of volumes Build index indexes; indexFolder - the index searched.
+    serverIndex - on a server: the name of an index it offers (searched instead of indexFolder).
     queryKind - scan, point (queryPoint's first control point) or region (queryRegion).
     topK, showHeatmap - number of results; whether to map the similarity over the input volume.
     resultsTable - the table of the last search (shown in the panel).
@@ -99,6 +100,7 @@ class LCTfoundCTFMParameterNode:
     device: str = _DEFAULTS.device
     cohortFolder: Path
     indexFolder: Path
+    serverIndex: str = ""
     queryKind: str = _DEFAULTS.query_kind
     queryPoint: vtkMRMLMarkupsFiducialNode
     queryRegion: vtkMRMLMarkupsROINode
@@ -130,6 +132,9 @@ class LCTfoundCTFMWidget(LCTfoundJobModuleWidget):
 
     #: Parameter (snake_case, as `CTFMLogic.visible_fields` names them) → its widgets.
     FIELDS = {
+        "encoder_folder": ("encoderFolderLabel", "encoderFolderSelector"),
+        "index_folder": ("indexFolderLabel", "indexFolderSelector"),
+        "server_index": ("serverIndexLabel", "serverIndexSelector"),
         "query_point": ("queryPointLabel", "queryPointSelector", "queryPointPlaceWidget"),
         "query_region": ("queryRegionLabel", "queryRegionSelector", "queryRegionPlaceWidget"),
         "training_segmentation": ("trainingSegmentationLabel", "trainingSegmentationSelector"),
@@ -188,7 +193,12 @@ class LCTfoundCTFMWidget(LCTfoundJobModuleWidget):
             button = getattr(self.ui, buttonName)
             button.enabled = bool(state and state.enabled)
             button.toolTip = state.tooltip if state else ""
-        self.ui.loadMatchButton.enabled = bool(node and node.resultsTable and not engine.state.busy)
+        heatmap = engine.heatmap_state(node) if node else None
+        self.ui.showHeatmapCheckBox.enabled = bool(heatmap and heatmap.enabled)
+        self.ui.showHeatmapCheckBox.toolTip = heatmap.tooltip if heatmap else ""
+        loadMatch = engine.load_match_state(node.resultsTable if node else None)
+        self.ui.loadMatchButton.enabled = loadMatch.enabled and not engine.state.busy
+        self.ui.loadMatchButton.toolTip = loadMatch.tooltip
         self._showProgress()
 
     # -- the query point: one point, placing it again moves it ---------------------------------

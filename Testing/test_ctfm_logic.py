@@ -101,26 +101,31 @@ def test_backbones_capabilities_and_models(logic, encoder_folder):
         logic.model_path("nowhere")
 
 
-def test_run_on_a_server_says_what_the_panel_cannot_send(logic):
-    """Indexing and search map to the server tasks ctfm-embed and ctfm-search, which this panel does not
-    send yet; classification, segmentation and training are no server tasks. Each button says which, in
-    one sentence, before any connection is tried; on this computer nothing changes."""
-    from lctfound.logic.ctfm import SERVER_TASKS
+def test_run_on_a_server_says_what_each_action_needs(logic):
+    """Search is the server task ctfm-search (sent by the panel once Test connection has reached the
+    server: Testing/test_ctfm_server.py); building an index runs on this computer (a server searches only
+    the indexes its administrator offers); classification, segmentation and training are no server
+    tasks. Each button says which, in one sentence, before any connection is tried; on this computer
+    nothing changes."""
+    from lctfound.logic.ctfm import INDEX_NOT_ON_SERVER, SERVER_TASKS
 
     local = CTFMParameters(model_name="encoder")
     assert logic.server_problem(local) == "" and logic.first_problem(local) == ""
     p = CTFMParameters(model_name="encoder", server_url="http://gpu-host:8765")
-    assert SERVER_TASKS == {"index": "ctfm-embed", "search": "ctfm-search"}
-    assert logic.server_tasks(p, "search") == ("ctfm-search",) and logic.server_tasks(p, "train") == ()
+    assert SERVER_TASKS == {"search": "ctfm-search"} and logic.server_jobs == {"ctfm-search"}
+    assert logic.server_tasks(p, "search") == ("ctfm-search",) and logic.server_tasks(p, "index") == ()
+    test_first = "Press Test connection to use the server at http://gpu-host:8765."
     for action in ACTIONS:
         state = logic.action_state(action, p)
         reason = logic.server_problem(p, action)
         assert not state.enabled and state.tooltip == reason and "\n" not in reason
-        if action in SERVER_TASKS:
-            assert reason.startswith(f"This panel cannot send {SERVER_TASKS[action]} to a server yet")
+        if action == "search":
+            assert reason == test_first
+        elif action == "index":
+            assert reason == INDEX_NOT_ON_SERVER
         else:
             assert reason.startswith("CT-FM classification, segmentation and training run on this computer only")
-    assert logic.first_problem(p).startswith("This panel cannot send ctfm-embed, ctfm-search to a server yet")
+    assert logic.first_problem(p) == test_first
 
 
 # --------------------------------------------------------------------------- geometry

@@ -23,7 +23,8 @@ name and writes what comes back the way the local command writes it:
   administrator builds once over a department's cohort is the real use (search "cases like this");
   building per-client indexes from uploads would mean uploading a whole cohort per client, for no
   more than a local `ctfm index` gives. ``--heatmap`` (a second result volume) is refused with
-  ``--server``.
+  ``--server``. With ``--events`` the ranking is the last event line, a ``result`` event as a local run
+  prints it (without paths), so that the CT-FM panel's search job reads it the same way.
 """
 
 from __future__ import annotations
@@ -151,8 +152,22 @@ def run_ctfm_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_coordinates(text: str, count: int, option: str) -> str:
+    """``count`` comma-separated mm values as the server's ctfm-search takes them: each with at most 6
+    decimals (a micrometre, far below a voxel), so that a point placed in Slicer (``-20.123456789…``) is
+    not refused for its digits."""
+    try:
+        values = [float(value) for value in text.replace(" ", "").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count or not all(abs(value) < 1e6 for value in values):
+        raise LCTfoundError(f"cannot read {option} {text!r}; use {count} comma-separated numbers in mm")
+    return ",".join(f"{value:.6f}".rstrip("0").rstrip(".") for value in values)
+
+
 def run_ctfm_search(args: argparse.Namespace) -> int:
     from ..io.volume import read_volume
+    from ..progress import print_event
     from .ctfm import print_search_result
 
     _refuse(args, "heatmap", "heatmap_volume", "device")
@@ -161,10 +176,13 @@ def run_ctfm_search(args: argparse.Namespace) -> int:
     client = _client(args)
     volume = read_volume(args.query, validate=not args.no_validate)
     options = {"index": index, "model": model, "top": args.top, "no_validate": bool(args.no_validate),
-               "point": args.point.replace(" ", "") if args.point else None,
-               "region": args.region.replace(" ", "") if args.region else None}
+               "point": _server_coordinates(args.point, 3, "--point") if args.point else None,
+               "region": _server_coordinates(args.region, 6, "--region") if args.region else None}
     result, _ = _run(args, client, "ctfm-search", {"volume": _geometry(volume)}, options, "query", "window",
                      show_log=False)
-    if not args.events:  # with --events the server's own result event has been printed
-        print_search_result({**result["data"], "heatmap": None}, args.json)
+    found = {**result["data"], "heatmap": None}
+    if args.events:  # the server keeps its own result event (it names its files): this one is a local run's
+        print_event({"event": "result", **found})
+    else:
+        print_search_result(found, args.json)
     return 0

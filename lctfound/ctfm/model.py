@@ -32,9 +32,8 @@ from ..atomic import atomic_directory
 from ..errors import CheckpointError
 from ..hashing import sha256_file
 from ..models.bundle import METADATA_FILE  # one metadata file name for every model folder
+from .layout import CONFIG_NAME, WEIGHTS_NAME  # the published layout's file names (light: the server reads them)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".torch")
 
 # CT-FM's encoder configuration (config.json of project-lighter/ct_fm_feature_extractor).

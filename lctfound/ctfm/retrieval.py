@@ -29,7 +29,7 @@ from ..errors import InputError, LCTfoundError
 from ..io.volume import read_volume, volume_stem
 from ..progress import Progress, ensure_progress
 from .features import WindowSettings, embed_volume
-from .layout import MANIFEST_NAME, MATRIX_NAME
+from .layout import MANIFEST_NAME, MATRIX_NAME, missing_index_file
 from .model import CTFMModel
 from .preprocess import DEFAULT_PREPROCESSING, CTFMPreprocessing, prepare_volume
 
@@ -180,7 +180,7 @@ def load_index(path: str | os.PathLike) -> RetrievalIndex:
     manifest_path, matrix_path = path / MANIFEST_NAME, path / MATRIX_NAME
     if not path.is_dir():
         raise InputError(f"{path}: no such index folder")
-    if not manifest_path.is_file() or not matrix_path.is_file():
+    if missing_index_file(path):
         raise InputError(f"{path}: not a CT-FM index (needs {MANIFEST_NAME} and {MATRIX_NAME})")
     try:
         manifest = json.loads(manifest_path.read_text())

@@ -26,6 +26,14 @@ dataclass or a parameter node): `choices`, `visible_fields`, `action_state`, the
   ``result`` event; when the job has finished, `poll()` (on the GUI thread) adds the results as NEW
   nodes: the ranked table and the heat map, the classification row, the segmentation.
 
+"Run on" a department server (`lctfound serve`): Search is the same ``ctfm search`` job with ``--server``, on
+an index the server's administrator offers by name (the index selector then lists the server's indexes, the
+encoder selector its CT-FM encoders); the ranking comes back into the same results table, without the heat
+map (made on this computer only) and without the indexed scans (they stay on the server). Building an index
+runs on this computer: a server searches only the indexes its administrator offers, so there is no panel
+action to send (`lctfound.cli.remote_tasks` says why). Classification, segmentation and training are no
+server tasks.
+
 The panel's process never imports PyTorch: the encoders, probes, decoders and devices are listed by
 ``lctfound ctfm list --json`` in a child process (`inventory`), and everything else runs in jobs.
 `search`, `query`, `create_heatmap_node`, `classify_volume_node` and `segment_volume_node` do the same
@@ -53,8 +61,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+from ..ctfm.layout import ENCODER_KIND, INDEX_KIND, missing_index_file
 from ..errors import InputError, LCTfoundError
 from .base import AUTO_DEVICE, ButtonState, Choice, ModuleLogicBase, RunState, _camel_case, _snake_case, export_volume_node
+from .server import server_arguments
 from .train import chosen_path
 
 if TYPE_CHECKING:
@@ -65,6 +75,8 @@ logger = logging.getLogger(__name__)
 #: Node attribute naming the query of a heat map (JSON) and the model that made a result.
 HEATMAP_ATTRIBUTE = "LCTfound.CTFMQuery"
 MODEL_ATTRIBUTE = "LCTfound.CTFMModel"
+#: Table attribute naming the server that ranked a search's results (its scans stay there).
+SERVER_ATTRIBUTE = "LCTfound.CTFMServer"
 QUERY_KINDS = (
     Choice("scan", "Whole scan", "Rank indexed scans by the whole-scan embedding."),
     Choice("point", "Point", "Rank indexed scans by their window most similar to the window around a point."),
@@ -92,7 +104,16 @@ ACTIONS = {
     "train": "Train the task model in the background and register it under the new name",
 }
 #: Panel actions → the server task that runs them (`CTFMLogic.server_tasks`); the others are not server tasks.
-SERVER_TASKS = {"index": "ctfm-embed", "search": "ctfm-search"}
+SERVER_TASKS = {"search": "ctfm-search"}
+#: What the panel says on a server about the heat map, Build index and Load match.
+HEATMAP_NOT_ON_SERVER = ("The similarity heat map is made on this computer only: a search on a server brings back "
+                         "the ranking.")
+INDEX_NOT_ON_SERVER = ("Indexing runs on this computer (a server searches only the indexes its administrator offers); "
+                       "clear the server address to build an index.")
+MATCH_ON_SERVER = ("The scans of a server's index stay on the server: only the ranking comes back, so this result "
+                   "cannot be loaded here.")
+#: Parameters that name a server's model → its kind in the server's ``GET /models``.
+SERVER_KINDS = {"model_name": ENCODER_KIND, "server_index": INDEX_KIND}
 #: Task-model parameters → the task their models do.
 TASK_MODEL_PARAMETERS = {"probe_model": "ctfm-probe", "decoder_model": "ctfm-segmentation"}
 #: Window of indexes built from the panel: CT-FM's published window (multiples of 16).
@@ -115,6 +136,8 @@ class CTFMParameters:
     model_name: str = ""
     device: str = AUTO_DEVICE
     index_folder: Any = ""
+    #: On a server: the name of an index it offers (`lctfound serve --models NAME=INDEX_FOLDER`).
+    server_index: str = ""
     query_kind: str = "scan"
     top_k: int = 10
     #: A CT-FM encoder folder (published layout) offered besides the listed ones.
@@ -188,6 +211,7 @@ class CTFMLogic(ModuleLogicBase):
 
     task_name = "CT-FM"
     parameters_class = CTFMParameters
+    server_jobs = frozenset(SERVER_TASKS.values())
 
     def __init__(self, *, ctfm_folders: Sequence[Any] = (),
                  inventory: Optional[Callable[[list[str]], dict[str, Any]]] = None, **kwargs: Any) -> None:
@@ -214,6 +238,8 @@ class CTFMLogic(ModuleLogicBase):
         self.registered_name = ""
         #: The parameters a search, classify or segment job started with (its nodes are read at its end).
         self.job_parameters: Optional[CTFMParameters] = None
+        #: The server the current (or last) job runs on ('' on this computer).
+        self.job_server = ""
         self._job_model: Optional[Path] = None
         self._results: list[dict[str, Any]] = []  # the job's "result" events
         #: What the last finished search, classify or segment job added (NEW nodes) or predicted.
@@ -614,7 +640,7 @@ class CTFMLogic(ModuleLogicBase):
                model: Optional[Path] = None) -> None:
         """Remember what the job just started does (and forget the last one's results)."""
         self.run_output, self.loss_history, self._results = output, [], []
-        self.job_kind, self.registered_name = kind, register_as
+        self.job_kind, self.registered_name, self.job_server = kind, register_as, ""
         self.job_parameters, self._job_model = parameters, model
         self.results_table = self.heatmap_node = self.result_segmentation = self.classification_row = None
 
@@ -661,6 +687,12 @@ class CTFMLogic(ModuleLogicBase):
         fixed = {"query_kind": QUERY_KINDS, "training_kind": TRAINING_KINDS, "decoder_mode": DECODER_MODES}
         if name in fixed:
             return list(fixed[name])
+        server = self.connected_server(parameters) if parameters is not None else None
+        if name in SERVER_KINDS and server is not None:  # the server's encoders and indexes, by name
+            return [Choice(model, f"{model} (on the server)", server.url)
+                    for model in server.task_models(SERVER_KINDS[name])]
+        if name == "server_index":
+            return []  # only a server offers indexes by name
         if name in TASK_MODEL_PARAMETERS:
             return self.task_model_choices(TASK_MODEL_PARAMETERS[name])
         return super().choices(parameter_name, refresh)
@@ -672,11 +704,28 @@ class CTFMLogic(ModuleLogicBase):
         hidden = set(unused.get(p.query_kind, {"query_point", "query_region"}))
         if p.training_kind != "decoder":
             hidden |= {"decoder_mode", "training_segmentation"}
+        # On a server: its encoders and indexes by name, its device; here: folders and this computer's devices.
+        hidden |= {"device", "encoder_folder", "index_folder"} if self.on_server(p) else {"server_index"}
         return {f.name for f in dataclasses.fields(CTFMParameters)} - hidden
 
+    def heatmap_state(self, parameters: Any) -> ButtonState:
+        """The heat-map option: off on a server (it is made on this computer only), which its tooltip says."""
+        if self.on_server(parameters):
+            return ButtonState(False, HEATMAP_NOT_ON_SERVER)
+        return ButtonState(True, "Also map the similarity of every window of the input volume with the query as a "
+                                 "new overlay volume, and jump to its peak.")
+
     def default_values(self, parameters: Any) -> dict[str, Any]:
-        defaults = super().default_values(parameters)
         p = self.parameters_from(parameters)
+        server = self.connected_server(p)
+        if server is not None:  # the server's encoder and index, not this computer's
+            defaults: dict[str, Any] = {} if p.device else {"device": AUTO_DEVICE}
+            for name, kind in SERVER_KINDS.items():
+                offered = server.task_models(kind)
+                if offered and getattr(p, name) not in offered:
+                    defaults[name] = offered[0]
+            return defaults
+        defaults = super().default_values(parameters)
         for name in TASK_MODEL_PARAMETERS:
             if not getattr(p, name):
                 choices = self.choices(name)
@@ -718,31 +767,57 @@ class CTFMLogic(ModuleLogicBase):
         return super().check_model(name)
 
     def server_tasks(self, parameters: Any, action: str = "") -> tuple[str, ...]:
-        """Indexing embeds every volume (``ctfm-embed``), search ranks them (``ctfm-search``); without an
-        action, the panel's server tasks. No job path sends them yet: `server_problem` says so."""
+        """Search ranks an index the server offers (``ctfm-search``); without an action, the panel's server
+        tasks. Building an index is none: a server has no per-client indexes (`INDEX_NOT_ON_SERVER`)."""
         if not action:
             return tuple(SERVER_TASKS.values())
         return (SERVER_TASKS[action],) if action in SERVER_TASKS else ()
 
     def no_server_task(self, parameters: Any, action: str = "") -> str:
+        if action == "index":
+            return INDEX_NOT_ON_SERVER
         return ("CT-FM classification, segmentation and training run on this computer only (they are not server "
                 "tasks); clear the server address.")
 
     def parameter_problems(self, parameters: Any) -> list[str]:
         """Problems every action shares (the encoder and the device); `action_problems` adds the rest."""
         p = self.parameters_from(parameters)
-        problems = [self.server_problem(p)] + self._local_problems(p)
+        problems = [self.server_problem(p)] + self._encoder_problems(p)
         return [problem for problem in problems if problem]
 
-    def _local_problems(self, p: CTFMParameters) -> list[str]:
-        return [self.check_encoder_folder(p.encoder_folder), self.check_model(p.model_name), self.check_device(p.device)]
+    def _encoder_problems(self, p: CTFMParameters) -> list[str]:
+        """The encoder (and device) here, or the encoder the tested server offers."""
+        if not self.on_server(p):
+            return [self.check_encoder_folder(p.encoder_folder), self.check_model(p.model_name),
+                    self.check_device(p.device)]
+        return [self._server_model_problem(p, "model_name", "CT-FM encoder")]
+
+    def _server_model_problem(self, p: CTFMParameters, name: str, what: str) -> str:
+        """Why ``name`` (a parameter of `SERVER_KINDS`) is not one of the tested server's, or '' (also untested:
+        `server_problem` says to test)."""
+        server = self.connected_server(p)
+        if server is None:
+            return ""
+        offered = server.task_models(SERVER_KINDS[name])
+        if not offered:
+            folder = "INDEX_FOLDER" if name == "server_index" else "ENCODER_FOLDER"
+            return (f"The server at {server.url} offers no {what}; ask its administrator to offer one "
+                    f"(lctfound serve --models NAME={folder}).")
+        return "" if getattr(p, name) in offered else f"Select a {what} the server offers (Test connection lists them)."
+
+    def selection_summary(self, parameters: Any) -> str:
+        p = self.parameters_from(parameters)
+        server = self.connected_server(p)
+        if server is None or self.first_problem(p):
+            return super().selection_summary(p)
+        return f"CT-FM encoder {p.model_name} on the server {server.url}."
 
     def action_problems(self, action: str, parameters: Any) -> list[str]:
         """Every reason why ``action`` (one of `ACTIONS`) cannot run with these parameters."""
         if action not in ACTIONS:
             raise LCTfoundError(f"unknown CT-FM action {action!r}; choose one of: {', '.join(ACTIONS)}")
         p = self.parameters_from(parameters)
-        problems = [self.server_problem(p, action)] + self._local_problems(p)  # this action's server reason
+        problems = [self.server_problem(p, action)] + self._encoder_problems(p)  # this action's server reason
         if action in ("search", "classify", "segment"):
             problems.append(self.check_input_volume(p.input_volume))
         if action == "index":
@@ -750,7 +825,7 @@ class CTFMLogic(ModuleLogicBase):
             problems.append("Choose the folder of volumes to index." if folder is None
                             else "" if folder.is_dir() else f"Folder not found: {folder}")
         elif action == "search":
-            problems += [self._index_problem(p.index_folder), self._query_problem(p),
+            problems += [self._index_problem(p), self._query_problem(p),
                          "" if int(p.top_k) >= 1 else "The number of results must be at least 1."]
         elif action in ("classify", "segment"):
             parameter = "probe_model" if action == "classify" else "decoder_model"
@@ -763,14 +838,14 @@ class CTFMLogic(ModuleLogicBase):
             problems += self._training_problems(p)
         return [problem for problem in problems if problem]
 
-    @staticmethod
-    def _index_problem(index_folder: Any) -> str:
-        from ..ctfm.layout import MANIFEST_NAME
-
-        folder = chosen_path(index_folder)
+    def _index_problem(self, p: CTFMParameters) -> str:
+        if self.on_server(p):
+            return self._server_model_problem(p, "server_index", "CT-FM index")
+        folder = chosen_path(p.index_folder)
         if folder is None:
             return "Choose an index folder (or build one from a folder of volumes)."
-        return "" if (folder / MANIFEST_NAME).is_file() else f"{folder} is not a CT-FM index (no {MANIFEST_NAME})."
+        missing = missing_index_file(folder)
+        return f"{folder} is not a CT-FM index (no {missing})." if missing else ""
 
     @staticmethod
     def _query_problem(p: CTFMParameters) -> str:
@@ -927,33 +1002,43 @@ class CTFMLogic(ModuleLogicBase):
             shutil.rmtree(run, ignore_errors=True)
             raise
 
-    def _start_node_job(self, kind: str, p: CTFMParameters, run: Path, args: list[str], model: Path,
+    def _start_node_job(self, kind: str, p: CTFMParameters, run: Path, args: list[str], model: Optional[Path],
                         message: str) -> "Job":
+        """``args`` as a job in ``run``, here on the chosen device or, with a tested server, there (the server
+        picks its device)."""
+        server = self.connected_server(p)
+        where = server_arguments(server) if server is not None else _device_arguments(p.device)
         try:
-            job = self.start_job([*args, *_device_arguments(p.device), "--no-validate", "--events"], device=p.device,
-                                 message=message, cwd=run)
+            job = self.start_job([*args, *where, "--no-validate", "--events"],
+                                 device=p.device if server is None else AUTO_DEVICE,
+                                 message=message + (f" on {server.url}" if server is not None else ""), cwd=run)
         except BaseException:
             shutil.rmtree(run, ignore_errors=True)
             raise
         self._began(kind, run, parameters=p, model=model)
+        self.job_server = server.url if server is not None else ""
         return job
 
     def start_search(self, parameters: Any) -> "Job":
         """Search the index by the whole input volume, the query point (its last control point) or the
         ROI, as a job (``lctfound ctfm search``); when it has finished, `poll()` adds a NEW results table
-        (`results_table`) and, with the heat map on, a NEW similarity overlay (`heatmap_node`)."""
+        (`results_table`) and, with the heat map on, a NEW similarity overlay (`heatmap_node`). On a tested
+        server: the same command with ``--server``, the server's index and encoder named as it lists them,
+        no heat map."""
         p = self._ready("search", parameters)
+        server = self.connected_server(p)
         point = self.point_from_markup(p.query_point) if p.query_kind == "point" else None
         region = self.region_from_roi(p.query_region) if p.query_kind == "region" else None
-        model = self.model_path(p.model_name)
+        model = self.model_path(p.model_name) if server is None else None
+        index, encoder = (str(chosen_path(p.index_folder).resolve()), str(model)) if server is None else \
+            (p.server_index, p.model_name)
         run, volume = self._node_job_folder("search", p)
-        args = ["ctfm", "search", str(chosen_path(p.index_folder).resolve()), "--query", str(volume),
-                "--model", str(model), "--top", str(int(p.top_k))]
+        args = ["ctfm", "search", index, "--query", str(volume), "--model", encoder, "--top", str(int(p.top_k))]
         if point is not None:
             args.append("--point=" + _coordinates(point))  # "=": a coordinate may start with "-"
         if region is not None:
             args.append("--region=" + _coordinates([*region[0], *region[1]]))
-        if p.show_heatmap:
+        if p.show_heatmap and server is None:
             args += ["--heatmap", str(run / HEATMAP_FILE)]
         return self._start_node_job("search", p, run, args, model, f"{p.query_kind} query")
 
@@ -989,17 +1074,24 @@ class CTFMLogic(ModuleLogicBase):
 
         node = self._input_node(p)
         query = Query(None, result["level"], p.query_kind, result.get("query_centre_ras"))
+        # A server's ranking names no paths: its indexed scans stay there.
         rows = [{"rank": int(match["rank"]), "case": match["name"], "score": float(match["score"]),
-                 "path": match["path"], **({"centre_ras": match["centre_ras"]} if match.get("centre_ras") else {})}
+                 "path": match.get("path", ""),
+                 **({"centre_ras": match["centre_ras"]} if match.get("centre_ras") else {})}
                 for match in result["matches"]]
         if result.get("heatmap"):
             self.heatmap_node = self._heatmap_node(node, read_volume(result["heatmap"], validate=False).array, query,
                                                    self._job_model)
         self.results_table = self.results_table_node(node.GetScene(), SearchResult(query, rows),
                                                      f"{_node_name(node)} CT-FM {p.query_kind} search")
+        if self.job_server:
+            self.results_table.SetAttribute(SERVER_ATTRIBUTE, self.job_server)
         best = rows[0] if rows else None
         summary = f"best '{best['case']}' (similarity {best['score']:.3f})" if best else "no indexed scan"
-        return f"{len(rows)} result(s), {summary}"
+        if not self.job_server:
+            return f"{len(rows)} result(s), {summary}"
+        return f"{len(rows)} result(s) from {self.job_server}, {summary}" + \
+            (f". {HEATMAP_NOT_ON_SERVER}" if p.show_heatmap else "")
 
     def _finish_classify(self, p: CTFMParameters, result: dict[str, Any]) -> str:
         row = {**result["row"], "case": _node_name(self._input_node(p))}
@@ -1059,6 +1151,16 @@ class CTFMLogic(ModuleLogicBase):
         return model_row if table_node.GetUseColumnTitleAsColumnHeader() else model_row - 1
 
     @staticmethod
+    def load_match_state(table_node: Any) -> ButtonState:
+        """Whether Load match can load the scans of a results table: not those a server ranked."""
+        if table_node is None:
+            return ButtonState(False, "Search first; then pick a result row to load its scan.")
+        if table_node.GetAttribute(SERVER_ATTRIBUTE):
+            return ButtonState(False, MATCH_ON_SERVER)
+        return ButtonState(True, "Load the scan of the selected row as a new volume and, for point or region "
+                                 "queries, jump to its best window.")
+
+    @staticmethod
     def load_match(table_node: Any, row: int) -> tuple[Any, Optional[list[float]]]:
         """Load the scan of result ``row`` (0-based) of a results table into a NEW volume node; returns it
         with the matched window's centre (RAS, to jump to) for point/region queries, else None."""
@@ -1071,6 +1173,8 @@ class CTFMLogic(ModuleLogicBase):
         if not 0 <= row < table.GetNumberOfRows():
             raise LCTfoundError("select a result row first")
         path = table.GetValueByName(row, "path").ToString()
+        if not path:
+            raise LCTfoundError(MATCH_ON_SERVER)
         volume = read_volume(path, validate=False)
         node = volume_node_from_ctvolume(table_node.GetScene(), volume, table.GetValueByName(row, "case").ToString())
         if table.GetColumnByName("centre_R") is None:

@@ -44,17 +44,18 @@ class ServerConnection:
     labels: dict = field(default_factory=dict)
     #: Names of the tasks the server runs (``GET /info``), e.g. ``segment-train``, ``enhance-low-dose``.
     tasks: list[str] = field(default_factory=list)
-    #: ``{model: kind}`` of the models it reads (a task model's kind such as ``vcta``, or ``backbone``;
-    #: models offered by a registered name are not listed).
+    #: ``{model: kind}`` of the models it reads (a task model's kind such as ``vcta``, ``ctfm`` for a CT-FM
+    #: encoder, ``ctfm-index`` for a CT-FM index, or ``backbone``; models offered by a registered name
+    #: are not listed).
     kinds: dict = field(default_factory=dict)
 
     def backbones(self) -> list[str]:
-        """The server's models a backbone selector offers (those not known to be task models)."""
+        """The server's models an LCTfound backbone selector offers (those not known to be of another kind)."""
         return [name for name in self.server_models if self.kinds.get(name, "backbone") == "backbone"]
 
     def task_models(self, *kinds: str) -> list[str]:
-        """The task models of ``kinds`` (task.json ``task`` values) a job may name: offered by the server or
-        trained there by this client."""
+        """The models of ``kinds`` (task.json ``task`` values, ``ctfm`` or ``ctfm-index``) a job may name:
+        offered by the server or trained there by this client."""
         wanted = {kind for kind in kinds if kind}
         return sorted(name for name in set(self.server_models) | set(self.your_models)
                       if self.kinds.get(name) in wanted)

@@ -355,14 +355,20 @@ def model_label_names(folder: Optional[Path]) -> dict:
 
 def model_kind(folder: Optional[Path]) -> str:
     """What a model folder holds: its task model kind (``task`` of its task.json, e.g. ``vcta``,
-    ``low-dose-enhancement``, ``fewshot``) or ``backbone`` (a diffusion backbone folder)."""
+    ``low-dose-enhancement``, ``fewshot``), ``ctfm-index`` (a CT-FM index the administrator offers),
+    ``ctfm`` (a CT-FM encoder) or ``backbone`` (an LCTfound diffusion backbone). File names only, so
+    that ``GET /models`` stays light (`lctfound.ctfm.layout`: no PyTorch, no weights read)."""
     import json
+
+    from ..ctfm.layout import ENCODER_KIND, INDEX_KIND, looks_like_encoder, missing_index_file
 
     if folder is None:
         return ""
     task_file = Path(folder) / "task.json"
     if not task_file.is_file():
-        return "backbone"
+        if not missing_index_file(folder):
+            return INDEX_KIND
+        return ENCODER_KIND if looks_like_encoder(folder) else "backbone"
     try:
         return str(json.loads(task_file.read_text(encoding="utf-8")).get("task") or "")
     except (OSError, ValueError, AttributeError):
