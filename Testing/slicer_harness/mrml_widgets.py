@@ -92,6 +92,8 @@ class qMRMLNodeComboBox(qMRMLWidget):
         return found
 
     def _onSceneChanged(self, caller=None, event=None) -> None:
+        if "_scene" not in self.__dict__:
+            return  # the widget was already torn down when its scene went (end of the test process)
         listed = self.nodes()
         ids = [node.GetID() for node in listed]
         if self._currentID and self._currentID not in ids:
