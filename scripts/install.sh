@@ -42,7 +42,18 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[test,web]"
+# The tests run the very versions the Slicer installer pins (lctfound/logic/dependencies.py), whatever the
+# package index offers newer: they go in as constraints.
+.venv/bin/python - > .venv/pinned-constraints.txt <<'PY'
+import importlib.util
+import sys
+spec = importlib.util.spec_from_file_location("dependencies", "lctfound/logic/dependencies.py")
+module = sys.modules["dependencies"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+for package in module.SLICER_REQUIREMENTS + module.CLIENT_REQUIREMENTS:
+    print(package.requirement)
+PY
+.venv/bin/python -m pip install --quiet -c .venv/pinned-constraints.txt -e ".[test,web]"
 if .venv/bin/python -m pip list 2>/dev/null | grep -iE "^(torchvision|nvidia-)" ; then
   echo "error: torchvision or a CUDA package was installed; remove it (it drags a CUDA torch)" >&2
   exit 1
