@@ -32,6 +32,9 @@ def server(tmp_path_factory):
 
 
 def test_fewshot_train_and_predict_on_a_server_from_the_panel(slicer_flow, server, monkeypatch):
+    import sys
+
+    from import_blocker import hidden_packages
     from test_slicer_harness_flows import PAINTED, painted_chest
 
     from lctfound.mrml import mask_from_segment
@@ -42,34 +45,36 @@ def test_fewshot_train_and_predict_on_a_server_from_the_panel(slicer_flow, serve
 
     widget = slicer_flow.selectModule("LCTfoundSegmentation")
     ui, engine = widget.ui, widget.logic.engine
-    ui.taskSelector.select("fewshot")
-    ui.annotationSelector.select(annotation)
-    ui.serverUrlLineEdit.type(server.url)
-    ui.serverTokenFileLineEdit.type(str(server.token_file))
-    assert not ui.trainButton.enabled and "Test connection" in ui.trainButton.toolTip
-    assert not ui.deviceSelector.visible  # the server picks its device
+    with hidden_packages("torch"):  # a CPU-only Slicer: the thin client is all it needs
+        ui.taskSelector.select("fewshot")
+        ui.annotationSelector.select(annotation)
+        ui.serverUrlLineEdit.type(server.url)
+        ui.serverTokenFileLineEdit.type(str(server.token_file))
+        assert not ui.trainButton.enabled and "Test connection" in ui.trainButton.toolTip
+        assert not ui.deviceSelector.visible  # the server picks its device
 
-    ui.testConnectionButton.click()
-    assert ui.connectionLabel.text.startswith(f"connected to {server.url}"), ui.connectionLabel.text
-    ui.modelSelector.select("tiny")
-    ui.newModelNameLineEdit.type("lesion-remote")
-    ui.epochsSpinBox.value = 1
-    assert ui.trainButton.enabled, ui.trainButton.toolTip
-    ui.trainButton.click()
-    wait_for_job(slicer_flow, widget)
-    assert engine.state.value == "Finished", engine.status_summary()
-    assert "stays on the server" in ui.statusLabel.text
-    assert ui.taskModelSelector.currentData() == "lesion-remote"
+        ui.testConnectionButton.click()
+        assert ui.connectionLabel.text.startswith(f"connected to {server.url}"), ui.connectionLabel.text
+        ui.modelSelector.select("tiny")
+        ui.newModelNameLineEdit.type("lesion-remote")
+        ui.epochsSpinBox.value = 1
+        assert ui.trainButton.enabled, ui.trainButton.toolTip
+        ui.trainButton.click()
+        wait_for_job(slicer_flow, widget)
+        assert engine.state.value == "Finished", engine.status_summary()
+        assert "stays on the server" in ui.statusLabel.text
+        assert ui.taskModelSelector.currentData() == "lesion-remote"
 
-    ui.outputModeSelector.select("new")
-    assert ui.predictButton.enabled, ui.predictButton.toolTip
-    ui.predictButton.click()
-    wait_for_job(slicer_flow, widget)
-    result = engine.result_segmentation
-    assert engine.state.value == "Finished" and result is not None and result is not annotation
-    assert result.GetSegmentation().GetNumberOfSegments() == 1
-    predicted = mask_from_segment(result, "Lesion", volume)
-    assert np.array_equal(predicted[list(PAINTED)] > 0, lesion[list(PAINTED)] > 0)  # the painted slices kept
+        ui.outputModeSelector.select("new")
+        assert ui.predictButton.enabled, ui.predictButton.toolTip
+        ui.predictButton.click()
+        wait_for_job(slicer_flow, widget)
+        result = engine.result_segmentation
+        assert engine.state.value == "Finished" and result is not None and result is not annotation
+        assert result.GetSegmentation().GetNumberOfSegments() == 1
+        predicted = mask_from_segment(result, "Lesion", volume)
+        assert np.array_equal(predicted[list(PAINTED)] > 0, lesion[list(PAINTED)] > 0)  # the painted slices kept
+        assert "torch" not in sys.modules  # the Slicer side never imported it
 
     ui.serverUrlLineEdit.type("")  # back on this computer
     assert ui.deviceSelector.visible

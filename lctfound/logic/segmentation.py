@@ -149,9 +149,9 @@ def reviewed_slices(segmentation: Any) -> Optional[list[int]]:
     text = segmentation.GetAttribute(REVIEWED_SLICES_ATTRIBUTE)
     if text is None:
         return None
-    from ..features import parse_slices
+    from ..validation import parse_slice_list  # not lctfound.features: a Slicer on a server has no torch
 
-    return parse_slices(text, 1 << 30) or [] if text.strip() else []
+    return parse_slice_list(text, 1 << 30) or [] if text.strip() else []
 
 
 def set_reviewed_slices(segmentation: Any, slices: Sequence[int]) -> None:
