@@ -72,6 +72,15 @@ class Server:
         self.log.close()
 
 
+def interruptible() -> None:
+    """``preexec_fn`` of a child a test will Ctrl-C: SIGINT back to its default, so the child's Python
+    installs its KeyboardInterrupt handler even when the suite itself runs with SIGINT ignored (as a
+    background job of a shell without job control: `cmd &` in a script)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def backbone_server(folder: Path, sample_size: int = 32, seed: int = 1) -> Server:
     """A server offering one tiny backbone, ``tiny`` (saved in ``folder``)."""
     from model_factory import tiny_model

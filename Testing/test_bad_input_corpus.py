@@ -505,8 +505,10 @@ def test_full_disk_is_one_line_and_leaves_nothing(case, tmp_path, run_cli, monke
 
 
 def _spawn(argv: list[str], env: dict) -> subprocess.Popen:
+    from server_helpers import interruptible
+
     return subprocess.Popen([sys.executable, "-m", "lctfound", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, preexec_fn=interruptible)
 
 
 def _wait_for_progress(process: subprocess.Popen, events: int = 2) -> None:

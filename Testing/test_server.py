@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server_helpers import ROOT, Server, base_env, free_port, wait_for
+from server_helpers import ROOT, Server, base_env, free_port, interruptible, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +351,8 @@ def test_ctrl_c_on_the_command_line_cancels_the_job_on_the_server(server, files)
     cli = subprocess.Popen(
         [sys.executable, "-m", "lctfound", "segment", "train", str(files / "ct.nrrd"), "--labels",
          str(files / "label.nrrd"), "--backbone", "tiny", "--epochs", "10000", "-o", "interrupted",
-         "--server", server.url, "--events"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--server", server.url, "--events"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=interruptible)
     for line in cli.stdout:
         if '"progress"' in line:
             break
