@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 from ..errors import LCTfoundError
 
@@ -72,6 +73,11 @@ def _run(args: argparse.Namespace, client, task: str, volumes: dict, options: di
         client.close()
 
 
+def _slices(args: argparse.Namespace) -> Optional[str]:
+    """``--slices`` as the server's option takes it (no spaces), None when not given."""
+    return args.slices.replace(" ", "") if args.slices else None
+
+
 def _geometry(volume) -> tuple:
     return (volume.array, volume.spacing, volume.origin, volume.direction)
 
@@ -87,7 +93,7 @@ def run_segment_train(args: argparse.Namespace) -> int:
     client = _client(args)
     volume = read_volume(args.volume)
     label = read_label_volume(args.labels, reference=volume)
-    options = {"model": name, "names": args.names, "slices": args.slices.replace(" ", "") if args.slices else None,
+    options = {"model": name, "names": args.names, "slices": _slices(args),
                "epochs": args.epochs, "recipe": args.recipe, "window": args.window, "backbone": args.backbone,
                "init": args.init, "overwrite": bool(args.overwrite)}
     labels = label.array.astype(np.int16)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from ..errors import LCTfoundError
-from .remote import _client, _geometry, _refuse, _run
+from .remote import _client, _geometry, _refuse, _run, _slices
 
 
 def write_server_result(args: argparse.Namespace, url: str, result: dict, array, output: Path,
@@ -65,10 +65,6 @@ def run_on_server(args: argparse.Namespace, task: str, options: dict, output: Pa
         name = name(result.get("provenance") or {})
     write_server_result(args, url, result, array, output, name, source)
     return 0
-
-
-def _slices(args: argparse.Namespace) -> Optional[str]:
-    return args.slices.replace(" ", "") if args.slices else None
 
 
 def _common(args: argparse.Namespace) -> dict:
